@@ -1,0 +1,1 @@
+"""Stateless Numba kernels over arrays."""

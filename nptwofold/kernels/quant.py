@@ -1,0 +1,255 @@
+"""Per-layer weight quantization and two's-complement bit planes (SPEC sections 2 and 3).
+
+Integer weights ("levels"): q = Round(W / s * qmax) with s = max|W| and qmax = 2^(b-1) - 1,
+so q lies in [-qmax, qmax] and W ~ s * q / qmax. Round is round-half-to-even (np.rint), the
+IEEE default, so 3.5 -> 4 and 2.5 -> 2. Levels are stored as int8 for b <= 8 and int16 above,
+the narrowest types that hold every b-bit two's complement value.
+
+Bit planes: planes[n] is bit n of q's b-bit two's complement and planes[b-1] is the sign bit,
+so q = -B(b-1) * 2^(b-1) + sum_{n<b-1} B(n) * 2^n.
+
+Training under bit representation (BSQ-style): the planes are continuous variables in [0, 1].
+The forward composes them into a real level q~, clips it to [-qmax, qmax], rounds it and
+returns W = s * q / qmax. The backward passes the gradient straight through the rounding and
+through the clip only where q~ lies inside [-qmax, qmax] (closed: a weight re-binarized to
+exactly +-qmax must still be able to move inwards); outside, the clip cuts it to zero.
+
+Arithmetic runs in float64 whatever the storage dtype, so float32 and float64 arrays holding
+equal values give equal results, and the training forward of exact bits equals dequantize.
+Kernels work on arrays flattened to (n,) or (b, n), so one kernel serves conv OIHW and FC
+weights; a ResNet-20 layer holds at most ~37k weights, so they run serially.
+"""
+
+import numba
+import numpy as np
+
+from ..errors import NptwofoldError
+
+MIN_BITS = 2
+MAX_BITS = 16
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_bits(b):
+    """Return b as an int if it is a valid weight bit width (even, 2..16), else raise."""
+    if isinstance(b, (bool, np.bool_)) or not isinstance(b, (int, np.integer)):
+        raise NptwofoldError(f"weight bit width b={b!r} is not an integer")
+    if not MIN_BITS <= b <= MAX_BITS:
+        raise NptwofoldError(f"weight bit width b={b} is outside {MIN_BITS}..{MAX_BITS}")
+    if b % 2:
+        raise NptwofoldError(f"weight bit width b={b} is odd; 2-bit cells need an even b")
+    return int(b)
+
+
+def max_level(b):
+    """qmax = 2^(b-1) - 1, the largest |q| of a b-bit layer."""
+    return 2 ** (check_bits(b) - 1) - 1
+
+
+def level_dtype(b):
+    """Integer dtype of b-bit levels: int8 up to b = 8, int16 above."""
+    return np.dtype(np.int8) if check_bits(b) <= 8 else np.dtype(np.int16)
+
+
+def check_float_array(name, array):
+    """Return array as a NumPy array if it is float32 or float64, else raise."""
+    array = np.asarray(array)
+    if array.dtype not in FLOAT_DTYPES:
+        raise NptwofoldError(f"{name} must be float32 or float64, got {array.dtype}")
+    return array
+
+
+def check_bit_planes(bits):
+    """Validate continuous bit planes of shape (b, *weight_shape); return (bits, b)."""
+    bits = check_float_array("bit planes", bits)
+    if bits.ndim < 1:
+        raise NptwofoldError("bit planes need shape (b, *weight_shape), got a scalar")
+    return bits, check_bits(bits.shape[0])
+
+
+@numba.njit(cache=True)
+def _weight_of_level(level, scale, qmax):
+    return scale * level / qmax
+
+
+@numba.njit(cache=True)
+def _quantize_kernel(weights, scale, qmax, levels):
+    for i in range(weights.size):
+        levels[i] = np.int64(np.rint(np.float64(weights[i]) / scale * qmax))
+
+
+@numba.njit(cache=True)
+def _dequantize_kernel(levels, scale, qmax, weights):
+    for i in range(levels.size):
+        weights[i] = _weight_of_level(np.float64(levels[i]), scale, qmax)
+
+
+@numba.njit(cache=True)
+def _decompose_kernel(levels, planes):
+    for i in range(levels.size):
+        level = np.int64(levels[i])
+        for n in range(planes.shape[0]):
+            # Arithmetic shift: for negative levels the high bits fill with ones, which is
+            # exactly the b-bit two's complement sign bit.
+            planes[n, i] = (level >> n) & 1
+
+
+@numba.njit(cache=True)
+def _compose_kernel(planes, levels):
+    b = planes.shape[0]
+    for i in range(levels.size):
+        level = -(np.int64(planes[b - 1, i]) << (b - 1))
+        for n in range(b - 1):
+            level += np.int64(planes[n, i]) << n
+        levels[i] = level
+
+
+@numba.njit(cache=True)
+def _real_level(bits, i):
+    """q~ of weight i from continuous bit planes, before clipping and rounding."""
+    b = bits.shape[0]
+    level = -(2.0 ** (b - 1)) * np.float64(bits[b - 1, i])
+    for n in range(b - 1):
+        level += 2.0**n * np.float64(bits[n, i])
+    return level
+
+
+@numba.njit(cache=True)
+def _rounded_level(bits, i, qmax):
+    return np.rint(min(max(_real_level(bits, i), -qmax), qmax))
+
+
+@numba.njit(cache=True)
+def _bits_forward_kernel(bits, scale, qmax, weights):
+    for i in range(weights.size):
+        weights[i] = _weight_of_level(_rounded_level(bits, i, qmax), scale, qmax)
+
+
+@numba.njit(cache=True)
+def _bits_backward_kernel(bits, scale, qmax, grad_weights, grad_bits):
+    b = bits.shape[0]
+    grad_scale = 0.0
+    for i in range(grad_weights.size):
+        grad_weight = np.float64(grad_weights[i])
+        grad_scale += grad_weight * _rounded_level(bits, i, qmax) / qmax
+        level = _real_level(bits, i)
+        grad_level = grad_weight * scale / qmax if -qmax <= level <= qmax else 0.0
+        grad_bits[b - 1, i] = -(2.0 ** (b - 1)) * grad_level
+        for n in range(b - 1):
+            grad_bits[n, i] = 2.0**n * grad_level
+    return grad_scale
+
+
+@numba.njit(cache=True)
+def _rounded_levels_kernel(bits, qmax, levels):
+    for i in range(levels.size):
+        levels[i] = np.int64(_rounded_level(bits, i, qmax))
+
+
+def quantize(weights, b):
+    """Quantize one layer to b bits: return (levels q as int8/int16, scale s = max|W|).
+
+    An all-zero layer has s = 0 and gives q = 0.
+    """
+    weights = check_float_array("weights", weights)
+    if not np.all(np.isfinite(weights)):
+        raise NptwofoldError("weights contain NaN or inf; cannot quantize")
+    levels = np.zeros(weights.shape, level_dtype(b))
+    scale = float(np.max(np.abs(weights))) if weights.size else 0.0
+    if scale > 0:
+        _quantize_kernel(weights.ravel(), scale, float(max_level(b)), levels.reshape(-1))
+    return levels, scale
+
+
+def dequantize(levels, scale, b, dtype=np.float32):
+    """Weights s * q / qmax of b-bit levels q, as dtype (float32 or float64)."""
+    levels = np.asarray(levels)
+    if np.dtype(dtype) not in FLOAT_DTYPES:
+        raise NptwofoldError(f"dequantize dtype must be float32 or float64, got {np.dtype(dtype)}")
+    weights = np.empty(levels.shape, dtype)
+    _dequantize_kernel(levels.ravel(), float(scale), float(max_level(b)), weights.reshape(-1))
+    return weights
+
+
+def decompose(levels, b):
+    """Two's-complement bit planes of integer levels: uint8 array of shape (b, *levels.shape)."""
+    b = check_bits(b)
+    levels = np.asarray(levels)
+    if levels.dtype.kind not in "iu":
+        raise NptwofoldError(f"levels to decompose must be integers, got {levels.dtype}")
+    low, high = -(2 ** (b - 1)), 2 ** (b - 1) - 1
+    if levels.size and (levels.min() < low or levels.max() > high):
+        raise NptwofoldError(f"levels lie outside the {b}-bit two's complement range {low}..{high}")
+    planes = np.empty((b,) + levels.shape, np.uint8)
+    _decompose_kernel(levels.ravel(), planes.reshape(b, -1))
+    return planes
+
+
+def compose(planes):
+    """Integer levels q from exact uint8 bit planes of shape (b, *shape); plane b-1 is the sign."""
+    planes = np.asarray(planes)
+    if planes.dtype != np.uint8 or planes.ndim < 1:
+        raise NptwofoldError(f"bit planes to compose must be uint8 (b, *shape), got {planes.dtype}")
+    b = check_bits(planes.shape[0])
+    if planes.size and planes.max() > 1:
+        raise NptwofoldError("bit planes to compose hold values other than 0 and 1")
+    levels = np.empty(planes.shape[1:], level_dtype(b))
+    _compose_kernel(np.ascontiguousarray(planes).reshape(b, -1), levels.reshape(-1))
+    return levels
+
+
+def bits_forward(bits, scale):
+    """Training forward: W = s * Round(clip(q~, -qmax, qmax)) / qmax, in the dtype of bits.
+
+    The backward needs only bits and scale, so nothing is carried between the two calls.
+    """
+    bits, b = check_bit_planes(bits)
+    weights = np.empty(bits.shape[1:], bits.dtype)
+    flat_bits = np.ascontiguousarray(bits).reshape(b, -1)
+    _bits_forward_kernel(flat_bits, float(scale), float(max_level(b)), weights.reshape(-1))
+    return weights
+
+
+def bits_backward(bits, scale, grad_weights):
+    """Training backward: given dL/dW, return (dL/dbits in the dtype of bits, dL/ds as float).
+
+    dL/dB(n) = dL/dW * s / qmax * (+-2^n) where q~ is inside [-qmax, qmax], else 0;
+    dL/ds = sum dL/dW * q / qmax.
+    """
+    bits, b = check_bit_planes(bits)
+    grad_weights = check_float_array("weight gradient", grad_weights)
+    if grad_weights.shape != bits.shape[1:]:
+        raise NptwofoldError(
+            f"weight gradient shape {grad_weights.shape} does not match bit planes {bits.shape}"
+        )
+    grad_bits = np.empty_like(bits, order="C")
+    grad_scale = _bits_backward_kernel(
+        np.ascontiguousarray(bits).reshape(b, -1),
+        float(scale),
+        float(max_level(b)),
+        grad_weights.ravel(),
+        grad_bits.reshape(b, -1),
+    )
+    return grad_bits, float(grad_scale)
+
+
+def clamp_bits(bits):
+    """Clamp continuous bit planes to [0, 1] in place (after every optimizer step)."""
+    np.clip(bits, 0.0, 1.0, out=bits)
+
+
+def rounded_levels(bits):
+    """Integer levels Round(clip(q~, -qmax, qmax)) that continuous bit planes stand for."""
+    bits, b = check_bit_planes(bits)
+    levels = np.empty(bits.shape[1:], level_dtype(b))
+    flat_bits = np.ascontiguousarray(bits).reshape(b, -1)
+    _rounded_levels_kernel(flat_bits, float(max_level(b)), levels.reshape(-1))
+    return levels
+
+
+def rebinarize_bits(bits):
+    """Overwrite continuous bit planes in place with the exact {0, 1} planes of their rounded
+    levels; return those levels. The training forward is unchanged by this."""
+    levels = rounded_levels(bits)
+    bits[...] = decompose(levels, bits.shape[0])
+    return levels

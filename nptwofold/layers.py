@@ -1,0 +1,197 @@
+"""Layers: hold parameters, gradients, buffers and the forward cache, and call the kernels.
+
+Activations are NHWC inside the engine (contiguous channels suit im2col and the per-channel
+kernels); weights keep the checkpoint layouts (conv OIHW, FC (out, in)). Every layer has an
+explicit `forward(x)` and `backward(dy)`; `backward` fills `grads` and returns dL/dx.
+"""
+import numpy as np
+
+from .kernels.batchnorm import batchnorm_backward, batchnorm_forward_train, channel_affine
+from .kernels.conv import conv3x3_backward, conv3x3_forward, im2col_rows
+from .kernels.elementwise import (global_avg_pool_backward, global_avg_pool_forward,
+                                  relu_backward, relu_forward, shortcut_a_backward,
+                                  shortcut_a_forward)
+from .kernels.linear import linear_backward, linear_forward
+
+
+class Module:
+    """A node of the model tree. Sub-modules are attributes; names follow attribute order."""
+
+    training = True
+
+    def __init__(self):
+        self.params = {}   # name -> array, trained
+        self.grads = {}    # name -> array, same shapes, filled by backward
+        self.buffers = {}  # name -> array, saved but not trained (BN running statistics)
+
+    def children(self):
+        return [(name, value) for name, value in vars(self).items() if isinstance(value, Module)]
+
+    def named_modules(self, prefix=""):
+        yield prefix, self
+        for name, child in self.children():
+            yield from child.named_modules(f"{prefix}{name}.")
+
+    def named_parameters(self):
+        """(dotted name, parameter, gradient), in PyTorch state_dict order."""
+        for prefix, module in self.named_modules():
+            for name, value in module.params.items():
+                yield prefix + name, value, module.grads[name]
+
+    def state_arrays(self):
+        """Every saved array (parameters and buffers) by its PyTorch state_dict name."""
+        for prefix, module in self.named_modules():
+            for name, value in {**module.params, **module.buffers}.items():
+                yield prefix + name, value
+
+    def train(self, mode=True):
+        for _, module in self.named_modules():
+            module.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+
+class Sequential(Module):
+    """Children named "0", "1", ... run in order (a ResNet stage)."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        for index, layer in enumerate(layers):
+            setattr(self, str(index), layer)
+
+    def forward(self, x):
+        for _, layer in self.children():
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy):
+        for _, layer in reversed(self.children()):
+            dy = layer.backward(dy)
+        return dy
+
+
+class Conv3x3(Module):
+    """3x3 convolution, padding 1, no bias. `first` skips dL/dx (nothing consumes it)."""
+
+    def __init__(self, in_channels, out_channels, stride, rng, dtype=np.float32, first=False):
+        super().__init__()
+        self.stride = stride
+        self.first = first
+        fan_in = in_channels * 9
+        # Kaiming-normal for ReLU networks (He et al. 2015), as the reference ResNet uses
+        weight = rng.standard_normal((out_channels, in_channels, 3, 3)) * np.sqrt(2.0 / fan_in)
+        self.params["weight"] = weight.astype(dtype)
+        self.grads["weight"] = np.zeros_like(self.params["weight"])
+
+        self.workspace = np.empty(0, dtype)  # im2col patches, grown once and reused
+
+    def forward(self, x):
+        rows, width = im2col_rows(x.shape, self.stride)
+        if self.workspace.size < rows * width:
+            self.workspace = np.empty(rows * width, x.dtype)
+        self.cols = self.workspace[:rows * width].reshape(rows, width)
+        self.input_shape = x.shape
+        return conv3x3_forward(x, self.params["weight"], self.stride, self.cols)
+
+    def backward(self, dy):
+        dx, self.grads["weight"][...] = conv3x3_backward(
+            dy, self.cols, self.params["weight"], self.input_shape, self.stride,
+            need_input_grad=not self.first)
+        return dx
+
+
+class BatchNorm(Module):
+    """Batch norm over channels with running statistics (PyTorch momentum/eps conventions)."""
+
+    def __init__(self, channels, dtype=np.float32, momentum=0.1, eps=1e-5):
+        super().__init__()
+        self.momentum = momentum
+        self.eps = eps
+        self.params["weight"] = np.ones(channels, dtype)
+        self.params["bias"] = np.zeros(channels, dtype)
+        self.grads = {name: np.zeros_like(value) for name, value in self.params.items()}
+        self.buffers["running_mean"] = np.zeros(channels, dtype)
+        self.buffers["running_var"] = np.ones(channels, dtype)
+        self.buffers["num_batches_tracked"] = np.zeros((), np.int64)
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1])
+        gamma, beta = self.params["weight"], self.params["bias"]
+        if not self.training:
+            scale = gamma / np.sqrt(self.buffers["running_var"] + self.eps)
+            shift = beta - self.buffers["running_mean"] * scale
+            return channel_affine(rows, scale.astype(x.dtype), shift.astype(x.dtype)).reshape(x.shape)
+        y, self.xhat, mean, var, self.inv_std = batchnorm_forward_train(rows, gamma, beta, self.eps)
+        unbiased_var = var * rows.shape[0] / max(rows.shape[0] - 1, 1)
+        self.buffers["running_mean"] += self.momentum * (mean - self.buffers["running_mean"])
+        self.buffers["running_var"] += self.momentum * (unbiased_var - self.buffers["running_var"])
+        self.buffers["num_batches_tracked"] += 1
+        return y.reshape(x.shape)
+
+    def backward(self, dy):
+        dx, self.grads["weight"][...], self.grads["bias"][...] = batchnorm_backward(
+            dy.reshape(-1, dy.shape[-1]), self.xhat, self.params["weight"], self.inv_std)
+        self.xhat = None
+        return dx.reshape(dy.shape)
+
+
+class ReLU(Module):
+    def forward(self, x):
+        self.y = relu_forward(x)
+        return self.y
+
+    def backward(self, dy):
+        return relu_backward(dy, self.y)
+
+
+class ShortcutA(Module):
+    """Option-A shortcut: identity, or subsample by 2 and zero-pad channels."""
+
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        self.identity = stride == 1 and in_channels == out_channels
+        self.out_channels = out_channels
+
+    def forward(self, x):
+        if self.identity:
+            return x
+        self.input_shape = x.shape
+        return shortcut_a_forward(x, self.out_channels)
+
+    def backward(self, dy):
+        if self.identity:
+            return dy
+        _, height, width, in_channels = self.input_shape
+        return shortcut_a_backward(dy, height, width, in_channels)
+
+
+class GlobalAvgPool(Module):
+    def forward(self, x):
+        self.input_shape = x.shape
+        return global_avg_pool_forward(x)
+
+    def backward(self, dy):
+        _, height, width, _ = self.input_shape
+        return global_avg_pool_backward(dy, height, width)
+
+
+class Linear(Module):
+    """Fully connected layer, weight (out, in), PyTorch's default uniform initialisation."""
+
+    def __init__(self, in_features, out_features, rng, dtype=np.float32):
+        super().__init__()
+        bound = 1.0 / np.sqrt(in_features)
+        self.params["weight"] = rng.uniform(-bound, bound, (out_features, in_features)).astype(dtype)
+        self.params["bias"] = rng.uniform(-bound, bound, out_features).astype(dtype)
+        self.grads = {name: np.zeros_like(value) for name, value in self.params.items()}
+
+    def forward(self, x):
+        self.x = x
+        return linear_forward(x, self.params["weight"], self.params["bias"])
+
+    def backward(self, dy):
+        dx, self.grads["weight"][...], self.grads["bias"][...] = linear_backward(
+            dy, self.x, self.params["weight"])
+        return dx

@@ -1,0 +1,63 @@
+"""ResNet-20 for CIFAR (He et al. 2016) built from the layers, with PyTorch parameter names."""
+import numpy as np
+
+from .kernels.elementwise import add_relu_forward, relu_backward
+from .layers import BatchNorm, Conv3x3, GlobalAvgPool, Linear, Module, ReLU, Sequential, ShortcutA
+
+STAGE_CHANNELS = (16, 32, 64)
+BLOCKS_PER_STAGE = 3  # 6n+2 layers with n = 3 gives ResNet-20
+
+
+class BasicBlock(Module):
+    """conv-bn-relu-conv-bn, plus the option-A shortcut, then ReLU."""
+
+    def __init__(self, in_channels, out_channels, stride, rng, dtype):
+        super().__init__()
+        self.conv1 = Conv3x3(in_channels, out_channels, stride, rng, dtype)
+        self.bn1 = BatchNorm(out_channels, dtype)
+        self.relu1 = ReLU()
+        self.conv2 = Conv3x3(out_channels, out_channels, 1, rng, dtype)
+        self.bn2 = BatchNorm(out_channels, dtype)
+        self.shortcut = ShortcutA(in_channels, out_channels, stride)
+
+    def forward(self, x):
+        branch = self.bn2.forward(self.conv2.forward(self.relu1.forward(
+            self.bn1.forward(self.conv1.forward(x)))))
+        self.y = add_relu_forward(branch, self.shortcut.forward(x))
+        return self.y
+
+    def backward(self, dy):
+        dsum = relu_backward(dy, self.y)
+        dbranch = self.conv1.backward(self.bn1.backward(self.relu1.backward(
+            self.conv2.backward(self.bn2.backward(dsum)))))
+        return dbranch + self.shortcut.backward(dsum)
+
+
+class ResNet20(Module):
+    """Input NHWC float pixel/255; output logits (N, 10)."""
+
+    def __init__(self, rng, num_classes=10, dtype=np.float32):
+        super().__init__()
+        self.conv1 = Conv3x3(3, STAGE_CHANNELS[0], 1, rng, dtype, first=True)
+        self.bn1 = BatchNorm(STAGE_CHANNELS[0], dtype)
+        self.relu = ReLU()
+        in_channels = STAGE_CHANNELS[0]
+        for stage, channels in enumerate(STAGE_CHANNELS, start=1):
+            blocks = []
+            for index in range(BLOCKS_PER_STAGE):
+                stride = 2 if stage > 1 and index == 0 else 1
+                blocks.append(BasicBlock(in_channels, channels, stride, rng, dtype))
+                in_channels = channels
+            setattr(self, f"layer{stage}", Sequential(*blocks))
+        self.pool = GlobalAvgPool()
+        self.fc = Linear(STAGE_CHANNELS[-1], num_classes, rng, dtype)
+
+    def forward(self, x):
+        x = self.relu.forward(self.bn1.forward(self.conv1.forward(x)))
+        x = self.layer3.forward(self.layer2.forward(self.layer1.forward(x)))
+        return self.fc.forward(self.pool.forward(x))
+
+    def backward(self, dlogits):
+        dx = self.layer1.backward(self.layer2.backward(self.layer3.backward(
+            self.pool.backward(self.fc.backward(dlogits)))))
+        self.conv1.backward(self.bn1.backward(self.relu.backward(dx)))

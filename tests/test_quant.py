@@ -1,0 +1,281 @@
+"""Quantization, bit planes and bit-representation training kernels against SPEC 2 and 3.
+
+Oracles are plain NumPy / Python written from the SPEC formulas, not from the kernels.
+"""
+
+import numpy as np
+import pytest
+
+from nptwofold.errors import NptwofoldError
+from nptwofold.kernels import quant
+
+EVEN_BITS = list(range(2, 17, 2))
+
+
+def reference_quantize(weights, b):
+    scale = float(np.max(np.abs(weights)))
+    qmax = 2 ** (b - 1) - 1
+    return np.rint(weights.astype(np.float64) / scale * qmax).astype(np.int64), scale
+
+
+def reference_planes(level, b):
+    """Bits of one level, plane n first, from its b-bit two's complement string."""
+    text = format(level & (2**b - 1), f"0{b}b")
+    return [int(bit) for bit in reversed(text)]
+
+
+def reference_real_levels(bits):
+    b = bits.shape[0]
+    weights = 2.0 ** np.arange(b)
+    weights[-1] = -weights[-1]
+    return np.tensordot(weights, bits.astype(np.float64), axes=1)
+
+
+def reference_surrogate(bits, scale):
+    """W~ = s * clip(q~) / qmax: the smooth path whose derivative the STE backward uses."""
+    qmax = 2 ** (bits.shape[0] - 1) - 1
+    return scale * np.clip(reference_real_levels(bits), -qmax, qmax) / qmax
+
+
+def reference_bits_forward(bits, scale):
+    qmax = 2 ** (bits.shape[0] - 1) - 1
+    return scale * np.rint(np.clip(reference_real_levels(bits), -qmax, qmax)) / qmax
+
+
+@pytest.mark.parametrize("bad", [7, 1, 0, -2, 18, 8.0, "8", None, True])
+def test_bad_bit_widths_raise(bad):
+    with pytest.raises(NptwofoldError):
+        quant.check_bits(bad)
+
+
+def test_bad_bit_width_reaches_every_entry_point():
+    with pytest.raises(NptwofoldError, match="odd"):
+        quant.quantize(np.ones(3, np.float32), 7)
+    with pytest.raises(NptwofoldError):
+        quant.decompose(np.zeros(3, np.int8), 18)
+    with pytest.raises(NptwofoldError):
+        quant.bits_forward(np.zeros((3, 4)), 1.0)
+
+
+def test_valid_bit_widths_pass_and_pick_level_dtype():
+    for b in EVEN_BITS:
+        assert quant.check_bits(np.int64(b)) == b
+        assert quant.max_level(b) == 2 ** (b - 1) - 1
+        assert quant.level_dtype(b) == (np.int8 if b <= 8 else np.int16)
+
+
+@pytest.mark.parametrize("b", EVEN_BITS)
+def test_decompose_matches_reference_and_compose_round_trips(b):
+    levels = np.arange(-(2 ** (b - 1)), 2 ** (b - 1)).astype(quant.level_dtype(b))
+    planes = quant.decompose(levels, b)
+    assert planes.dtype == np.uint8 and planes.shape == (b, levels.size)
+    expected = np.array([reference_planes(int(level), b) for level in levels]).T
+    np.testing.assert_array_equal(planes, expected)
+    composed = quant.compose(planes)
+    assert composed.dtype == quant.level_dtype(b)
+    np.testing.assert_array_equal(composed, levels)
+
+
+def test_bit_planes_keep_weight_shape():
+    levels = np.arange(-8, 8, dtype=np.int8).reshape(2, 2, 2, 2)
+    planes = quant.decompose(levels, 4)
+    assert planes.shape == (4, 2, 2, 2, 2)
+    # -8 = 1000b: only the sign plane is set; 7 = 0111b: all but the sign plane.
+    assert planes[:, 0, 0, 0, 0].tolist() == [0, 0, 0, 1]
+    assert planes[:, 1, 1, 1, 1].tolist() == [1, 1, 1, 0]
+    np.testing.assert_array_equal(quant.compose(planes), levels)
+
+
+def test_decompose_and_compose_reject_bad_input():
+    with pytest.raises(NptwofoldError, match="range"):
+        quant.decompose(np.array([8], np.int8), 4)
+    with pytest.raises(NptwofoldError, match="range"):
+        quant.decompose(np.array([-9], np.int8), 4)
+    with pytest.raises(NptwofoldError, match="integers"):
+        quant.decompose(np.array([1.0]), 4)
+    with pytest.raises(NptwofoldError, match="0 and 1"):
+        quant.compose(np.array([[2], [0]], np.uint8))
+    with pytest.raises(NptwofoldError, match="uint8"):
+        quant.compose(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize(
+    "weights, b, expected_levels, expected_scale",
+    [
+        # s = 1, qmax = 7: 0.5*7 = 3.5 -> 4 (half to even), -7, 0.25*7 = 1.75 -> 2, 0.
+        ([0.5, -1.0, 0.25, 0.0], 4, [4, -7, 2, 0], 1.0),
+        # s = 2, qmax = 1: W/s = 0.5 -> 0 (half to even, not 1), -0.25 -> 0, 0.125 -> 0, -1.
+        ([1.0, -0.5, 0.25, -2.0], 2, [0, 0, 0, -1], 2.0),
+        # s = 2, qmax = 127: 1 -> 127, -0.5*127 = -63.5 -> -64 (even),
+        # 0.25*127 = 31.75 -> 32, -2^-7 * 127 = -0.9921875 -> -1.
+        ([2.0, -1.0, 0.5, -0.015625], 8, [127, -64, 32, -1], 2.0),
+        # s = 3, qmax = 7: 1.5/3*7 = 3.5 -> 4, 0.75/3*7 = 1.75 -> 2, -3 -> -7.
+        ([1.5, 0.75, -3.0], 4, [4, 2, -7], 3.0),
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_quantize_hand_worked_examples(weights, b, expected_levels, expected_scale, dtype):
+    levels, scale = quant.quantize(np.array(weights, dtype), b)
+    assert levels.dtype == quant.level_dtype(b)
+    assert levels.tolist() == expected_levels
+    assert scale == expected_scale
+
+
+def test_dequantize_hand_worked_example():
+    # q = [4, -7, 2, 0], s = 1, qmax = 7 -> W = [4/7, -1, 2/7, 0].
+    weights = quant.dequantize(np.array([4, -7, 2, 0], np.int8), 1.0, 4, dtype=np.float64)
+    np.testing.assert_allclose(weights, [4 / 7, -1.0, 2 / 7, 0.0], rtol=1e-15)
+    assert quant.dequantize(np.zeros(2, np.int8), 1.0, 4).dtype == np.float32
+
+
+@pytest.mark.parametrize("b", [2, 4, 8, 12, 16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_quantize_matches_reference_on_random_layers(b, dtype):
+    rng = np.random.default_rng(b)
+    weights = (rng.standard_normal((16, 8, 3, 3)) * 0.1).astype(dtype)
+    levels, scale = quant.quantize(weights, b)
+    expected_levels, expected_scale = reference_quantize(weights, b)
+    qmax = 2 ** (b - 1) - 1
+    assert scale == expected_scale
+    assert levels.shape == weights.shape
+    np.testing.assert_array_equal(levels, expected_levels)
+    assert np.abs(levels).max() == qmax
+    recon = quant.dequantize(levels, scale, b, dtype=np.float64)
+    np.testing.assert_allclose(recon, scale * expected_levels / qmax, rtol=1e-15)
+    assert np.abs(recon - weights).max() <= scale / qmax / 2 * (1 + 1e-6)
+
+
+def test_quantize_all_zero_layer_gives_zero_levels():
+    levels, scale = quant.quantize(np.zeros((4, 3), np.float32), 8)
+    assert scale == 0.0
+    assert levels.tolist() == [[0] * 3] * 4
+    assert not np.isnan(quant.dequantize(levels, scale, 8)).any()
+
+
+def test_quantize_rejects_non_finite_and_non_float_weights():
+    with pytest.raises(NptwofoldError, match="NaN"):
+        quant.quantize(np.array([1.0, np.nan]), 8)
+    with pytest.raises(NptwofoldError, match="float32 or float64"):
+        quant.quantize(np.array([1, 2]), 8)
+
+
+@pytest.mark.parametrize("b", [2, 4, 8, 16])
+def test_forward_of_exact_bits_equals_dequantize(b):
+    rng = np.random.default_rng(100 + b)
+    qmax = 2 ** (b - 1) - 1
+    levels = rng.integers(-qmax, qmax + 1, size=(5, 7)).astype(quant.level_dtype(b))
+    bits = quant.decompose(levels, b).astype(np.float32)
+    np.testing.assert_array_equal(quant.bits_forward(bits, 0.37), quant.dequantize(levels, 0.37, b))
+
+
+def test_forward_clips_most_negative_level():
+    # Bits 1000 compose to -8, outside [-7, 7]: the forward clips it to -7 -> W = -s.
+    bits = quant.decompose(np.array([-8], np.int8), 4).astype(np.float64)
+    assert quant.bits_forward(bits, 2.0).tolist() == [-2.0]
+
+
+@pytest.mark.parametrize("b", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_forward_of_continuous_bits_matches_reference(b, dtype):
+    rng = np.random.default_rng(200 + b)
+    bits = rng.random((b, 6, 3, 3, 3)).astype(dtype)
+    weights = quant.bits_forward(bits, 0.8)
+    assert weights.dtype == dtype and weights.shape == bits.shape[1:]
+    np.testing.assert_allclose(weights, reference_bits_forward(bits, 0.8), rtol=1e-6)
+
+
+@pytest.mark.parametrize("b", [2, 4, 8, 16])
+def test_rebinarize_gives_exact_bits_of_rounded_clipped_level(b):
+    rng = np.random.default_rng(300 + b)
+    bits = rng.random((b, 40, 5))
+    qmax = 2 ** (b - 1) - 1
+    expected_levels = np.rint(np.clip(reference_real_levels(bits), -qmax, qmax))
+    forward_before = quant.bits_forward(bits, 1.3)
+    levels = quant.rebinarize_bits(bits)
+    assert set(np.unique(bits)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(levels, expected_levels)
+    np.testing.assert_array_equal(quant.compose(bits.astype(np.uint8)), expected_levels)
+    np.testing.assert_array_equal(quant.bits_forward(bits, 1.3), forward_before)
+
+
+def test_clamp_bits_in_place():
+    bits = np.array([[-0.5, 0.0, 0.3], [1.0, 1.7, 0.9]], np.float32)
+    quant.clamp_bits(bits)
+    np.testing.assert_array_equal(bits, np.array([[0.0, 0.0, 0.3], [1.0, 1.0, 0.9]], np.float32))
+
+
+def loss_weights(shape, seed):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+@pytest.mark.parametrize("b", [2, 4, 8])
+def test_scale_gradient_matches_finite_differences(b):
+    rng = np.random.default_rng(400 + b)
+    bits = rng.random((b, 4, 3, 3))
+    grad_output = loss_weights(bits.shape[1:], b)
+    scale, step = 0.6, 1e-4
+
+    def loss(s):
+        return np.sum(grad_output * quant.bits_forward(bits, s))
+
+    _, grad_scale = quant.bits_backward(bits, scale, grad_output)
+    numeric = (loss(scale + step) - loss(scale - step)) / (2 * step)
+    assert abs(grad_scale - numeric) <= 1e-10 * max(1.0, abs(numeric))
+
+
+@pytest.mark.parametrize("b", [2, 4, 8])
+def test_bit_gradient_is_derivative_of_clipped_surrogate(b):
+    rng = np.random.default_rng(500 + b)
+    bits = rng.random((b, 5, 4))
+    qmax = 2 ** (b - 1) - 1
+    # Force both regimes: weight 0 in the clipped region (q~ = -2^(b-1) = -qmax - 1),
+    # weight 1 well inside (q~ = 0.3 * (2^(b-1) - 1) - 0.3 * 2^(b-1) = -0.3).
+    bits[:, 0, 0] = 0.0
+    bits[-1, 0, 0] = 1.0
+    bits[:, 0, 1] = 0.3
+    grad_output = loss_weights(bits.shape[1:], b)
+    scale, step = 0.9, 1e-6
+
+    grad_bits, _ = quant.bits_backward(bits, scale, grad_output)
+    assert grad_bits.dtype == bits.dtype and grad_bits.shape == bits.shape
+
+    real_levels = reference_real_levels(bits)
+    inside = np.abs(real_levels) < qmax - 1e-3
+    outside = np.abs(real_levels) > qmax + 1e-3
+    assert inside[0, 1] and outside[0, 0]
+    assert inside.any() and (inside | outside).all()
+    for index in np.ndindex(bits.shape):
+        plus, minus = bits.copy(), bits.copy()
+        plus[index] += step
+        minus[index] -= step
+        surrogate_change = reference_surrogate(plus, scale) - reference_surrogate(minus, scale)
+        numeric = np.sum(grad_output * surrogate_change) / (2 * step)
+        assert abs(grad_bits[index] - numeric) <= 1e-7 * max(1.0, abs(numeric)), index
+    assert np.all(grad_bits[:, outside] == 0.0)
+
+
+def test_bit_gradient_passes_at_the_clip_boundary():
+    # After re-binarization the largest weights sit exactly at +-qmax; they must keep a
+    # gradient so they can move inwards. q = 7 = 0111b, q = -7 = 1001b.
+    bits = quant.decompose(np.array([7, -7], np.int8), 4).astype(np.float64)
+    grad_bits, _ = quant.bits_backward(bits, 1.0, np.ones(2))
+    # dW/dB(n) = s / qmax * (+-2^n) = [1, 2, 4, -8] / 7 for both weights.
+    np.testing.assert_allclose(grad_bits, np.array([[1, 2, 4, -8]] * 2).T / 7, rtol=1e-15)
+
+
+def test_float32_backward_matches_float64():
+    rng = np.random.default_rng(7)
+    bits = rng.random((8, 6, 6))
+    grad_output = rng.standard_normal((6, 6))
+    grad64, scale64 = quant.bits_backward(bits, 0.5, grad_output)
+    grad32, scale32 = quant.bits_backward(
+        bits.astype(np.float32), 0.5, grad_output.astype(np.float32)
+    )
+    assert grad32.dtype == np.float32
+    np.testing.assert_allclose(grad32, grad64, rtol=1e-6, atol=1e-7)
+    assert scale32 == pytest.approx(scale64, rel=1e-5)
+
+
+def test_backward_rejects_mismatched_gradient_shape():
+    with pytest.raises(NptwofoldError, match="shape"):
+        quant.bits_backward(np.zeros((4, 3)), 1.0, np.zeros(2))
