@@ -1,0 +1,265 @@
+"""One layer on a 2-bit/cell RRAM compute-in-memory array (SPEC sections 5 and 6).
+
+`map_layer` lays a layer's kept integer weights onto crossbar cells, `cim_matmul` simulates the
+array bit by bit (output and energy events), and `count_events` counts the same events from
+input popcounts alone, without partial sums. Picojoules are left to `nptwofold.hardware`.
+
+Conventions
+- A layer is an R x C integer matrix `levels`: row r = input, column c = output. For a conv,
+  r is the PyTorch flatten of (Cin, kh, kw) (`layer_matrix`), the order of the LFSR masks.
+- Column c uses the kept rows of its mask group, kept_rows[c // group], in LFSR order, compacted
+  onto consecutive word lines. Row tile t holds compacted rows t*T .. t*T+T-1 (T = crossbar
+  rows), so k kept rows span ceil(k / T) tiles, the last one possibly partial. Pruned weights
+  are not stored, so their values in `levels` are ignored.
+- Cells: a b-bit weight takes M = b/2 cells; cell m holds bits (2m+1, 2m) of the b-bit two's
+  complement code as state 2*B(2m+1) + B(2m) in 0..3 (00, 01, 10, 11); the top cell holds the
+  sign bit B(b-1).
+- Inputs are unsigned a-bit integers applied bit-serially, j = 0..a-1: a word line is driven
+  when bit j of its input is 1.
+
+Arithmetic, per output position p, input bit j and column c:
+  S[t, m] = sum of the states of cell m over the driven kept rows of tile t (analog partial sum)
+  y_j     = sum_m 4^m sum_t ADC(S[t, m]) - 2^b * H
+  y[p, c] = sum_j 2^j y_j
+Reading every cell as unsigned gives the code U = sum_m 4^m state_m = q + 2^b B(b-1); the sign
+bit weighs -2^(b-1), not +2^(b-1), so each driven negative weight needs -2^b. H is the number of
+driven kept rows whose weight is negative: the top cell enters as 4^(M-1) (lo - 2 hi) =
+4^(M-1) (state - 4 hi). H is counted digitally from the input bits and the stored sign bits:
+exact, and free in the energy model **[assumption]**. With an ideal ADC, y = x @ q_masked.
+
+ADC model (`adc_bits` = n): a partial sum lies in 0..3T, where T is the crossbar's row count
+(the ADC is fixed in hardware and does not know how many rows a layer uses), and needs
+range_bits = bit_length(3T) bits (9 for T = 128). With n = 0 or n >= range_bits the ADC is
+ideal: ADC(S) = S. Otherwise step = 2^(range_bits - n) and
+  ADC(S) = step * min(floor(S / step + 1/2), 2^n - 1),
+rounding half up to the nearest step and clipping at the top code.
+
+Energy events (integers, so two computations of the same events agree exactly):
+- activated cells per state: for every position, input bit and driven kept row, every cell of
+  that row's weight in that column;
+- ADC conversions: one per (position, input bit, column, cell, row tile); with
+  `skip_zero_tiles` a tile with no driven row for that bit is not converted (its partial sum
+  is 0, which any ADC reads as 0, so the output is unchanged);
+- LFSR steps: the steps of the layer's mask sequence (rejected states included), once per
+  output position; a dense layer has none.
+"""
+from typing import NamedTuple
+
+import numba
+import numpy as np
+
+from ..errors import NptwofoldError
+from .quant import check_bits, decompose
+
+CELL_BITS = 2
+N_CELL_STATES = 1 << CELL_BITS
+MAX_CELL_STATE = N_CELL_STATES - 1
+MAX_ACTIVATION_BITS = 16
+
+
+class CrossbarLayer(NamedTuple):
+    """A layer as stored on the array."""
+    kept_rows: np.ndarray  # (n_groups, k) int64: each mask group's rows, in word-line order
+    group: int             # columns per mask group: column c uses kept_rows[c // group]
+    cells: np.ndarray      # (C, k, b/2) uint8: states of each column's kept weights, cell m
+    bits: int              # b, weight bits
+    n_rows: int            # R, inputs of the layer
+    rows_per_tile: int     # T, crossbar rows
+    lfsr_steps: int        # steps of the mask's LFSR sequence per output position, 0 if dense
+
+    @property
+    def n_tiles(self):
+        return -(-self.kept_rows.shape[1] // self.rows_per_tile)
+
+
+class EnergyCounts(NamedTuple):
+    """Energy events of one layer over a batch of positions."""
+    cell_state_counts: np.ndarray  # (4,) int64: activated cells in state 00, 01, 10, 11
+    adc_conversions: int
+    lfsr_steps: int
+
+
+def layer_matrix(weights):
+    """(R, C) view of conv OIHW or FC (out, in) weights; row r = PyTorch flatten of (I, kh, kw)."""
+    weights = np.asarray(weights)
+    return weights.reshape(weights.shape[0], -1).T
+
+
+def adc_range_bits(rows_per_tile):
+    """Bits of the largest partial sum of a tile, 3 * rows_per_tile."""
+    return (MAX_CELL_STATE * rows_per_tile).bit_length()
+
+
+def _check_int(name, value, minimum, maximum=None):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise NptwofoldError(f"{name} must be an integer, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = "" if maximum is None else f"..{maximum}"
+        raise NptwofoldError(f"{name} must be in {minimum}{upper}, got {value}")
+    return int(value)
+
+
+def _check_integer_matrix(name, array):
+    array = np.asarray(array)
+    if array.ndim != 2 or array.dtype.kind not in "iu":
+        raise NptwofoldError(f"{name} must be a 2-D integer array, got {array.dtype} {array.shape}")
+    return array
+
+
+def map_layer(levels, bits, rows_per_tile, kept_rows=None, group=1, lfsr_steps=0):
+    """Crossbar view of an (R, C) matrix of b-bit integer weights.
+
+    kept_rows: (ceil(C / group), k) rows kept by each mask group (`LfsrKeepMask.kept_rows`),
+    or None for a dense layer (every row, one group). lfsr_steps: `LfsrKeepMask.steps`.
+    """
+    levels = _check_integer_matrix("layer levels", levels)
+    bits = check_bits(bits)
+    rows_per_tile = _check_int("crossbar rows", rows_per_tile, 1)
+    n_rows, n_cols = levels.shape
+    if kept_rows is None:
+        kept_rows, group = np.arange(n_rows)[None, :], n_cols
+    group = _check_int("mask group", group, 1)
+    kept_rows = _check_integer_matrix("kept rows", kept_rows).astype(np.int64)
+    n_groups = -(-n_cols // group)
+    if kept_rows.shape[0] != n_groups or kept_rows.shape[1] < 1:
+        raise NptwofoldError(f"kept rows have shape {kept_rows.shape}; a {n_cols}-column layer "
+                             f"with groups of {group} needs ({n_groups}, k >= 1)")
+    if kept_rows.min() < 0 or kept_rows.max() >= n_rows:
+        raise NptwofoldError(f"kept rows must lie in 0..{n_rows - 1}")
+    if np.any(np.diff(np.sort(kept_rows, axis=1), axis=1) == 0):
+        raise NptwofoldError("kept rows repeat a row within a group")
+    columns = np.arange(n_cols)
+    kept_levels = levels[kept_rows[columns // group], columns[:, None]]  # (C, k)
+    planes = decompose(kept_levels, bits)  # (b, C, k)
+    cells = planes[0::2] + 2 * planes[1::2]  # (b/2, C, k)
+    return CrossbarLayer(np.ascontiguousarray(kept_rows), group,
+                         np.ascontiguousarray(cells.transpose(1, 2, 0)), bits, n_rows,
+                         rows_per_tile, _check_int("LFSR steps", lfsr_steps, 0))
+
+
+def _check_inputs(layer, x, activation_bits):
+    activation_bits = _check_int("activation bits", activation_bits, 1, MAX_ACTIVATION_BITS)
+    x = _check_integer_matrix("CIM inputs", x)
+    if x.shape[1] != layer.n_rows:
+        raise NptwofoldError(f"CIM inputs have {x.shape[1]} rows, the layer has {layer.n_rows}")
+    if x.size and (x.min() < 0 or x.max() >= 1 << activation_bits):
+        raise NptwofoldError(f"CIM inputs must be unsigned {activation_bits}-bit integers "
+                             f"(0..{(1 << activation_bits) - 1})")
+    return np.ascontiguousarray(x, np.int64), activation_bits
+
+
+@numba.njit(cache=True)
+def _adc(partial_sum, shift, max_code):
+    if shift == 0:
+        return partial_sum
+    return min((partial_sum + (1 << (shift - 1))) >> shift, max_code) << shift
+
+
+@numba.njit(cache=True)
+def _simulate_kernel(x, kept_rows, group, cells, rows_per_tile, activation_bits, bits,
+                     adc_shift, adc_max_code, skip_zero_tiles, out, cell_counts):
+    """Fills `out` and `cell_counts`; returns the number of ADC conversions."""
+    n_positions, n_rows = x.shape
+    n_cols, kept, n_cells = cells.shape
+    driven = np.empty(n_rows, np.uint8)
+    partial_sums = np.empty(n_cells, np.int64)
+    conversions = 0
+    for p in range(n_positions):
+        for j in range(activation_bits):
+            for r in range(n_rows):
+                driven[r] = (x[p, r] >> j) & 1
+            for c in range(n_cols):
+                rows = kept_rows[c // group]
+                column_sum = 0
+                driven_negative = 0
+                for start in range(0, kept, rows_per_tile):
+                    partial_sums[:] = 0
+                    tile_driven = False
+                    for i in range(start, min(start + rows_per_tile, kept)):
+                        if driven[rows[i]]:
+                            tile_driven = True
+                            driven_negative += cells[c, i, n_cells - 1] >> 1
+                            for m in range(n_cells):
+                                state = cells[c, i, m]
+                                partial_sums[m] += state
+                                cell_counts[state] += 1
+                    if tile_driven or not skip_zero_tiles:
+                        conversions += n_cells
+                    for m in range(n_cells):
+                        column_sum += _adc(partial_sums[m], adc_shift, adc_max_code) << (2 * m)
+                out[p, c] += (column_sum - (driven_negative << bits)) << j
+    return conversions
+
+
+def cim_matmul(layer, x, activation_bits, adc_bits=0, skip_zero_tiles=False):
+    """Bit-serial array output of inputs x (P, R) and its energy events.
+
+    Returns (y, counts): y is (P, C) int64, equal to x @ q_masked for an ideal ADC
+    (adc_bits = 0 or >= adc_range_bits); counts is an EnergyCounts.
+    """
+    x, activation_bits = _check_inputs(layer, x, activation_bits)
+    adc_bits = _check_int("ADC bits", adc_bits, 0)
+    range_bits = adc_range_bits(layer.rows_per_tile)
+    adc_shift = range_bits - adc_bits if 0 < adc_bits < range_bits else 0
+    out = np.zeros((x.shape[0], layer.cells.shape[0]), np.int64)
+    cell_counts = np.zeros(N_CELL_STATES, np.int64)
+    conversions = _simulate_kernel(x, layer.kept_rows, layer.group, layer.cells,
+                                   layer.rows_per_tile, activation_bits, layer.bits, adc_shift,
+                                   (1 << adc_bits) - 1 if adc_shift else 0,
+                                   bool(skip_zero_tiles), out, cell_counts)
+    return out, EnergyCounts(cell_counts, int(conversions), layer.lfsr_steps * x.shape[0])
+
+
+@numba.njit(cache=True)
+def _popcount(value):
+    count = 0
+    while value:
+        value &= value - 1
+        count += 1
+    return count
+
+
+@numba.njit(cache=True)
+def _count_kernel(x, kept_rows, group, cells, rows_per_tile, activation_bits, skip_zero_tiles,
+                  cell_counts):
+    """Fills `cell_counts`; returns the number of ADC conversions."""
+    n_positions, n_rows = x.shape
+    n_cols, kept, n_cells = cells.shape
+    # A row's cells are activated once per 1-bit of its input, over all positions and bits.
+    ones = np.zeros(n_rows, np.int64)
+    for p in range(n_positions):
+        for r in range(n_rows):
+            ones[r] += _popcount(x[p, r])
+    for c in range(n_cols):
+        rows = kept_rows[c // group]
+        for i in range(kept):
+            for m in range(n_cells):
+                cell_counts[cells[c, i, m]] += ones[rows[i]]
+    n_tiles = (kept + rows_per_tile - 1) // rows_per_tile
+    if not skip_zero_tiles:
+        return n_positions * activation_bits * n_cols * n_cells * n_tiles
+    # A tile is converted for bit j iff bit j of the OR of its inputs is 1; the columns of a
+    # group share the tile's rows, so each group's tiles are scanned once.
+    conversions = 0
+    for g in range(kept_rows.shape[0]):
+        group_cols = min(group, n_cols - g * group)
+        rows = kept_rows[g]
+        for start in range(0, kept, rows_per_tile):
+            converted_bits = 0
+            for p in range(n_positions):
+                tile_bits = 0
+                for i in range(start, min(start + rows_per_tile, kept)):
+                    tile_bits |= x[p, rows[i]]
+                converted_bits += _popcount(tile_bits)
+            conversions += converted_bits * group_cols * n_cells
+    return conversions
+
+
+def count_events(layer, x, activation_bits, skip_zero_tiles=False):
+    """The EnergyCounts of `cim_matmul(layer, x, ...)`, from input popcounts (no partial sums)."""
+    x, activation_bits = _check_inputs(layer, x, activation_bits)
+    cell_counts = np.zeros(N_CELL_STATES, np.int64)
+    conversions = _count_kernel(x, layer.kept_rows, layer.group, layer.cells,
+                                layer.rows_per_tile, activation_bits, bool(skip_zero_tiles),
+                                cell_counts)
+    return EnergyCounts(cell_counts, int(conversions), layer.lfsr_steps * x.shape[0])

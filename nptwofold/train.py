@@ -1,0 +1,248 @@
+"""Training: presets, learning-rate schedules, the epoch loop, logs and resumable checkpoints.
+
+Every random choice derives from one seed: the initial weights from stream (seed, 0), and the
+data order, crop offsets and flips of epoch e from stream (seed, 1, e). The position inside
+training is just (epoch, step), so a checkpoint taken anywhere resumes bit for bit.
+"""
+import csv
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .checkpoint import atomic_write, load_checkpoint, restore_model, restore_optimizer, save_checkpoint
+from .errors import NptwofoldError
+from .kernels.augment import CROP_PAD, crop_flip_to_float, to_float
+from .kernels.loss import softmax_cross_entropy
+from .model import ResNet20
+from .optim import SGD
+
+INIT_STREAM, EPOCH_STREAM = 0, 1
+
+PRESETS = {
+    # the embedded sample: a few minutes on 2 cores, a smoke test of the whole pipeline
+    "quick": dict(data="sample", epochs=15, batch_size=128, lr=0.1, schedule="cosine",
+                  warmup_epochs=1, weight_decay=5e-4, nesterov=True),
+    # full CIFAR-10 in 10 epochs: one warm-up epoch, then cosine to zero
+    "short": dict(data="cifar10", epochs=10, batch_size=128, lr=0.1, schedule="cosine",
+                  warmup_epochs=1, weight_decay=5e-4, nesterov=True),
+    # He et al. 2016: 182 epochs (64k steps), lr 0.1 divided by 10 at epochs 91 and 136
+    "paper": dict(data="cifar10", epochs=182, batch_size=128, lr=0.1, schedule="step",
+                  milestones=[91, 136], weight_decay=1e-4, nesterov=False),
+}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    preset: str = "quick"
+    data: str = "sample"          # "sample", "cifar10" (default folder or download), or a path
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"      # "cosine" (linear warm-up, cosine to 0) or "step"
+    warmup_epochs: float = 1.0
+    milestones: list = dataclasses.field(default_factory=lambda: [91, 136])
+    lr_decay: float = 0.1         # factor applied at each milestone of the step schedule
+    seed: int = 0
+    eval_batch_size: int = 500
+
+    @classmethod
+    def from_preset(cls, preset, **overrides):
+        if preset not in PRESETS:
+            raise NptwofoldError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        return cls(preset=preset, **{**PRESETS[preset], **overrides}).validated()
+
+    def validated(self):
+        checks = [(self.epochs >= 1, "epochs must be >= 1"),
+                  (self.batch_size >= 1, "batch size must be >= 1"),
+                  (self.lr > 0, "learning rate must be > 0"),
+                  (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+                  (self.weight_decay >= 0, "weight decay must be >= 0"),
+                  (self.schedule in ("cosine", "step"), "schedule must be 'cosine' or 'step'"),
+                  (0 <= self.warmup_epochs < self.epochs, "warm-up must be shorter than training"),
+                  (self.seed >= 0, "seed must be >= 0")]
+        for ok, message in checks:
+            if not ok:
+                raise NptwofoldError(f"bad training config: {message}")
+        return self
+
+
+def learning_rate(config, global_step, steps_per_epoch):
+    """Per-step learning rate of the configured schedule."""
+    if config.schedule == "step":
+        epoch = global_step // steps_per_epoch
+        return config.lr * config.lr_decay ** sum(epoch >= m for m in config.milestones)
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    if global_step < warmup:
+        return config.lr * (global_step + 1) / warmup
+    total = config.epochs * steps_per_epoch
+    progress = (global_step - warmup) / max(total - warmup, 1)
+    return 0.5 * config.lr * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_plan(seed, epoch, n_images):
+    """Data order, crop offsets and flips of one epoch, from the epoch's own random stream."""
+    rng = np.random.default_rng([seed, EPOCH_STREAM, epoch])
+    order = rng.permutation(n_images)
+    offsets = rng.integers(0, 2 * CROP_PAD + 1, size=(2, n_images))
+    flips = rng.random(n_images) < 0.5
+    return order, offsets, flips
+
+
+def train_step(model, optimizer, images, labels, lr):
+    """One forward, backward and update. Returns (mean loss, correct predictions)."""
+    model.train()
+    logits = model.forward(images)
+    loss, dlogits, correct = softmax_cross_entropy(logits, labels)
+    model.backward(dlogits)
+    optimizer.step(lr)
+    return loss, correct
+
+
+def evaluate(model, images, labels, batch_size=500, progress=False):
+    """Mean loss and accuracy of `model` (inference mode) on uint8 images."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc="eval", leave=False, disable=not progress):
+        logits = model.forward(to_float(images[start:start + batch_size]))
+        loss, _, hits = softmax_cross_entropy(logits, labels[start:start + batch_size])
+        total_loss += loss * len(logits)
+        correct += hits
+    return total_loss / len(images), correct / len(images)
+
+
+class Trainer:
+    """Owns model, optimizer and position; `run` trains to the end, saving every epoch."""
+
+    def __init__(self, config, dataset, out_dir=None, progress=True):
+        self.config = config
+        self.data = dataset
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.progress = progress
+        self.model = ResNet20(np.random.default_rng([config.seed, INIT_STREAM]))
+        self.optimizer = SGD(self.model, config.momentum, config.weight_decay, config.nesterov)
+        self.state = dict(epoch=0, step=0, global_step=0, epoch_loss_sum=0.0, epoch_correct=0,
+                          epoch_seen=0, epoch_seconds=0.0, best_accuracy=-1.0, best_epoch=-1,
+                          history=[])
+
+    @property
+    def steps_per_epoch(self):
+        return math.ceil(len(self.data.train_labels) / self.config.batch_size)
+
+    @classmethod
+    def resume(cls, path, dataset, out_dir=None, progress=True):
+        content = load_checkpoint(path)
+        if content["train"] is None:
+            raise NptwofoldError(f"{path} holds no training state, so it cannot be resumed")
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        config = TrainConfig(**{k: v for k, v in content["config"].items() if k in known})
+        trainer = cls(config, dataset, out_dir, progress)
+        restore_model(trainer.model, content, path)
+        restore_optimizer(trainer.optimizer, content, path)
+        trainer.state.update(content["train"])
+        return trainer
+
+    def save(self, path):
+        save_checkpoint(path, self.model, self.optimizer, self.state,
+                        dataclasses.asdict(self.config))
+
+    def run(self, max_steps=None):
+        """Trains until the last epoch ends, or `max_steps` steps (then saves last.h5)."""
+        steps_left = math.inf if max_steps is None else max_steps
+        try:
+            while self.state["epoch"] < self.config.epochs:
+                steps_left -= self._train_epoch(steps_left)
+                if self.state["step"] < self.steps_per_epoch:
+                    break  # stopped inside the epoch
+                self._end_epoch()
+        except KeyboardInterrupt:
+            if self.out_dir is not None:
+                self.save(self.out_dir / "last.h5")
+                tqdm.write(f"interrupted; position saved to {self.out_dir / 'last.h5'}, "
+                           "continue with --resume")
+            raise
+        if self.out_dir is not None and self.state["epoch"] < self.config.epochs:
+            self.save(self.out_dir / "last.h5")
+        return self.state
+
+    def _train_epoch(self, steps_left):
+        config, state = self.config, self.state
+        images, labels = self.data.train_images, self.data.train_labels
+        order, offsets, flips = epoch_plan(config.seed, state["epoch"], len(labels))
+        bar = tqdm(total=self.steps_per_epoch, initial=state["step"], disable=not self.progress,
+                   desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="step")
+        done = 0
+        started = time.perf_counter() - state["epoch_seconds"]
+        while state["step"] < self.steps_per_epoch and done < steps_left:
+            batch = slice(state["step"] * config.batch_size, (state["step"] + 1) * config.batch_size)
+            index = order[batch]
+            inputs = crop_flip_to_float(images[index], offsets[0, batch], offsets[1, batch], flips[batch])
+            lr = learning_rate(config, state["global_step"], self.steps_per_epoch)
+            loss, correct = train_step(self.model, self.optimizer, inputs, labels[index], lr)
+            state["epoch_loss_sum"] += float(loss) * len(index)
+            state["epoch_correct"] += int(correct)
+            state["epoch_seen"] += len(index)
+            state["step"] += 1
+            state["global_step"] += 1
+            state["epoch_seconds"] = time.perf_counter() - started
+            done += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{state['epoch_loss_sum'] / state['epoch_seen']:.3f}",
+                            acc=f"{state['epoch_correct'] / state['epoch_seen']:.3f}",
+                            img_s=f"{state['epoch_seen'] / state['epoch_seconds']:.0f}",
+                            lr=f"{lr:.4f}")
+        bar.close()
+        return done
+
+    def _end_epoch(self):
+        state = self.state
+        test_loss, test_acc = evaluate(self.model, self.data.test_images, self.data.test_labels,
+                                       self.config.eval_batch_size, self.progress)
+        record = dict(epoch=state["epoch"] + 1,
+                      train_loss=state["epoch_loss_sum"] / state["epoch_seen"],
+                      train_acc=state["epoch_correct"] / state["epoch_seen"],
+                      test_loss=test_loss, test_acc=test_acc,
+                      lr=learning_rate(self.config, state["global_step"] - 1, self.steps_per_epoch),
+                      seconds=state["epoch_seconds"],
+                      img_per_s=state["epoch_seen"] / state["epoch_seconds"])
+        state["history"].append(record)
+        improved = test_acc > state["best_accuracy"]
+        if improved:
+            state["best_accuracy"], state["best_epoch"] = test_acc, record["epoch"]
+        state.update(epoch=state["epoch"] + 1, step=0, epoch_loss_sum=0.0, epoch_correct=0,
+                     epoch_seen=0, epoch_seconds=0.0)
+        if self.progress:
+            tqdm.write(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc "
+                       f"{record['train_acc']:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f}"
+                       f" | {record['img_per_s']:.0f} img/s")
+        if self.out_dir is not None:
+            self.save(self.out_dir / "last.h5")
+            if improved:
+                self.save(self.out_dir / "best.h5")
+            self.write_logs()
+
+    def write_logs(self):
+        """log.csv and log.json (one row per epoch) and summary.json, each written atomically."""
+        history = self.state["history"]
+        summary = dict(preset=self.config.preset, epochs_done=len(history),
+                       final_test_acc=history[-1]["test_acc"] if history else None,
+                       best_test_acc=self.state["best_accuracy"], best_epoch=self.state["best_epoch"],
+                       config=dataclasses.asdict(self.config))
+
+        def write_csv(tmp):
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+                writer.writeheader()
+                writer.writerows(history)
+
+        atomic_write(self.out_dir / "log.csv", write_csv)
+        atomic_write(self.out_dir / "log.json", lambda tmp: Path(tmp).write_text(json.dumps(history, indent=1)))
+        atomic_write(self.out_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))

@@ -1,0 +1,81 @@
+"""Throughput benchmark: ResNet-20 training steps and inference, in images per second.
+
+Times full training steps (augment, forward, backward, SGD update) and inference batches
+after a warm-up, on real CIFAR-10 images from the embedded sample. The first step of the
+process is reported separately as the cold start (JIT compile, or loading Numba's cache).
+`--json` prints one object for scripts that compare runs.
+"""
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
+
+
+def timed(function, repeats):
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    return (time.perf_counter() - start) / repeats
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2, help="BLAS threads")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if min(args.batch, args.threads, args.steps) < 1 or args.warmup < 0:
+        parser.error("--batch, --threads and --steps must be >= 1, --warmup >= 0")
+    configure_threads(args.threads)
+    started = time.perf_counter()
+    import numpy as np
+
+    from nptwofold.data import load_sample
+    from nptwofold.kernels.augment import crop_flip_to_float
+    from nptwofold.model import ResNet20
+    from nptwofold.optim import SGD
+    from nptwofold.train import evaluate, train_step
+
+    data = load_sample()
+    rng = np.random.default_rng(0)
+    index = rng.integers(0, len(data.train_labels), args.batch)
+    images, labels = data.train_images[index], data.train_labels[index]
+    model = ResNet20(rng)
+    optimizer = SGD(model, momentum=0.9, weight_decay=5e-4, nesterov=True)
+
+    def step():
+        offsets = rng.integers(0, 9, size=(2, args.batch))
+        inputs = crop_flip_to_float(images, offsets[0], offsets[1], rng.random(args.batch) < 0.5)
+        train_step(model, optimizer, inputs, labels, lr=0.01)
+
+    import_seconds = time.perf_counter() - started
+    cold_start = timed(step, 1)
+    for _ in range(args.warmup):
+        step()
+    train_seconds = timed(step, args.steps)
+    evaluate(model, images, labels, args.batch)  # warm the inference path
+    infer_seconds = timed(lambda: evaluate(model, images, labels, args.batch), args.steps)
+    result = dict(
+        train_img_s=round(args.batch / train_seconds, 1),
+        infer_img_s=round(args.batch / infer_seconds, 1),
+        train_step_ms=round(1000 * train_seconds, 1),
+        batch=args.batch, threads=args.threads,
+        cold_start_s=round(cold_start, 2), import_s=round(import_seconds, 2),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>14}: {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Test accuracy and loss of a checkpoint: `python scripts/evaluate.py CKPT [--data PATH] [--json]`."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--data", help="CIFAR-10 tarball or folder, 'sample' or 'cifar10' "
+                        "(default: the data the checkpoint was trained on)")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=2, help="BLAS threads")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.batch_size < 1:
+        parser.error("--threads and --batch-size must be >= 1")
+    configure_threads(args.threads)
+    import numpy as np
+
+    from nptwofold.checkpoint import load_checkpoint, restore_model
+    from nptwofold.data import load_dataset
+    from nptwofold.errors import NptwofoldError
+    from nptwofold.model import ResNet20
+    from nptwofold.train import evaluate
+
+    try:
+        content = load_checkpoint(args.checkpoint)
+        model = ResNet20(np.random.default_rng(0))
+        restore_model(model, content, args.checkpoint)
+        dataset = load_dataset(args.data or content["config"].get("data", "cifar10"))
+    except NptwofoldError as exc:
+        sys.exit(f"error: {exc}")
+    loss, accuracy = evaluate(model, dataset.test_images, dataset.test_labels, args.batch_size,
+                              progress=not args.json)
+    result = dict(accuracy=accuracy, loss=loss, n=len(dataset.test_labels))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.checkpoint}: test accuracy {accuracy:.4f}, loss {loss:.4f} "
+              f"on {result['n']} images from {dataset.source}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Training loop: exact resume, schedules, logs, reproducibility and config checks."""
+import json
+
+import numpy as np
+import pytest
+
+from nptwofold.errors import NptwofoldError
+from nptwofold.train import TrainConfig, Trainer, epoch_plan, learning_rate
+
+from conftest import state_of
+
+
+def tiny_config(**overrides):
+    return TrainConfig.from_preset("quick", **{"epochs": 2, "batch_size": 16, "eval_batch_size": 8,
+                                               "seed": 3, **overrides})
+
+
+def test_resume_mid_epoch_gives_identical_weights(tiny_dataset, tmp_path):
+    config = tiny_config()
+    straight = Trainer(config, tiny_dataset, tmp_path / "a", progress=False)
+    straight.run()
+    assert straight.state["global_step"] == 6  # 2 epochs x ceil(40 / 16)
+
+    first_half = Trainer(config, tiny_dataset, tmp_path / "b", progress=False)
+    first_half.run(max_steps=4)  # stops inside epoch 2
+    assert (first_half.state["epoch"], first_half.state["step"]) == (1, 1)
+    resumed = Trainer.resume(tmp_path / "b" / "last.h5", tiny_dataset, tmp_path / "b",
+                             progress=False)
+    resumed.run()
+
+    want, got = state_of(straight.model), state_of(resumed.model)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert np.array_equal(want[name], got[name]), name
+    for name, velocity in straight.optimizer.velocity.items():
+        assert np.array_equal(velocity, resumed.optimizer.velocity[name]), name
+    untimed = [[{k: v for k, v in row.items() if k not in ("seconds", "img_per_s")}
+                for row in trainer.state["history"]] for trainer in (straight, resumed)]
+    assert untimed[0] == untimed[1]
+
+
+def test_same_seed_same_run_other_seed_other_run(tiny_dataset):
+    runs = [Trainer(tiny_config(epochs=1, warmup_epochs=0, seed=seed), tiny_dataset,
+                    progress=False) for seed in (5, 5, 6)]
+    for trainer in runs:
+        trainer.run()
+    weights = [state_of(trainer.model)["fc.weight"] for trainer in runs]
+    assert np.array_equal(weights[0], weights[1])
+    assert not np.array_equal(weights[0], weights[2])
+
+
+def test_epoch_plan_is_a_permutation_with_valid_augmentation():
+    order, offsets, flips = epoch_plan(seed=1, epoch=4, n_images=100)
+    assert sorted(order) == list(range(100))
+    assert offsets.min() >= 0 and offsets.max() <= 8
+    assert 20 < flips.sum() < 80
+    again = epoch_plan(seed=1, epoch=4, n_images=100)
+    assert all(np.array_equal(a, b) for a, b in zip((order, offsets, flips), again))
+    assert not np.array_equal(order, epoch_plan(seed=1, epoch=5, n_images=100)[0])
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    config = TrainConfig.from_preset("short")
+    steps = 100
+    lrs = [learning_rate(config, s, steps) for s in range(config.epochs * steps)]
+    assert lrs[0] == pytest.approx(0.1 / steps)
+    assert lrs[steps - 1] == pytest.approx(0.1)
+    assert max(lrs) == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[steps:], lrs[steps + 1:]))
+    assert lrs[-1] < 1e-4
+
+
+def test_step_schedule_of_the_paper_preset():
+    config = TrainConfig.from_preset("paper")
+    assert (config.epochs, config.weight_decay, config.batch_size) == (182, 1e-4, 128)
+    steps = 391
+    assert learning_rate(config, 90 * steps, steps) == pytest.approx(0.1)
+    assert learning_rate(config, 91 * steps, steps) == pytest.approx(0.01)
+    assert learning_rate(config, 136 * steps, steps) == pytest.approx(0.001)
+
+
+def test_logs_and_checkpoints_are_written_each_epoch(tiny_dataset, tmp_path):
+    Trainer(tiny_config(), tiny_dataset, tmp_path, progress=False).run()
+    history = json.loads((tmp_path / "log.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert {"train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"} <= set(history[0])
+    header = (tmp_path / "log.csv").read_text().splitlines()[0].split(",")
+    assert header == list(history[0])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_test_acc"] == history[-1]["test_acc"]
+    assert summary["best_test_acc"] == max(row["test_acc"] for row in history)
+    assert (tmp_path / "last.h5").exists() and (tmp_path / "best.h5").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"epochs": 0}, "epochs"), ({"lr": -0.1}, "learning rate"), ({"momentum": 1.0}, "momentum"),
+    ({"weight_decay": -1e-4}, "weight decay"), ({"batch_size": 0}, "batch size"),
+    ({"schedule": "linear"}, "schedule"), ({"seed": -1}, "seed"),
+])
+def test_bad_config_values_are_clear_errors(override, message):
+    with pytest.raises(NptwofoldError, match=message):
+        TrainConfig.from_preset("quick", **override)
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(NptwofoldError, match="unknown preset"):
+        TrainConfig.from_preset("huge")
