@@ -46,7 +46,7 @@ def random(rng, shape, dtype, scale=1.0, offset=0.0):
 # --------------------------------------------------------------------------------------------
 
 def out_size(size, stride):
-    """Output length of a 3x3 window, padding 1: the count of window starts -1, -1+s, ... <= size-2."""
+    """Output length of a 3x3 window, padding 1: count the starts -1, -1+s, ... <= size-2."""
     return len(range(-1, size - 1, stride))
 
 
@@ -109,7 +109,7 @@ def reference_batchnorm_forward(x, gamma, beta, eps):
 
 
 def reference_batchnorm_backward(dy, xhat, gamma, inv_std):
-    """Textbook (Ioffe & Szegedy 2015) result: dx = g/(N sigma) (N dy - sum dy - xhat sum dy xhat)."""
+    """Textbook (Ioffe & Szegedy 2015): dx = g/(N sigma) (N dy - sum dy - xhat sum dy xhat)."""
     dy, xhat = dy.astype(np.float64), xhat.astype(np.float64)
     rows = dy.shape[0]
     dbeta = dy.sum(axis=0)
@@ -261,7 +261,7 @@ def test_im2col_col2im_adjoint(case, dtype):
 
 
 def test_im2col_patch_layout():
-    """One im2col row is the (ky, kx, ci) window of the zero-padded input, row order (n, oy, ox)."""
+    """An im2col row is the (ky, kx, ci) window of the zero-padded input; rows in (n, oy, ox)."""
     rng = np.random.default_rng(14)
     x = rng.standard_normal((2, 5, 4, 3))
     for stride in (1, 2):
@@ -315,7 +315,9 @@ def test_batchnorm_forward_mean_offset(dtype):
     gamma, beta = np.ones(3, dtype), np.zeros(3, dtype)
     y, xhat, mean, var, inv_std = batchnorm_forward_train(x, gamma, beta, 1e-5)
     ref_y, ref_xhat, ref_mean, ref_var, _ = reference_batchnorm_forward(x, gamma, beta, 1e-5)
+    assert_close(mean, ref_mean, dtype)
     assert_close(var, ref_var, dtype)
+    assert_close(inv_std, 1.0 / np.sqrt(ref_var + 1e-5), dtype)
     assert_close(xhat, ref_xhat, dtype)
     assert_close(y, ref_y, dtype)
 

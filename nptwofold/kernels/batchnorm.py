@@ -18,8 +18,9 @@ def channel_moments(a, b):
     for chunk in prange(SUM_CHUNKS):
         for i in range(chunk * rows // SUM_CHUNKS, (chunk + 1) * rows // SUM_CHUNKS):
             for c in range(chans):
-                partial[chunk, 0, c] += a[i, c]
-                partial[chunk, 1, c] += a[i, c] * b[i, c]
+                a_value = np.float64(a[i, c])  # a float32 product is exact in float64
+                partial[chunk, 0, c] += a_value
+                partial[chunk, 1, c] += a_value * b[i, c]
     total = np.zeros((2, chans))
     for chunk in range(SUM_CHUNKS):
         total += partial[chunk]

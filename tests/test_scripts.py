@@ -1,0 +1,83 @@
+"""Command-line scripts end to end: a real (tiny) run, evaluation, inspection, bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args, check=True):
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    if check and result.returncode:
+        raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def assert_one_line_error(result, fragment):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 or lines[-1].startswith("train_cifar.py: error"), result.stderr
+    assert fragment in lines[-1], result.stderr
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    run(REPO / "scripts/train_cifar.py", "--preset", "quick", "--epochs", "1", "--warmup-epochs",
+        "0", "--threads", "1", "--no-progress", "--out", out)
+    return out
+
+
+def test_quick_run_writes_logs_and_checkpoints(quick_run):
+    summary = json.loads((quick_run / "summary.json").read_text())
+    assert summary["epochs_done"] == 1 and summary["config"]["data"] == "sample"
+    assert 0.0 <= summary["final_test_acc"] <= 1.0
+    assert (quick_run / "last.h5").exists() and (quick_run / "log.csv").exists()
+
+
+def test_evaluate_json_matches_the_training_log(quick_run):
+    result = run(REPO / "scripts/evaluate.py", quick_run / "last.h5", "--json", "--threads", "1")
+    report = json.loads(result.stdout)
+    assert set(report) == {"accuracy", "loss", "n"} and report["n"] == 500
+    history = json.loads((quick_run / "log.json").read_text())
+    assert report["accuracy"] == history[-1]["test_acc"]
+    assert report["loss"] == pytest.approx(history[-1]["test_loss"], rel=1e-6)
+
+
+def test_inspect_lists_the_checkpoint(quick_run):
+    listing = run("-m", "nptwofold.inspect", quick_run / "last.h5").stdout
+    assert "layer3.2.conv2.weight" in listing and "(64, 64, 3, 3)" in listing
+    assert "/optimizer/" in listing and "preset = quick" in listing
+
+
+def test_resume_of_a_finished_run_and_refusal_to_overwrite(quick_run):
+    again = run(REPO / "scripts/train_cifar.py", "--out", quick_run, "--no-progress", check=False)
+    assert_one_line_error(again, "already holds a run")
+    resumed = run(REPO / "scripts/train_cifar.py", "--out", quick_run, "--resume", "--lr", "0.5",
+                  check=False)
+    assert_one_line_error(resumed, "drop --lr")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--preset", "huge"], "invalid choice"),
+    (["--epochs", "ten"], "invalid int value"),
+    (["--lr", "-1"], "learning rate must be > 0"),
+    (["--data", "/nonexistent/cifar.tar.gz"], "not found"),
+    (["--resume", "/nonexistent/last.h5"], "checkpoint not found"),
+])
+def test_bad_training_flags_give_one_line_errors(tmp_path, args, fragment):
+    result = run(REPO / "scripts/train_cifar.py", "--out", tmp_path / "x", *args, check=False)
+    assert_one_line_error(result, fragment)
+
+
+def test_evaluate_truncated_checkpoint_gives_one_line_error(quick_run, tmp_path):
+    raw = (quick_run / "last.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(raw[:4000])
+    result = run(REPO / "scripts/evaluate.py", tmp_path / "cut.h5", check=False)
+    assert_one_line_error(result, "truncated or corrupt")
