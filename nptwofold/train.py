@@ -219,10 +219,9 @@ class Trainer:
             state["best_accuracy"], state["best_epoch"] = test_acc, record["epoch"]
         state.update(epoch=state["epoch"] + 1, step=0, epoch_loss_sum=0.0, epoch_correct=0,
                      epoch_seen=0, epoch_seconds=0.0)
-        if self.progress:
-            tqdm.write(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc "
-                       f"{record['train_acc']:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f}"
-                       f" | {record['img_per_s']:.0f} img/s")
+        tqdm.write(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc "
+                   f"{record['train_acc']:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f}"
+                   f" | {record['img_per_s']:.0f} img/s")
         if self.out_dir is not None:
             self.save(self.out_dir / "last.h5")
             if improved:
