@@ -5,6 +5,7 @@ Layout (documented in README.md, "Checkpoint format"):
   /model/<name>      every parameter and buffer by its PyTorch state_dict name, conv OIHW
   /optimizer/<name>  SGD momentum buffer of each parameter; attrs momentum, weight_decay, nesterov
   /train             attrs epoch, step, global_step, running sums, best_accuracy, history (JSON)
+  /twofold/<layer>   twofold runs only: levels, bit_planes, weight, keep_mask; LFSR attrs
 Files are written to a temporary name and renamed, so a crash never leaves half a checkpoint.
 """
 import datetime
@@ -36,7 +37,9 @@ def atomic_write(path, write):
         tmp.unlink(missing_ok=True)
 
 
-def save_checkpoint(path, model, optimizer=None, train_state=None, config=None):
+def save_checkpoint(path, model, optimizer=None, train_state=None, config=None,
+                    extra_groups=None):
+    """`extra_groups` maps a group name to a function that fills that group (e.g. /twofold)."""
     def write(tmp):
         with h5py.File(tmp, "w", track_order=True) as f:
             f.attrs["format"] = FORMAT
@@ -61,6 +64,8 @@ def save_checkpoint(path, model, optimizer=None, train_state=None, config=None):
                 group = f.create_group("train")
                 for key, value in train_state.items():
                     group.attrs[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
+            for name, fill in (extra_groups or {}).items():
+                fill(f.create_group(name, track_order=True))
     atomic_write(path, write)
 
 
@@ -85,12 +90,19 @@ def load_checkpoint(path):
                 content["optimizer"] = {name: ds[()] for name, ds in f["optimizer"].items()}
             if "train" in f:
                 content["train"] = {key: _attr_value(value) for key, value in f["train"].attrs.items()}
+            content["twofold"] = _read_layer_groups(f["twofold"]) if "twofold" in f else None
     except NptwofoldError:
         raise
     except (OSError, KeyError, ValueError) as exc:
         raise NptwofoldError(f"cannot read checkpoint {path}: truncated or corrupt "
                              f"({str(exc).splitlines()[0]})") from None
     return content
+
+
+def _read_layer_groups(group):
+    """{layer: {"attrs": {...}, dataset name: array}} of a group of per-layer groups."""
+    return {name: {"attrs": dict(sub.attrs), **{key: ds[()] for key, ds in sub.items()}}
+            for name, sub in group.items()}
 
 
 def _attr_value(value):

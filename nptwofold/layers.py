@@ -12,6 +12,7 @@ from .kernels.elementwise import (global_avg_pool_backward, global_avg_pool_forw
                                   relu_backward, relu_forward, shortcut_a_backward,
                                   shortcut_a_forward)
 from .kernels.linear import linear_backward, linear_forward
+from .kernels.quant import bits_backward, bits_forward, decompose, quantize
 
 
 class Module:
@@ -72,7 +73,42 @@ class Sequential(Module):
         return dy
 
 
-class Conv3x3(Module):
+class WeightLayer(Module):
+    """A layer with one weight tensor, trained either directly or as bit planes.
+
+    After `use_bit_weights(b)` the trained variable is `weight_bits`, b continuous planes in
+    [0, 1] (plane b-1 the two's complement sign); the weight used in the forward pass is
+    s * Round(clip(q~)) / qmax with a straight-through gradient (SPEC 3). The scale
+    `weight_scale` = max|W| of the starting weights is a buffer, not trained: trained, Reg_Net
+    shrinks it towards 0 (that shrinks the cut weights too), a degenerate way out that
+    collapsed whole layers in our first runs.
+    """
+
+    bit_width = 0  # 0: the float weight is trained directly
+
+    def use_bit_weights(self, b):
+        weight = self.params.pop("weight")
+        del self.grads["weight"]
+        levels, scale = quantize(weight, b)
+        self.params["weight_bits"] = decompose(levels, b).astype(weight.dtype)
+        self.grads["weight_bits"] = np.zeros_like(self.params["weight_bits"])
+        self.buffers["weight_scale"] = np.array([scale], weight.dtype)
+        self.bit_width = b
+
+    def effective_weight(self):
+        if not self.bit_width:
+            return self.params["weight"]
+        return bits_forward(self.params["weight_bits"], self.buffers["weight_scale"][0])
+
+    def store_weight_grad(self, dweight):
+        if not self.bit_width:
+            self.grads["weight"][...] = dweight
+            return
+        self.grads["weight_bits"][...], _ = bits_backward(
+            self.params["weight_bits"], self.buffers["weight_scale"][0], dweight)
+
+
+class Conv3x3(WeightLayer):
     """3x3 convolution, padding 1, no bias. `first` skips dL/dx (nothing consumes it)."""
 
     def __init__(self, in_channels, out_channels, stride, rng, dtype=np.float32, first=False):
@@ -93,12 +129,13 @@ class Conv3x3(Module):
             self.workspace = np.empty(rows * width, x.dtype)
         self.cols = self.workspace[:rows * width].reshape(rows, width)
         self.input_shape = x.shape
-        return conv3x3_forward(x, self.params["weight"], self.stride, self.cols)
+        self.weight = self.effective_weight()
+        return conv3x3_forward(x, self.weight, self.stride, self.cols)
 
     def backward(self, dy):
-        dx, self.grads["weight"][...] = conv3x3_backward(
-            dy, self.cols, self.params["weight"], self.input_shape, self.stride,
-            need_input_grad=not self.first)
+        dx, dweight = conv3x3_backward(dy, self.cols, self.weight, self.input_shape, self.stride,
+                                       need_input_grad=not self.first)
+        self.store_weight_grad(dweight)
         return dx
 
 
@@ -177,7 +214,7 @@ class GlobalAvgPool(Module):
         return global_avg_pool_backward(dy, height, width)
 
 
-class Linear(Module):
+class Linear(WeightLayer):
     """Fully connected layer, weight (out, in), PyTorch's default uniform initialisation."""
 
     def __init__(self, in_features, out_features, rng, dtype=np.float32):
@@ -189,9 +226,10 @@ class Linear(Module):
 
     def forward(self, x):
         self.x = x
-        return linear_forward(x, self.params["weight"], self.params["bias"])
+        self.weight = self.effective_weight()
+        return linear_forward(x, self.weight, self.params["bias"])
 
     def backward(self, dy):
-        dx, self.grads["weight"][...], self.grads["bias"][...] = linear_backward(
-            dy, self.x, self.params["weight"])
+        dx, dweight, self.grads["bias"][...] = linear_backward(dy, self.x, self.weight)
+        self.store_weight_grad(dweight)
         return dx

@@ -5,14 +5,21 @@ from .kernels.optim import sgd_momentum_update
 
 
 class SGD:
-    def __init__(self, model, momentum=0.9, weight_decay=0.0, nesterov=False):
+    """Updates every parameter except those named in `frozen`; `no_decay` ones without decay."""
+
+    def __init__(self, model, momentum=0.9, weight_decay=0.0, nesterov=False, no_decay=(),
+                 frozen=()):
         self.model = model
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.nesterov = nesterov
-        self.velocity = {name: np.zeros_like(param) for name, param, _ in model.named_parameters()}
+        self.no_decay = set(no_decay)
+        self.velocity = {name: np.zeros_like(param) for name, param, _ in model.named_parameters()
+                         if name not in frozen}
 
     def step(self, lr):
         for name, param, grad in self.model.named_parameters():
-            sgd_momentum_update(param, grad, self.velocity[name], lr, self.momentum,
-                                self.weight_decay, self.nesterov)
+            if name in self.velocity:
+                decay = 0.0 if name in self.no_decay else self.weight_decay
+                sgd_momentum_update(param, grad, self.velocity[name], lr, self.momentum, decay,
+                                    self.nesterov)

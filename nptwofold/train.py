@@ -20,6 +20,7 @@ from .kernels.augment import CROP_PAD, crop_flip_to_float, to_float
 from .kernels.loss import softmax_cross_entropy
 from .model import ResNet20
 from .optim import SGD
+from .twofold import Twofold, TwofoldConfig
 
 INIT_STREAM, EPOCH_STREAM = 0, 1
 
@@ -52,6 +53,15 @@ class TrainConfig:
     lr_decay: float = 0.1         # factor applied at each milestone of the step schedule
     seed: int = 0
     eval_batch_size: int = 500
+    init: str = None              # checkpoint whose model state the run starts from
+    twofold: dict = None          # TwofoldConfig fields: train under bit representation
+    post_training: bool = False   # hard-prune + re-binarize at the start, then fine-tune
+
+    @classmethod
+    def from_dict(cls, saved):
+        """The config a checkpoint stored (keys this version does not know are ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
 
     @classmethod
     def from_preset(cls, preset, **overrides):
@@ -60,13 +70,19 @@ class TrainConfig:
         return cls(preset=preset, **{**PRESETS[preset], **overrides}).validated()
 
     def validated(self):
-        checks = [(self.epochs >= 1, "epochs must be >= 1"),
+        if self.twofold is not None:
+            TwofoldConfig(**self.twofold).validated()
+        if self.post_training and self.twofold is None:
+            raise NptwofoldError("bad training config: post-training needs a twofold config")
+        # post-training may run 0 fine-tune epochs: it then only prunes and re-binarizes
+        checks = [(self.epochs >= (0 if self.post_training else 1), "epochs must be >= 1"),
                   (self.batch_size >= 1, "batch size must be >= 1"),
                   (self.lr > 0, "learning rate must be > 0"),
                   (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
                   (self.weight_decay >= 0, "weight decay must be >= 0"),
                   (self.schedule in ("cosine", "step"), "schedule must be 'cosine' or 'step'"),
-                  (0 <= self.warmup_epochs < self.epochs, "warm-up must be shorter than training"),
+                  (0 <= self.warmup_epochs < max(self.epochs, 1),
+                   "warm-up must be shorter than training"),
                   (self.seed >= 0, "seed must be >= 0")]
         for ok, message in checks:
             if not ok:
@@ -96,14 +112,48 @@ def epoch_plan(seed, epoch, n_images):
     return order, offsets, flips
 
 
-def train_step(model, optimizer, images, labels, lr):
-    """One forward, backward and update. Returns (mean loss, correct predictions)."""
+def build_model(config, init_content=None):
+    """ResNet-20 for `config`, with its Twofold method state if the config has one.
+
+    A float baseline given as `init_content` is loaded before the weights become bit planes
+    (they are quantized from it); a twofold checkpoint is loaded after, into the bit planes.
+    """
+    model = ResNet20(np.random.default_rng([config.seed, INIT_STREAM]))
+    init_is_twofold = bool(init_content and init_content["config"].get("twofold"))
+    if init_content and not init_is_twofold:
+        restore_model(model, init_content, config.init)
+    if config.twofold is None:
+        if init_is_twofold:
+            raise NptwofoldError(f"{config.init} is a twofold checkpoint; a float run cannot "
+                                 "start from it")
+        return model, None
+    method = Twofold(model, TwofoldConfig(**config.twofold), config.seed)
+    if init_is_twofold:
+        restore_twofold(model, method, init_content, config.init)
+    return model, method
+
+
+def restore_twofold(model, method, content, path):
+    restore_model(model, content, path)
+    if content.get("twofold") is None:
+        raise NptwofoldError(f"{path} has a twofold config but no /twofold group")
+    method.check_stored_masks(content["twofold"], path)
+
+
+def train_step(model, optimizer, images, labels, lr, method=None):
+    """One forward, backward and update. Returns (mean loss, correct, regularizer values).
+
+    `method` (a Twofold) adds its regularizer gradients and clamps the bits after the update.
+    """
     model.train()
     logits = model.forward(images)
     loss, dlogits, correct = softmax_cross_entropy(logits, labels)
     model.backward(dlogits)
+    regularizers = method.regularize() if method is not None else {}
     optimizer.step(lr)
-    return loss, correct
+    if method is not None:
+        method.after_step()
+    return loss, correct, regularizers
 
 
 def evaluate(model, images, labels, batch_size=500, progress=False):
@@ -122,16 +172,35 @@ def evaluate(model, images, labels, batch_size=500, progress=False):
 class Trainer:
     """Owns model, optimizer and position; `run` trains to the end, saving every epoch."""
 
-    def __init__(self, config, dataset, out_dir=None, progress=True):
+    def __init__(self, config, dataset, out_dir=None, progress=True, _resuming=False):
         self.config = config
         self.data = dataset
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
-        self.model = ResNet20(np.random.default_rng([config.seed, INIT_STREAM]))
-        self.optimizer = SGD(self.model, config.momentum, config.weight_decay, config.nesterov)
+        init_content = load_checkpoint(config.init) if config.init and not _resuming else None
+        self.model, self.method = build_model(config, init_content)
+        bit_names = self.method.bit_parameter_names() if self.method else set()
+        frozen = bit_names if config.post_training else ()
+        self.optimizer = SGD(self.model, config.momentum, config.weight_decay, config.nesterov,
+                             no_decay=bit_names, frozen=frozen)
         self.state = dict(epoch=0, step=0, global_step=0, epoch_loss_sum=0.0, epoch_correct=0,
-                          epoch_seen=0, epoch_seconds=0.0, best_accuracy=-1.0, best_epoch=-1,
-                          history=[])
+                          epoch_seen=0, epoch_seconds=0.0, epoch_reg_net=0.0, epoch_reg_bit=0.0,
+                          best_accuracy=-1.0, best_epoch=-1, history=[], post_training={})
+        if config.post_training and not _resuming:
+            self._start_post_training()
+
+    def _start_post_training(self):
+        """Accuracy before, then hard-prune with the masks and re-binarize (SPEC 3)."""
+        evaluate_test = lambda: evaluate(self.model, self.data.test_images,  # noqa: E731
+                                         self.data.test_labels, self.config.eval_batch_size)
+        before = evaluate_test()[1]
+        self.method.hard_prune()
+        self.method.rebinarize()
+        after_prune = evaluate_test()[1]
+        self.state["post_training"] = dict(accuracy_before=before,
+                                           accuracy_after_prune=after_prune)
+        tqdm.write(f"post-training: test accuracy {before:.4f} before, {after_prune:.4f} after "
+                   "hard pruning and re-binarization")
 
     @property
     def steps_per_epoch(self):
@@ -142,17 +211,20 @@ class Trainer:
         content = load_checkpoint(path)
         if content["train"] is None:
             raise NptwofoldError(f"{path} holds no training state, so it cannot be resumed")
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        config = TrainConfig(**{k: v for k, v in content["config"].items() if k in known})
-        trainer = cls(config, dataset, out_dir, progress)
-        restore_model(trainer.model, content, path)
+        config = TrainConfig.from_dict(content["config"])
+        trainer = cls(config, dataset, out_dir, progress, _resuming=True)
+        if trainer.method is not None:
+            restore_twofold(trainer.model, trainer.method, content, path)
+        else:
+            restore_model(trainer.model, content, path)
         restore_optimizer(trainer.optimizer, content, path)
         trainer.state.update(content["train"])
         return trainer
 
     def save(self, path):
         save_checkpoint(path, self.model, self.optimizer, self.state,
-                        dataclasses.asdict(self.config))
+                        dataclasses.asdict(self.config),
+                        extra_groups={"twofold": self.method.write_h5} if self.method else None)
 
     def run(self, max_steps=None):
         """Trains until the last epoch ends, or `max_steps` steps (then saves last.h5)."""
@@ -169,7 +241,8 @@ class Trainer:
                 tqdm.write(f"interrupted; position saved to {self.out_dir / 'last.h5'}, "
                            "continue with --resume")
             raise
-        if self.out_dir is not None and self.state["epoch"] < self.config.epochs:
+        if self.out_dir is not None and (self.state["epoch"] < self.config.epochs
+                                         or self.config.epochs == 0):
             self.save(self.out_dir / "last.h5")
         return self.state
 
@@ -186,7 +259,11 @@ class Trainer:
             index = order[batch]
             inputs = crop_flip_to_float(images[index], offsets[0, batch], offsets[1, batch], flips[batch])
             lr = learning_rate(config, state["global_step"], self.steps_per_epoch)
-            loss, correct = train_step(self.model, self.optimizer, inputs, labels[index], lr)
+            loss, correct, regularizers = train_step(
+                self.model, self.optimizer, inputs, labels[index], lr,
+                None if config.post_training else self.method)
+            state["epoch_reg_net"] += regularizers.get("reg_net", 0.0)
+            state["epoch_reg_bit"] += regularizers.get("reg_bit", 0.0)
             state["epoch_loss_sum"] += float(loss) * len(index)
             state["epoch_correct"] += int(correct)
             state["epoch_seen"] += len(index)
@@ -213,12 +290,16 @@ class Trainer:
                       lr=learning_rate(self.config, state["global_step"] - 1, self.steps_per_epoch),
                       seconds=state["epoch_seconds"],
                       img_per_s=state["epoch_seen"] / state["epoch_seconds"])
+        if self.method is not None:
+            steps = state["step"]
+            record.update(reg_net=state["epoch_reg_net"] / steps, reg_bit=state["epoch_reg_bit"] / steps)
+            self.method.end_epoch(record["epoch"])
         state["history"].append(record)
         improved = test_acc > state["best_accuracy"]
         if improved:
             state["best_accuracy"], state["best_epoch"] = test_acc, record["epoch"]
         state.update(epoch=state["epoch"] + 1, step=0, epoch_loss_sum=0.0, epoch_correct=0,
-                     epoch_seen=0, epoch_seconds=0.0)
+                     epoch_seen=0, epoch_seconds=0.0, epoch_reg_net=0.0, epoch_reg_bit=0.0)
         tqdm.write(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc "
                    f"{record['train_acc']:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f}"
                    f" | {record['img_per_s']:.0f} img/s")

@@ -1,0 +1,208 @@
+"""Twofold Sparsity applied to a model (SPEC sections 3 and 4).
+
+`Twofold` gives every mapped layer (all convs and the FC) an LFSR keep-mask and turns its
+weight into trained bit planes. The trainer calls its hooks: `regularize` after each backward
+pass (adds the Reg_Net and Reg_Bit gradients), `after_step` after each update (clamps bits to
+[0, 1]) and `end_epoch` (re-binarizes at the chosen epochs). Post-training is `hard_prune`
+followed by `rebinarize`; `layer_report` gives the per-layer sparsity table.
+"""
+import dataclasses
+
+import numpy as np
+
+from .errors import NptwofoldError
+from .kernels.lfsr import (kept_per_column, lfsr_keep_mask_for_kept, lfsr_width_for_rows,
+                           weight_mask)
+from .kernels.quant import (bits_backward, check_bits, clamp_bits, decompose, max_level,
+                           rebinarize_bits, rounded_levels)
+from .kernels.regularizers import reg_bit, reg_bit_plane_lasso, reg_net
+from .layers import WeightLayer
+
+LFSR_STREAM = 2  # random stream (seed, 2, layer index) picks each layer's LFSR seed
+REG_BIT_FORMS = {"poster": reg_bit, "plane_lasso": reg_bit_plane_lasso}
+CELL_STATES = ("00", "01", "10", "11")
+
+
+@dataclasses.dataclass
+class TwofoldConfig:
+    """Parameters of the method; the defaults marked [assumption] are not given by the poster.
+
+    sparsity: network sparsity p of every mapped layer, in [0, 1).
+    bits: weight precision b, even, 2..16 (SPEC 2: 8 [assumption]).
+    lambda_net: Reg_Net strength lambda [assumption].
+    beta_bit: Reg_Bit strength beta [assumption].
+    reg_bit_form: "poster" (||sum_n B(n)||_2) or "plane_lasso" (BSQ, sum_n ||B(n)||_2).
+    mask_group: output columns sharing one LFSR index set (1 = per output channel).
+    lfsr_seed: 0 = derive each layer's LFSR seed from the training seed; else a base seed.
+    rebinarize_epochs: epochs (1-based) after which the bits are re-binarized.
+    """
+    sparsity: float = 0.5
+    bits: int = 8
+    lambda_net: float = 0.05
+    beta_bit: float = 20.0
+    reg_bit_form: str = "poster"
+    mask_group: int = 1
+    lfsr_seed: int = 0
+    rebinarize_epochs: list = dataclasses.field(default_factory=list)
+
+    def validated(self):
+        if not 0.0 <= self.sparsity < 1.0:  # also false for NaN
+            raise NptwofoldError(f"network sparsity must be in [0, 1), got {self.sparsity}")
+        check_bits(self.bits)
+        if self.reg_bit_form not in REG_BIT_FORMS:
+            raise NptwofoldError(f"reg_bit_form must be one of {sorted(REG_BIT_FORMS)}, "
+                                 f"got {self.reg_bit_form!r}")
+        for name in ("lambda_net", "beta_bit"):
+            if not getattr(self, name) >= 0:
+                raise NptwofoldError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.mask_group < 1:
+            raise NptwofoldError(f"mask group must be >= 1 column, got {self.mask_group}")
+        if self.lfsr_seed < 0:
+            raise NptwofoldError(f"LFSR seed must be >= 0 (0 = derive), got {self.lfsr_seed}")
+        return self
+
+
+def layer_matrix_shape(weight_shape):
+    """(R, C) of a layer: R = Cin*kh*kw inputs, C = Cout outputs (SPEC 4)."""
+    return int(np.prod(weight_shape[1:])), int(weight_shape[0])
+
+
+class Twofold:
+    """The method's state for one model: mapped layers, their masks, and the training hooks."""
+
+    def __init__(self, model, config, seed):
+        self.config = config.validated()
+        self.layers = {}  # name -> WeightLayer
+        self.masks = {}   # name -> LfsrKeepMask
+        base_seed = config.lfsr_seed or seed
+        for index, (name, layer) in enumerate(
+                (n.rstrip("."), m) for n, m in model.named_modules() if isinstance(m, WeightLayer)):
+            if not layer.bit_width:
+                layer.use_bit_weights(config.bits)
+            rows, cols = layer_matrix_shape(layer.params["weight_bits"].shape[1:])
+            width = lfsr_width_for_rows(rows)
+            lfsr_seed = int(np.random.default_rng([base_seed, LFSR_STREAM, index])
+                            .integers(1, 2 ** width))
+            self.layers[name] = layer
+            self.masks[name] = lfsr_keep_mask_for_kept(
+                rows, cols, kept_per_column(rows, config.sparsity), lfsr_seed, config.mask_group)
+        total = sum(layer.params["weight_bits"][0].size for layer in self.layers.values())
+        self.param_share = {name: layer.params["weight_bits"][0].size / total
+                            for name, layer in self.layers.items()}
+
+    def keep_mask(self, name):
+        """The layer's keep-mask in its weight's shape (OIHW or (out, in)), uint8, 1 = kept."""
+        return weight_mask(self.masks[name].mask, self.layers[name].params["weight_bits"].shape[1:])
+
+    def bit_parameter_names(self):
+        return {f"{name}.weight_bits" for name in self.layers}
+
+    def regularize(self):
+        """Adds the Reg_Net and Reg_Bit gradients to the layers' grads; returns both values."""
+        reg_bit_of = REG_BIT_FORMS[self.config.reg_bit_form]
+        totals = {"reg_net": 0.0, "reg_bit": 0.0}
+        for name, layer in self.layers.items():
+            bits, scale = layer.params["weight_bits"], layer.buffers["weight_scale"][0]
+            if self.config.lambda_net:
+                value, dweight = reg_net(layer.weight, self.keep_mask(name), self.config.lambda_net)
+                # Reg_Net acts on W = s q / qmax, so its gradient reaches the bits the STE way
+                layer.grads["weight_bits"] += bits_backward(bits, scale, dweight)[0]
+                totals["reg_net"] += value
+            if self.config.beta_bit:
+                value, dbits = reg_bit_of(bits, self.config.beta_bit, self.param_share[name])
+                layer.grads["weight_bits"] += dbits
+                totals["reg_bit"] += value
+        return totals
+
+    def after_step(self):
+        for layer in self.layers.values():
+            clamp_bits(layer.params["weight_bits"])
+
+    def end_epoch(self, epoch):
+        if epoch in self.config.rebinarize_epochs:
+            self.rebinarize()
+
+    def rebinarize(self):
+        for layer in self.layers.values():
+            rebinarize_bits(layer.params["weight_bits"])
+
+    def hard_prune(self):
+        """Zeroes every bit of every weight outside the keep-masks, so those weights are 0."""
+        for name, layer in self.layers.items():
+            layer.params["weight_bits"] *= self.keep_mask(name)
+
+    def levels(self, name):
+        return rounded_levels(self.layers[name].params["weight_bits"])
+
+    def layer_report(self):
+        """Per-layer rows (and a total row) of network and bit sparsity and cell states.
+
+        Bits and cells are counted over the kept weights only: those are what the CIM array
+        stores. `zero_weight_share` counts all weights whose level is 0.
+        """
+        b = self.config.bits
+        rows, totals = [], None
+        for name, layer in self.layers.items():
+            keep = self.keep_mask(name).astype(bool)
+            levels = self.levels(name)
+            planes = decompose(levels, b)[:, keep]           # (b, kept weights)
+            cells = 2 * planes[1::2] + planes[0::2]           # cell m holds bits (2m+1, 2m)
+            counts = dict(
+                weights=levels.size, kept=int(keep.sum()), zero_weights=int((levels == 0).sum()),
+                zero_bits_by_position=(planes == 0).sum(axis=1).tolist(),
+                cell_states=[int((cells == s).sum()) for s in range(len(CELL_STATES))])
+            rows.append(self._report_row(name, counts, b))
+            totals = counts if totals is None else {
+                key: [a + c for a, c in zip(totals[key], value)] if isinstance(value, list)
+                else totals[key] + value for key, value in counts.items()}
+        rows.append(self._report_row("total", totals, b))
+        return rows
+
+    @staticmethod
+    def _report_row(name, counts, b):
+        kept, cells = counts["kept"], sum(counts["cell_states"])
+        row = dict(layer=name, weights=counts["weights"], kept=kept,
+                   network_sparsity=1 - kept / counts["weights"],
+                   zero_weight_share=counts["zero_weights"] / counts["weights"],
+                   zero_bit_share=sum(counts["zero_bits_by_position"]) / max(kept * b, 1))
+        row.update({f"zero_bit_{n}": z / max(kept, 1)
+                    for n, z in enumerate(counts["zero_bits_by_position"])})
+        row.update({f"cells_{state}": count / max(cells, 1)
+                    for state, count in zip(CELL_STATES, counts["cell_states"])})
+        return row
+
+    def write_h5(self, group):
+        """The integer weights, exact bit planes, scale, keep-mask and LFSR parameters per layer."""
+        b = self.config.bits
+        for name, layer in self.layers.items():
+            levels = self.levels(name)
+            scale = float(layer.buffers["weight_scale"][0])
+            mask = self.masks[name]
+            sub = group.create_group(name)
+            sub.create_dataset("levels", data=levels)
+            sub.create_dataset("bit_planes", data=decompose(levels, b))
+            sub.create_dataset("weight", data=(scale * levels / max_level(b)).astype(np.float32))
+            sub.create_dataset("keep_mask", data=self.keep_mask(name))
+            sub.attrs.update(bits=b, scale=scale, lfsr_width=mask.width, lfsr_taps=list(mask.taps),
+                             lfsr_seed=mask.seed, kept=mask.kept, group=mask.group,
+                             rows=mask.mask.shape[0], cols=mask.mask.shape[1],
+                             lfsr_steps=mask.steps)
+
+    def check_stored_masks(self, stored, path):
+        """Regenerates each stored mask from its stored LFSR parameters; both must agree."""
+        if set(stored) != set(self.layers):
+            raise NptwofoldError(f"{path}: twofold layers {sorted(stored)[:3]}... do not match "
+                                 "the model's mapped layers")
+        for name, entry in stored.items():
+            attrs = entry["attrs"]
+            regenerated = lfsr_keep_mask_for_kept(
+                int(attrs["rows"]), int(attrs["cols"]), int(attrs["kept"]), int(attrs["lfsr_seed"]),
+                int(attrs["group"]), int(attrs["lfsr_width"]),
+                tuple(int(t) for t in attrs["lfsr_taps"]))
+            if not np.array_equal(weight_mask(regenerated.mask, entry["keep_mask"].shape),
+                                  entry["keep_mask"]):
+                raise NptwofoldError(f"{path}: the stored keep-mask of {name} differs from the "
+                                     "one its LFSR parameters generate")
+            if not np.array_equal(regenerated.mask, self.masks[name].mask):
+                raise NptwofoldError(f"{path}: the keep-mask of {name} does not match this run's "
+                                     "twofold config (sparsity, group or seed)")
