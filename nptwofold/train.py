@@ -37,6 +37,15 @@ PRESETS = {
 }
 
 
+# The `twofold` preset: baseline -> twofold training from it -> post-training (SPEC 3), each a
+# run of its own in OUT/<phase>, started from the previous phase's last.h5.
+TWOFOLD_PHASES = (
+    ("baseline", "short", {}),
+    ("twofold", "short", dict(epochs=4, lr=0.01, warmup_epochs=0)),
+    ("post", "short", dict(epochs=1, lr=0.001, warmup_epochs=0, post_training=True)),
+)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     preset: str = "quick"
@@ -169,6 +178,13 @@ def evaluate(model, images, labels, batch_size=500, progress=False):
     return total_loss / len(images), correct / len(images)
 
 
+def write_csv(path, rows):
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 class Trainer:
     """Owns model, optimizer and position; `run` trains to the end, saving every epoch."""
 
@@ -185,22 +201,26 @@ class Trainer:
                              no_decay=bit_names, frozen=frozen)
         self.state = dict(epoch=0, step=0, global_step=0, epoch_loss_sum=0.0, epoch_correct=0,
                           epoch_seen=0, epoch_seconds=0.0, epoch_reg_net=0.0, epoch_reg_bit=0.0,
-                          best_accuracy=-1.0, best_epoch=-1, history=[], post_training={})
+                          best_accuracy=-1.0, best_epoch=-1, history=[], post_training={},
+                          twofold_reports=[])
         if config.post_training and not _resuming:
             self._start_post_training()
 
     def _start_post_training(self):
         """Accuracy before, then hard-prune with the masks and re-binarize (SPEC 3)."""
-        evaluate_test = lambda: evaluate(self.model, self.data.test_images,  # noqa: E731
-                                         self.data.test_labels, self.config.eval_batch_size)
-        before = evaluate_test()[1]
+        def test_accuracy():
+            return evaluate(self.model, self.data.test_images, self.data.test_labels,
+                            self.config.eval_batch_size)[1]
+
+        before = test_accuracy()
         self.method.hard_prune()
         self.method.rebinarize()
-        after_prune = evaluate_test()[1]
+        after_prune = test_accuracy()
         self.state["post_training"] = dict(accuracy_before=before,
                                            accuracy_after_prune=after_prune)
         tqdm.write(f"post-training: test accuracy {before:.4f} before, {after_prune:.4f} after "
                    "hard pruning and re-binarization")
+        self.report(epoch=0)
 
     @property
     def steps_per_epoch(self):
@@ -241,9 +261,11 @@ class Trainer:
                 tqdm.write(f"interrupted; position saved to {self.out_dir / 'last.h5'}, "
                            "continue with --resume")
             raise
-        if self.out_dir is not None and (self.state["epoch"] < self.config.epochs
-                                         or self.config.epochs == 0):
+        if self.out_dir is not None and self.state["epoch"] < self.config.epochs:
             self.save(self.out_dir / "last.h5")
+        if self.out_dir is not None and self.config.epochs == 0:  # post-training, no fine-tune
+            self.save(self.out_dir / "last.h5")
+            self.write_logs()
         return self.state
 
     def _train_epoch(self, steps_left):
@@ -303,26 +325,40 @@ class Trainer:
         tqdm.write(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc "
                    f"{record['train_acc']:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f}"
                    f" | {record['img_per_s']:.0f} img/s")
+        if self.method is not None:
+            self.report(record["epoch"])
         if self.out_dir is not None:
             self.save(self.out_dir / "last.h5")
             if improved:
                 self.save(self.out_dir / "best.h5")
             self.write_logs()
 
+    def report(self, epoch):
+        """Prints the twofold per-layer table and adds it to twofold_report.json/.csv."""
+        rows = self.method.layer_report()
+        tqdm.write(self.method.format_report(rows))
+        self.state["twofold_reports"].append(dict(epoch=epoch, layers=rows))
+        if self.out_dir is None:
+            return
+        reports = self.state["twofold_reports"]
+        flat = [dict(epoch=r["epoch"], **row) for r in reports for row in r["layers"]]
+        atomic_write(self.out_dir / "twofold_report.json",
+                     lambda tmp: Path(tmp).write_text(json.dumps(reports, indent=1)))
+        atomic_write(self.out_dir / "twofold_report.csv", lambda tmp: write_csv(tmp, flat))
+
     def write_logs(self):
         """log.csv and log.json (one row per epoch) and summary.json, each written atomically."""
         history = self.state["history"]
         summary = dict(preset=self.config.preset, epochs_done=len(history),
-                       final_test_acc=history[-1]["test_acc"] if history else None,
+                       post_training=self.state["post_training"] or None,
+                       final_test_acc=(history[-1]["test_acc"] if history else
+                                       self.state["post_training"].get("accuracy_after_prune")),
                        best_test_acc=self.state["best_accuracy"], best_epoch=self.state["best_epoch"],
                        config=dataclasses.asdict(self.config))
 
-        def write_csv(tmp):
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(history[0]))
-                writer.writeheader()
-                writer.writerows(history)
-
-        atomic_write(self.out_dir / "log.csv", write_csv)
-        atomic_write(self.out_dir / "log.json", lambda tmp: Path(tmp).write_text(json.dumps(history, indent=1)))
-        atomic_write(self.out_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+        if history:
+            atomic_write(self.out_dir / "log.csv", lambda tmp: write_csv(tmp, history))
+            atomic_write(self.out_dir / "log.json",
+                         lambda tmp: Path(tmp).write_text(json.dumps(history, indent=1)))
+        atomic_write(self.out_dir / "summary.json",
+                     lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))

@@ -141,16 +141,20 @@ class Twofold:
         stores. `zero_weight_share` counts all weights whose level is 0.
         """
         b = self.config.bits
+        reg_bit_of = REG_BIT_FORMS[self.config.reg_bit_form]
         rows, totals = [], None
         for name, layer in self.layers.items():
-            keep = self.keep_mask(name).astype(bool)
+            keep = self.keep_mask(name)
             levels = self.levels(name)
-            planes = decompose(levels, b)[:, keep]           # (b, kept weights)
-            cells = 2 * planes[1::2] + planes[0::2]           # cell m holds bits (2m+1, 2m)
+            planes = decompose(levels, b)[:, keep.astype(bool)]  # (b, kept weights)
+            cells = 2 * planes[1::2] + planes[0::2]              # cell m holds bits (2m+1, 2m)
             counts = dict(
                 weights=levels.size, kept=int(keep.sum()), zero_weights=int((levels == 0).sum()),
                 zero_bits_by_position=(planes == 0).sum(axis=1).tolist(),
-                cell_states=[int((cells == s).sum()) for s in range(len(CELL_STATES))])
+                cell_states=[int((cells == s).sum()) for s in range(len(CELL_STATES))],
+                reg_net=reg_net(layer.effective_weight(), keep, self.config.lambda_net)[0],
+                reg_bit=reg_bit_of(layer.params["weight_bits"], self.config.beta_bit,
+                                   self.param_share[name])[0])
             rows.append(self._report_row(name, counts, b))
             totals = counts if totals is None else {
                 key: [a + c for a, c in zip(totals[key], value)] if isinstance(value, list)
@@ -164,12 +168,26 @@ class Twofold:
         row = dict(layer=name, weights=counts["weights"], kept=kept,
                    network_sparsity=1 - kept / counts["weights"],
                    zero_weight_share=counts["zero_weights"] / counts["weights"],
-                   zero_bit_share=sum(counts["zero_bits_by_position"]) / max(kept * b, 1))
+                   zero_bit_share=sum(counts["zero_bits_by_position"]) / max(kept * b, 1),
+                   reg_net=counts["reg_net"], reg_bit=counts["reg_bit"])
         row.update({f"zero_bit_{n}": z / max(kept, 1)
                     for n, z in enumerate(counts["zero_bits_by_position"])})
         row.update({f"cells_{state}": count / max(cells, 1)
                     for state, count in zip(CELL_STATES, counts["cell_states"])})
         return row
+
+    @staticmethod
+    def format_report(rows):
+        """The per-layer report as a fixed-width text table."""
+        header = (f"{'layer':<16}{'kept':>8}{'net sp.':>9}{'0 bits':>8}"
+                  + "".join(f"{'c' + s:>7}" for s in CELL_STATES) + f"{'Reg_Net':>11}{'Reg_Bit':>11}")
+        lines = [header]
+        for row in rows:
+            lines.append(f"{row['layer']:<16}{row['kept']:>8}{row['network_sparsity']:>9.3f}"
+                         f"{row['zero_bit_share']:>8.3f}"
+                         + "".join(f"{row['cells_' + s]:>7.3f}" for s in CELL_STATES)
+                         + f"{row['reg_net']:>11.4g}{row['reg_bit']:>11.4g}")
+        return "\n".join(lines)
 
     def write_h5(self, group):
         """The integer weights, exact bit planes, scale, keep-mask and LFSR parameters per layer."""

@@ -1,27 +1,31 @@
 """Train ResNet-20 on CIFAR-10 with nptwofold (NumPy + Numba, no deep-learning framework).
 
-Presets: quick (embedded sample, minutes), short (full CIFAR-10, 10 epochs),
-paper (He et al. 2016, 182 epochs). Flags override the preset. Every epoch writes
+Presets: quick (embedded sample, minutes), short (full CIFAR-10, 10 epochs), paper (He et al.
+2016, 182 epochs), twofold (baseline -> Twofold Sparsity training -> post-training, in
+OUT/baseline, OUT/twofold, OUT/post). Flags override the preset. Every epoch writes
 OUT/last.h5 (and best.h5), log.csv, log.json and summary.json; --resume continues a run.
+Any Twofold flag (--sparsity, --bits, ...) turns a run into Twofold training; start it from a
+trained baseline with --init CKPT.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
 
-OVERRIDES = {  # flag -> TrainConfig field
-    "data": "data", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
-    "momentum": "momentum", "nesterov": "nesterov", "weight_decay": "weight_decay",
-    "schedule": "schedule", "warmup_epochs": "warmup_epochs", "seed": "seed",
-}
+TRAIN_FLAGS = ("data", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
+               "schedule", "warmup_epochs", "seed", "init", "post_training")
+TWOFOLD_FLAGS = ("sparsity", "bits", "lambda_net", "beta_bit", "reg_bit_form", "mask_group",
+                 "lfsr_seed", "rebinarize_epochs")
+PIPELINE_FLAGS = ("data", "seed", "init", "twofold_epochs", "finetune_epochs")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="quick", choices=["quick", "short", "paper"])
+    parser.add_argument("--preset", default="quick", choices=["quick", "short", "paper", "twofold"])
     parser.add_argument("--data", help="CIFAR-10 tarball or folder (binary or python version); "
                         "'sample' = embedded slice, 'cifar10' = datasets/ or download")
     parser.add_argument("--epochs", type=int)
@@ -38,50 +42,123 @@ def parse_args(argv=None):
     parser.add_argument("--resume", nargs="?", const="last", metavar="CKPT",
                         help="continue OUT/last.h5, or the given checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    method = parser.add_argument_group("Twofold Sparsity (SPEC sections 3-4)")
+    method.add_argument("--init", metavar="CKPT", help="start from this checkpoint's model")
+    method.add_argument("--sparsity", type=float, help="network sparsity p in [0, 1)")
+    method.add_argument("--bits", type=int, help="weight bits b (even, 2..16; default 8)")
+    method.add_argument("--lambda-net", type=float, help="Reg_Net strength")
+    method.add_argument("--beta-bit", type=float, help="Reg_Bit strength")
+    method.add_argument("--reg-bit-form", choices=["poster", "plane_lasso"])
+    method.add_argument("--mask-group", type=int, help="columns sharing one LFSR index set")
+    method.add_argument("--lfsr-seed", type=int, help="base LFSR seed (0 = from --seed)")
+    method.add_argument("--rebinarize-epochs", type=int, nargs="+", metavar="E")
+    method.add_argument("--post-training", action="store_true", default=None,
+                        help="hard-prune and re-binarize --init's twofold model, then fine-tune")
+    method.add_argument("--twofold-epochs", type=int, help="twofold preset: twofold phase epochs")
+    method.add_argument("--finetune-epochs", type=int, help="twofold preset: post-training epochs")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be >= 1")
+    given = {name for name, value in vars(args).items() if value is not None}
+    if args.preset == "twofold":
+        refused = given & (set(TRAIN_FLAGS) - set(PIPELINE_FLAGS))
+        if refused:
+            parser.error("the twofold preset sets its phases' schedules; drop "
+                         + ", ".join("--" + f.replace("_", "-") for f in sorted(refused)))
+    elif given & {"twofold_epochs", "finetune_epochs"}:
+        parser.error("--twofold-epochs and --finetune-epochs belong to --preset twofold")
     return args
+
+
+def phase_configs(args, out_dir):
+    """[(phase folder, TrainConfig)]: one run, or the three phases of the twofold preset."""
+    from nptwofold.train import TWOFOLD_PHASES, TrainConfig
+
+    def chosen(names):
+        return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+    twofold = chosen(TWOFOLD_FLAGS) or None
+    if args.preset != "twofold":
+        return [(out_dir, TrainConfig.from_preset(args.preset, **chosen(TRAIN_FLAGS),
+                                                  twofold=twofold))]
+    phase_epochs = {"twofold": args.twofold_epochs, "post": args.finetune_epochs}
+    phases, init = [], args.init
+    for name, preset, settings in TWOFOLD_PHASES:
+        if name == "baseline" and args.init:
+            continue  # --init is the trained baseline
+        settings = {**settings, **chosen(("data", "seed")), "init": init}
+        if name != "baseline":
+            settings["twofold"] = twofold or {}
+        if phase_epochs.get(name) is not None:
+            settings["epochs"] = phase_epochs[name]
+        phases.append((out_dir / name, TrainConfig.from_preset(preset, **settings)))
+        init = str(out_dir / name / "last.h5")
+    return phases
+
+
+def run_phase(config, phase_dir, resume_from, progress):
+    """Trains one phase: from `resume_from` (a checkpoint) if given, else from the start."""
+    from nptwofold.checkpoint import load_checkpoint
+    from nptwofold.data import load_dataset
+    from nptwofold.errors import NptwofoldError
+    from nptwofold.train import Trainer
+
+    if resume_from is not None:
+        dataset = load_dataset(load_checkpoint(resume_from)["config"]["data"])
+        trainer = Trainer.resume(resume_from, dataset, phase_dir, progress=progress)
+        print(f"resuming {resume_from} at epoch {trainer.state['epoch'] + 1}, "
+              f"step {trainer.state['step']}")
+    else:
+        if (phase_dir / "last.h5").exists():
+            raise NptwofoldError(f"{phase_dir} already holds a run; pass --resume to continue "
+                                 "it or --out to start elsewhere")
+        dataset = load_dataset(config.data)
+        print(f"data: {len(dataset.train_labels)} train / {len(dataset.test_labels)} test images "
+              f"from {dataset.source}; output: {phase_dir}")
+        trainer = Trainer(config, dataset, phase_dir, progress=progress)
+    trainer.run()
+
+
+def phase_finished(phase_dir, config):
+    summary = phase_dir / "summary.json"
+    return summary.exists() and json.loads(summary.read_text())["epochs_done"] >= config.epochs
 
 
 def main(argv=None):
     args = parse_args(argv)
     configure_threads(args.threads)
-    from nptwofold.data import load_dataset
     from nptwofold.errors import NptwofoldError
-    from nptwofold.train import TrainConfig, Trainer
 
-    overrides = {field: getattr(args, flag) for flag, field in OVERRIDES.items()
-                 if getattr(args, flag) is not None}
     try:
-        config = TrainConfig.from_preset(args.preset, **overrides)
-        out_dir = Path(args.out or f"runs/{args.preset}-seed{config.seed}")
-        if args.resume:
-            if overrides:
-                raise NptwofoldError("--resume continues the saved run's config; drop "
-                                     + ", ".join("--" + f.replace("_", "-") for f in overrides))
-            ckpt = out_dir / "last.h5" if args.resume == "last" else Path(args.resume)
-            from nptwofold.checkpoint import load_checkpoint
-            dataset = load_dataset(load_checkpoint(ckpt)["config"]["data"])
-            trainer = Trainer.resume(ckpt, dataset, out_dir, progress=not args.no_progress)
-            print(f"resuming {ckpt} at epoch {trainer.state['epoch'] + 1}, "
-                  f"step {trainer.state['step']}")
-        else:
-            if (out_dir / "last.h5").exists():
-                raise NptwofoldError(f"{out_dir} already holds a run; pass --resume to continue "
-                                     "it or --out to start elsewhere")
-            dataset = load_dataset(config.data)
-            trainer = Trainer(config, dataset, out_dir, progress=not args.no_progress)
-        print(f"data: {len(dataset.train_labels)} train / {len(dataset.test_labels)} test images "
-              f"from {dataset.source}; output: {out_dir}")
-        state = trainer.run()
+        out_dir = Path(args.out or f"runs/{args.preset}-seed{args.seed or 0}")
+        if args.resume and args.preset != "twofold" and any(
+                getattr(args, f) is not None for f in TRAIN_FLAGS + TWOFOLD_FLAGS):
+            raise NptwofoldError("--resume continues the saved run's config; drop the other "
+                                 "training flags")
+        phases = phase_configs(args, out_dir)
+        for phase_dir, config in phases:
+            resume_from = None
+            if args.resume and len(phases) > 1:  # the pipeline: skip, continue or start a phase
+                if phase_finished(phase_dir, config):
+                    print(f"{phase_dir}: finished earlier, skipped")
+                    continue
+                if (phase_dir / "last.h5").exists():
+                    resume_from = phase_dir / "last.h5"
+            elif args.resume:
+                resume_from = phase_dir / "last.h5" if args.resume == "last" else Path(args.resume)
+            run_phase(config, phase_dir, resume_from, progress=not args.no_progress)
+        final = json.loads((phases[-1][0] / "summary.json").read_text())
     except NptwofoldError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:
         sys.exit(130)
-    history = state["history"]
-    print(f"done: final test accuracy {history[-1]['test_acc']:.4f}, best "
-          f"{state['best_accuracy']:.4f} (epoch {state['best_epoch']}); logs in {out_dir}")
+    print(f"done: final test accuracy {final['final_test_acc']:.4f}, best "
+          f"{final['best_test_acc']:.4f} (epoch {final['best_epoch']}); logs in {out_dir}")
+    post = final.get("post_training")
+    if post:
+        print(f"post-training: test accuracy {post['accuracy_before']:.4f} before, "
+              f"{post['accuracy_after_prune']:.4f} after hard pruning and re-binarization, "
+              f"{final['final_test_acc']:.4f} after fine-tuning")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,198 @@
+"""Twofold Sparsity on the model: masks, bit-plane layers, regularizer hooks, post-training,
+checkpoints of twofold runs and their mask check."""
+import dataclasses
+
+import h5py
+import numpy as np
+import pytest
+
+from nptwofold.checkpoint import load_checkpoint
+from nptwofold.errors import NptwofoldError
+from nptwofold.kernels.lfsr import kept_per_column
+from nptwofold.kernels.quant import compose, max_level
+from nptwofold.kernels.regularizers import reg_bit, reg_net
+from nptwofold.model import ResNet20
+from nptwofold.train import TrainConfig, Trainer, build_model
+from nptwofold.twofold import Twofold, TwofoldConfig
+
+from conftest import state_of
+
+
+def twofold_model(seed=0, **settings):
+    model = ResNet20(np.random.default_rng(seed))
+    return model, Twofold(model, TwofoldConfig(**settings), seed)
+
+
+def test_every_conv_and_the_fc_are_mapped_with_exact_kept_counts():
+    model, method = twofold_model(sparsity=0.7)
+    assert len(method.layers) == 20  # 19 convs + fc
+    for name, layer in method.layers.items():
+        bits = layer.params["weight_bits"]
+        assert bits.shape[0] == 8 and "weight" not in layer.params
+        keep = method.keep_mask(name)
+        assert keep.shape == bits.shape[1:]
+        rows = int(np.prod(keep.shape[1:]))
+        per_column = keep.reshape(keep.shape[0], -1).sum(axis=1)
+        assert (per_column == kept_per_column(rows, 0.7)).all(), name
+
+
+def test_bit_layers_start_from_the_quantized_float_weights():
+    float_model = ResNet20(np.random.default_rng(3))
+    weights = {name: value.copy() for name, value in float_model.state_arrays()}
+    model, method = twofold_model(seed=3)
+    for name, layer in method.layers.items():
+        w = weights[f"{name}.weight"]
+        scale = np.abs(w).max()
+        want = np.rint(w / scale * 127) * scale / 127
+        np.testing.assert_allclose(layer.effective_weight(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_masks_follow_the_seed():
+    _, first = twofold_model(seed=1)
+    _, again = twofold_model(seed=1)
+    _, other = twofold_model(seed=2)
+    _, explicit = twofold_model(seed=1, lfsr_seed=77)
+    name = "layer2.1.conv1"
+    assert np.array_equal(first.keep_mask(name), again.keep_mask(name))
+    assert not np.array_equal(first.keep_mask(name), other.keep_mask(name))
+    assert not np.array_equal(first.keep_mask(name), explicit.keep_mask(name))
+
+
+def test_regularize_adds_exactly_the_kernel_gradients(sample):
+    model, method = twofold_model(sparsity=0.5, lambda_net=0.3, beta_bit=2.0)
+    images = sample.train_images[:8].astype(np.float32) / 255
+    dlogits = np.random.default_rng(0).standard_normal((8, 10)).astype(np.float32)
+    model.forward(images)
+    model.backward(dlogits)
+    before = {name: layer.grads["weight_bits"].copy() for name, layer in method.layers.items()}
+    values = method.regularize()
+    want_net = want_bit = 0.0
+    for name, layer in method.layers.items():
+        bits = layer.params["weight_bits"]
+        scale = layer.buffers["weight_scale"][0]
+        net_value, dweight = reg_net(layer.weight, method.keep_mask(name), 0.3)
+        bit_value, dbits = reg_bit(bits, 2.0, method.param_share[name])
+        want_net += net_value
+        want_bit += bit_value
+        # the Reg_Net gradient reaches bit n through s/qmax * (+-2^n) where the clip is inactive
+        signs = np.array([2.0 ** n for n in range(7)] + [-128.0]).reshape(8, *[1] * dweight.ndim)
+        via_bits = dweight[None] * scale / max_level(8) * signs
+        np.testing.assert_allclose(layer.grads["weight_bits"] - before[name], via_bits + dbits,
+                                   rtol=1e-4, atol=1e-7)
+    assert values["reg_net"] == pytest.approx(want_net)
+    assert values["reg_bit"] == pytest.approx(want_bit)
+
+
+def test_after_step_clamps_bits_to_unit_interval():
+    _, method = twofold_model()
+    layer = method.layers["fc"]
+    layer.params["weight_bits"][0, 0, 0] = 1.7
+    layer.params["weight_bits"][1, 0, 0] = -0.4
+    method.after_step()
+    assert layer.params["weight_bits"].min() >= 0 and layer.params["weight_bits"].max() <= 1
+    assert layer.params["weight_bits"][0, 0, 0] == 1.0 and layer.params["weight_bits"][1, 0, 0] == 0.0
+
+
+def test_hard_prune_zeroes_exactly_the_masked_weights():
+    _, method = twofold_model(sparsity=0.6)
+    before = {name: method.levels(name).copy() for name in method.layers}
+    method.hard_prune()
+    for name in method.layers:
+        keep = method.keep_mask(name).astype(bool)
+        after = method.levels(name)
+        assert (after[~keep] == 0).all()
+        assert np.array_equal(after[keep], before[name][keep])
+        assert (before[name][~keep] != 0).any()  # the test would notice a no-op prune
+
+
+def test_report_counts_bits_and_cells_of_kept_weights():
+    _, method = twofold_model(sparsity=0.5)
+    rows = method.layer_report()
+    assert [row["layer"] for row in rows[:-1]] == list(method.layers) and rows[-1]["layer"] == "total"
+    fc = rows[-2]
+    levels = method.levels("fc")[method.keep_mask("fc").astype(bool)]
+    codes = levels.astype(np.int64) & 0xFF
+    zero_bits = sum(((codes >> n) & 1 == 0).sum() for n in range(8)) / (levels.size * 8)
+    cells = np.concatenate([(codes >> (2 * m)) & 3 for m in range(4)])
+    assert fc["kept"] == levels.size and fc["zero_bit_share"] == pytest.approx(zero_bits)
+    for state, label in enumerate(("00", "01", "10", "11")):
+        assert fc[f"cells_{label}"] == pytest.approx((cells == state).mean())
+    assert rows[-1]["kept"] == sum(row["kept"] for row in rows[:-1])
+    assert rows[-1]["network_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(sparsity=1.0), "sparsity"), (dict(sparsity=-0.1), "sparsity"),
+    (dict(sparsity=float("nan")), "sparsity"), (dict(bits=7), "odd"), (dict(bits=18), "outside"),
+    (dict(bits=0), "outside"), (dict(lambda_net=-1.0), "lambda_net"),
+    (dict(reg_bit_form="l1"), "reg_bit_form"), (dict(mask_group=0), "mask group"),
+])
+def test_bad_twofold_values_are_clear_errors(settings, message):
+    with pytest.raises(NptwofoldError, match=message):
+        TwofoldConfig(**settings).validated()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_dataset, tmp_path_factory):
+    """A tiny baseline -> twofold -> post-training run, as the twofold preset chains them."""
+    root = tmp_path_factory.mktemp("pipeline")
+    common = dict(epochs=1, batch_size=16, eval_batch_size=10, warmup_epochs=0, seed=4)
+    Trainer(TrainConfig.from_preset("quick", **common), tiny_dataset, root / "base",
+            progress=False).run()
+    twofold = dict(sparsity=0.5, lambda_net=0.5, beta_bit=5.0, rebinarize_epochs=[1])
+    Trainer(TrainConfig.from_preset("quick", **common, lr=0.01, init=str(root / "base/last.h5"),
+                                    twofold=twofold), tiny_dataset, root / "twofold",
+            progress=False).run()
+    post = Trainer(TrainConfig.from_preset("quick", **common, lr=0.001, twofold=twofold,
+                                           post_training=True, init=str(root / "twofold/last.h5")),
+                   tiny_dataset, root / "post", progress=False)
+    post.run()
+    return root, post
+
+
+def test_post_training_stores_consistent_bits_levels_and_weights(pipeline):
+    root, post = pipeline
+    assert set(post.state["post_training"]) == {"accuracy_before", "accuracy_after_prune"}
+    with h5py.File(root / "post/last.h5", "r") as f:
+        for name in post.method.layers:
+            group = f["twofold"][name]
+            levels, planes = group["levels"][()], group["bit_planes"][()]
+            assert levels.dtype == np.int8 and planes.dtype == np.uint8
+            assert np.array_equal(compose(planes), levels)
+            scale = group.attrs["scale"]
+            assert np.array_equal(group["weight"][()], (scale * levels / 127).astype(np.float32))
+            trained_bits = f["model"][f"{name}.weight_bits"][()]
+            assert np.array_equal(trained_bits, planes.astype(np.float32))  # frozen, exact bits
+            assert (levels[group["keep_mask"][()] == 0] == 0).all()
+
+
+def test_twofold_run_checkpoint_round_trip_and_mask_check(pipeline, tmp_path):
+    root, post = pipeline
+    content = load_checkpoint(root / "post/last.h5")
+    config = TrainConfig.from_dict(content["config"])
+    config.init = str(root / "post/last.h5")
+    model, method = build_model(config, content)
+    assert all(np.array_equal(a, b) for a, b in zip(state_of(model).values(),
+                                                     state_of(post.model).values()))
+    tampered = tmp_path / "tampered.h5"
+    tampered.write_bytes((root / "post/last.h5").read_bytes())
+    with h5py.File(tampered, "r+") as f:
+        mask = f["twofold/layer1.0.conv1/keep_mask"]
+        mask[0, 0, 0, 0] = 1 - mask[0, 0, 0, 0]
+    config.init = str(tampered)
+    with pytest.raises(NptwofoldError, match="stored keep-mask of layer1.0.conv1 differs"):
+        build_model(config, load_checkpoint(tampered))
+
+
+def test_twofold_resume_is_exact(tiny_dataset, tmp_path):
+    config = TrainConfig.from_preset("quick", epochs=2, batch_size=16, eval_batch_size=10,
+                                     warmup_epochs=0, lr=0.02,
+                                     twofold=dict(sparsity=0.3, lambda_net=0.2, beta_bit=3.0))
+    straight = Trainer(config, tiny_dataset, tmp_path / "a", progress=False)
+    straight.run()
+    half = Trainer(dataclasses.replace(config), tiny_dataset, tmp_path / "b", progress=False)
+    half.run(max_steps=4)
+    resumed = Trainer.resume(tmp_path / "b/last.h5", tiny_dataset, tmp_path / "b", progress=False)
+    resumed.run()
+    want, got = state_of(straight.model), state_of(resumed.model)
+    assert all(np.array_equal(want[name], got[name]) for name in want)
