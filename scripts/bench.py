@@ -1,7 +1,8 @@
 """Throughput benchmark: ResNet-20 training steps and inference, in images per second.
 
 Times full training steps (augment, forward, backward, SGD update) and inference batches
-after a warm-up, on real CIFAR-10 images from the embedded sample. The first step of the
+after a warm-up, on real CIFAR-10 images from the embedded sample; also the Twofold training
+step (bit-plane weights, both regularizers, bit clamping) and its cost relative to a plain one. The first step of the
 process is reported separately as the cold start (JIT compile, or loading Numba's cache).
 `--json` prints one object for scripts that compare runs.
 """
@@ -42,30 +43,42 @@ def main(argv=None):
     from nptwofold.model import ResNet20
     from nptwofold.optim import SGD
     from nptwofold.train import evaluate, train_step
+    from nptwofold.twofold import Twofold, TwofoldConfig
 
     data = load_sample()
     rng = np.random.default_rng(0)
     index = rng.integers(0, len(data.train_labels), args.batch)
     images, labels = data.train_images[index], data.train_labels[index]
     model = ResNet20(rng)
-    optimizer = SGD(model, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    twofold_model = ResNet20(rng)
+    method = Twofold(twofold_model, TwofoldConfig(sparsity=0.5), seed=0)
+    runs = {"plain": (model, None), "twofold": (twofold_model, method)}
+    optimizers = {name: SGD(net, momentum=0.9, weight_decay=5e-4, nesterov=True,
+                            no_decay=hooks.bit_parameter_names() if hooks else ())
+                  for name, (net, hooks) in runs.items()}
 
-    def step():
+    def step(name="plain"):
         offsets = rng.integers(0, 9, size=(2, args.batch))
         inputs = crop_flip_to_float(images, offsets[0], offsets[1], rng.random(args.batch) < 0.5)
-        train_step(model, optimizer, inputs, labels, lr=0.01)
+        net, hooks = runs[name]
+        train_step(net, optimizers[name], inputs, labels, lr=0.01, method=hooks)
 
     import_seconds = time.perf_counter() - started
     cold_start = timed(step, 1)
-    for _ in range(args.warmup):
-        step()
-    train_seconds = timed(step, args.steps)
+    seconds = {}
+    for name in runs:
+        for _ in range(args.warmup):
+            step(name)
+        seconds[name] = timed(lambda: step(name), args.steps)
     evaluate(model, images, labels, args.batch)  # warm the inference path
     infer_seconds = timed(lambda: evaluate(model, images, labels, args.batch), args.steps)
+    train_seconds = seconds["plain"]
     result = dict(
         train_img_s=round(args.batch / train_seconds, 1),
         infer_img_s=round(args.batch / infer_seconds, 1),
         train_step_ms=round(1000 * train_seconds, 1),
+        twofold_train_img_s=round(args.batch / seconds["twofold"], 1),
+        twofold_step_ratio=round(seconds["twofold"] / train_seconds, 3),
         batch=args.batch, threads=args.threads,
         cold_start_s=round(cold_start, 2), import_s=round(import_seconds, 2),
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
