@@ -315,7 +315,7 @@ class Trainer:
         if self.method is not None:
             steps = state["step"]
             record.update(reg_net=state["epoch_reg_net"] / steps, reg_bit=state["epoch_reg_bit"] / steps)
-            self.method.end_epoch(record["epoch"])
+            self.method.end_epoch(record["epoch"], last=record["epoch"] == self.config.epochs)
         state["history"].append(record)
         improved = test_acc > state["best_accuracy"]
         if improved:

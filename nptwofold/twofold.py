@@ -34,7 +34,8 @@ class TwofoldConfig:
     reg_bit_form: "poster" (||sum_n B(n)||_2) or "plane_lasso" (BSQ, sum_n ||B(n)||_2).
     mask_group: output columns sharing one LFSR index set (1 = per output channel).
     lfsr_seed: 0 = derive each layer's LFSR seed from the training seed; else a base seed.
-    rebinarize_epochs: epochs (1-based) after which the bits are re-binarized.
+    rebinarize_epochs: epochs (1-based) after which the bits are re-binarized (always after
+        the last epoch too).
     """
     sparsity: float = 0.5
     bits: int = 8
@@ -118,8 +119,9 @@ class Twofold:
         for layer in self.layers.values():
             clamp_bits(layer.params["weight_bits"])
 
-    def end_epoch(self, epoch):
-        if epoch in self.config.rebinarize_epochs:
+    def end_epoch(self, epoch, last):
+        """Re-binarizes at the chosen epochs and after the last one (the forward is unchanged)."""
+        if last or epoch in self.config.rebinarize_epochs:
             self.rebinarize()
 
     def rebinarize(self):

@@ -196,3 +196,12 @@ def test_twofold_resume_is_exact(tiny_dataset, tmp_path):
     resumed.run()
     want, got = state_of(straight.model), state_of(resumed.model)
     assert all(np.array_equal(want[name], got[name]) for name in want)
+
+
+def test_bits_are_rebinarized_after_the_last_twofold_epoch(pipeline):
+    root, _ = pipeline
+    with h5py.File(root / "twofold/last.h5", "r") as f:
+        for name in f["twofold"]:
+            bits = f["model"][f"{name}.weight_bits"][()]
+            assert np.isin(bits, (0.0, 1.0)).all(), name
+            assert np.array_equal(bits, f["twofold"][name]["bit_planes"][()].astype(np.float32))
