@@ -138,15 +138,27 @@ def build_model(config, init_content=None):
         return model, None
     method = Twofold(model, TwofoldConfig(**config.twofold), config.seed)
     if init_is_twofold:
-        restore_twofold(model, method, init_content, config.init)
+        restore_state(model, method, init_content, config.init)
     return model, method
 
 
-def restore_twofold(model, method, content, path):
+def restore_state(model, method, content, path):
+    """Loads a checkpoint's model arrays; for a twofold model also checks the stored masks."""
     restore_model(model, content, path)
+    if method is None:
+        return
     if content.get("twofold") is None:
         raise NptwofoldError(f"{path} has a twofold config but no /twofold group")
     method.check_stored_masks(content["twofold"], path)
+
+
+def load_model(path):
+    """(model, Twofold state or None, checkpoint content) of a checkpoint, to evaluate it."""
+    content = load_checkpoint(path)
+    config = dataclasses.replace(TrainConfig.from_dict(content["config"]), init=None)
+    model, method = build_model(config)
+    restore_state(model, method, content, path)
+    return model, method, content
 
 
 def train_step(model, optimizer, images, labels, lr, method=None):
@@ -233,10 +245,7 @@ class Trainer:
             raise NptwofoldError(f"{path} holds no training state, so it cannot be resumed")
         config = TrainConfig.from_dict(content["config"])
         trainer = cls(config, dataset, out_dir, progress, _resuming=True)
-        if trainer.method is not None:
-            restore_twofold(trainer.model, trainer.method, content, path)
-        else:
-            restore_model(trainer.model, content, path)
+        restore_state(trainer.model, trainer.method, content, path)
         restore_optimizer(trainer.optimizer, content, path)
         trainer.state.update(content["train"])
         return trainer

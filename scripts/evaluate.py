@@ -20,18 +20,12 @@ def main(argv=None):
     if args.threads < 1 or args.batch_size < 1:
         parser.error("--threads and --batch-size must be >= 1")
     configure_threads(args.threads)
-    import numpy as np
-
-    from nptwofold.checkpoint import load_checkpoint, restore_model
     from nptwofold.data import load_dataset
     from nptwofold.errors import NptwofoldError
-    from nptwofold.model import ResNet20
-    from nptwofold.train import evaluate
+    from nptwofold.train import evaluate, load_model
 
     try:
-        content = load_checkpoint(args.checkpoint)
-        model = ResNet20(np.random.default_rng(0))
-        restore_model(model, content, args.checkpoint)
+        model, _, content = load_model(args.checkpoint)
         dataset = load_dataset(args.data or content["config"].get("data", "cifar10"))
     except NptwofoldError as exc:
         sys.exit(f"error: {exc}")

@@ -131,10 +131,10 @@ def main(argv=None):
 
     try:
         out_dir = Path(args.out or f"runs/{args.preset}-seed{args.seed or 0}")
-        if args.resume and args.preset != "twofold" and any(
-                getattr(args, f) is not None for f in TRAIN_FLAGS + TWOFOLD_FLAGS):
-            raise NptwofoldError("--resume continues the saved run's config; drop the other "
-                                 "training flags")
+        overrides = [f for f in TRAIN_FLAGS + TWOFOLD_FLAGS if getattr(args, f) is not None]
+        if args.resume and args.preset != "twofold" and overrides:
+            raise NptwofoldError("--resume continues the saved run's config; drop "
+                                 + ", ".join("--" + f.replace("_", "-") for f in overrides))
         phases = phase_configs(args, out_dir)
         for phase_dir, config in phases:
             resume_from = None

@@ -12,7 +12,7 @@ from nptwofold.kernels.lfsr import kept_per_column
 from nptwofold.kernels.quant import compose, max_level
 from nptwofold.kernels.regularizers import reg_bit, reg_net
 from nptwofold.model import ResNet20
-from nptwofold.train import TrainConfig, Trainer, build_model
+from nptwofold.train import TrainConfig, Trainer, build_model, load_model
 from nptwofold.twofold import Twofold, TwofoldConfig
 
 from conftest import state_of
@@ -168,12 +168,12 @@ def test_post_training_stores_consistent_bits_levels_and_weights(pipeline):
 
 def test_twofold_run_checkpoint_round_trip_and_mask_check(pipeline, tmp_path):
     root, post = pipeline
-    content = load_checkpoint(root / "post/last.h5")
-    config = TrainConfig.from_dict(content["config"])
-    config.init = str(root / "post/last.h5")
-    model, method = build_model(config, content)
+    model, method, content = load_model(root / "post/last.h5")
     assert all(np.array_equal(a, b) for a, b in zip(state_of(model).values(),
                                                      state_of(post.model).values()))
+    images = post.data.test_images[:6].astype(np.float32) / 255
+    assert np.array_equal(model.eval().forward(images), post.model.eval().forward(images))
+    config = TrainConfig.from_dict(content["config"])
     tampered = tmp_path / "tampered.h5"
     tampered.write_bytes((root / "post/last.h5").read_bytes())
     with h5py.File(tampered, "r+") as f:
