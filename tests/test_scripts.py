@@ -70,6 +70,13 @@ def test_resume_of_a_finished_run_and_refusal_to_overwrite(quick_run):
     (["--lr", "-1"], "learning rate must be > 0"),
     (["--data", "/nonexistent/cifar.tar.gz"], "not found"),
     (["--resume", "/nonexistent/last.h5"], "checkpoint not found"),
+    (["--sparsity", "1.0"], "network sparsity must be in [0, 1)"),
+    (["--sparsity", "-0.2"], "network sparsity must be in [0, 1)"),
+    (["--bits", "7"], "b=7 is odd"),
+    (["--bits", "18"], "outside 2..16"),
+    (["--preset", "twofold", "--epochs", "3"], "drop --epochs"),
+    (["--twofold-epochs", "3"], "belong to --preset twofold"),
+    (["--init", "/nonexistent/base.h5", "--sparsity", "0.5"], "checkpoint not found"),
 ])
 def test_bad_training_flags_give_one_line_errors(tmp_path, args, fragment):
     result = run(REPO / "scripts/train_cifar.py", "--out", tmp_path / "x", *args, check=False)
