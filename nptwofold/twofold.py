@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 
 from .errors import NptwofoldError
+from .hardware import CELL_STATES
 from .kernels.lfsr import (kept_per_column, lfsr_keep_mask_for_kept, lfsr_width_for_rows,
                            weight_mask)
 from .kernels.quant import (bits_backward, check_bits, clamp_bits, decompose, max_level,
@@ -20,7 +21,6 @@ from .layers import WeightLayer
 
 LFSR_STREAM = 2  # random stream (seed, 2, layer index) picks each layer's LFSR seed
 REG_BIT_FORMS = {"poster": reg_bit, "plane_lasso": reg_bit_plane_lasso}
-CELL_STATES = ("00", "01", "10", "11")
 
 
 @dataclasses.dataclass
