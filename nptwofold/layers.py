@@ -120,7 +120,6 @@ class Conv3x3(WeightLayer):
         weight = rng.standard_normal((out_channels, in_channels, 3, 3)) * np.sqrt(2.0 / fan_in)
         self.params["weight"] = weight.astype(dtype)
         self.grads["weight"] = np.zeros_like(self.params["weight"])
-
         self.workspace = np.empty(0, dtype)  # im2col patches, grown once and reused
 
     def forward(self, x):

@@ -343,6 +343,13 @@ def _add_popcounts(word, masks, counts):
         counts[c] += _popcount(word & masks[c])
 
 
+@numba.njit(cache=True)
+def _add_adc_readings(high, low, cell, adc_shift, adc_max_code, column_sums):
+    """column_sums[c] += 4^cell ADC(2 high[c] + low[c]), over the columns in one loop."""
+    for c in range(column_sums.size):
+        column_sums[c] += _adc(2 * high[c] + low[c], adc_shift, adc_max_code) << (2 * cell)
+
+
 @numba.njit(parallel=True, cache=True)
 def _packed_kernel(input_words, cell_masks, word_spans, bits, adc_shift, adc_max_code, out):
     """Fills `out` (P, C) with the shift-and-add of `_simulate_kernel`, from popcounts."""
@@ -353,6 +360,7 @@ def _packed_kernel(input_words, cell_masks, word_spans, bits, adc_shift, adc_max
         # driven rows of each tile, cell and column whose state has the high (low) bit
         high = np.empty((n_tiles, n_cells, n_cols), np.int64)
         low = np.empty((n_tiles, n_cells, n_cols), np.int64)
+        column_sums = np.empty(n_cols, np.int64)
         out[p, :] = 0
         for j in range(activation_bits):
             high[:] = 0
@@ -365,15 +373,16 @@ def _packed_kernel(input_words, cell_masks, word_spans, bits, adc_shift, adc_max
                     for m in range(n_cells):
                         _add_popcounts(word, cell_masks[t, w, m, 0], high[t, m])
                         _add_popcounts(word, cell_masks[t, w, m, 1], low[t, m])
+            column_sums[:] = 0
+            for t in range(n_tiles):
+                for m in range(n_cells):
+                    _add_adc_readings(high[t, m], low[t, m], m, adc_shift, adc_max_code,
+                                      column_sums)
+                for c in range(n_cols):
+                    # each driven row whose sign bit is 1 weighs -2^(b-1), not +2^(b-1)
+                    column_sums[c] -= high[t, sign_cell, c] << bits
             for c in range(n_cols):
-                column_sum = 0
-                driven_negative = 0  # driven rows whose sign bit is 1
-                for t in range(n_tiles):
-                    for m in range(n_cells):
-                        column_sum += _adc(2 * high[t, m, c] + low[t, m, c], adc_shift,
-                                           adc_max_code) << (2 * m)
-                    driven_negative += high[t, sign_cell, c]
-                out[p, c] += (column_sum - (driven_negative << bits)) << j
+                out[p, c] += column_sums[c] << j
 
 
 def cim_matmul_packed(layer, x, activation_bits, adc_bits=0, skip_zero_tiles=False):
