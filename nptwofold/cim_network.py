@@ -34,7 +34,6 @@ import functools
 
 import numpy as np
 
-from .checkpoint import load_checkpoint
 from .errors import NptwofoldError
 from .hardware import CELL_STATES, HardwareConfig, layer_energy_report
 from .kernels.augment import to_float
@@ -45,7 +44,7 @@ from .kernels.linear import linear_forward
 from .kernels.lfsr import weight_mask
 from .kernels.quant import dequantize, max_level, quantize
 from .layers import Conv3x3, WeightLayer
-from .train import TrainConfig, build_model
+from .train import load_model
 
 DEFAULT_WEIGHT_BITS = 8  # b of a float model's layers (SPEC 2 [assumption])
 STEM = "conv1"           # the layer fed by the image, pixel / 255 in [0, 1]
@@ -148,22 +147,20 @@ class CimNetwork:
         self.hardware = hardware if hardware is not None else HardwareConfig()
         self.layers = mapped_layers(model, method, weight_bits)
         rows_per_tile = self.hardware.crossbar_rows
-        self.crossbars, self.dense_crossbars, self.weights = {}, {}, {}
+        self.crossbars, self.dense_crossbars, self.quantized_weights = {}, {}, {}
         for name, layer in self.layers.items():
             self.hardware.cells_per_weight(layer.bits)  # the weight must fit a crossbar row
             self.crossbars[name] = layer.crossbar(rows_per_tile)
             self.dense_crossbars[name] = (
                 self.crossbars[name] if layer.mask is None else
                 map_layer(layer_matrix(layer.kept_levels), layer.bits, rows_per_tile))
-            self.weights[name] = dequantize(layer.kept_levels, layer.scale, layer.bits)
+            self.quantized_weights[name] = dequantize(layer.kept_levels, layer.scale, layer.bits)
         self.reset_energy()
 
     @classmethod
     def from_checkpoint(cls, path, hardware=None, weight_bits=None):
         """(CimNetwork, checkpoint content) of a float or twofold checkpoint."""
-        content = load_checkpoint(path)
-        config = dataclasses.replace(TrainConfig.from_dict(content["config"]), init=str(path))
-        model, method = build_model(config, content)
+        model, method, content = load_model(path)
         return cls(model, method, hardware, weight_bits), content
 
     @property
@@ -224,7 +221,7 @@ class CimNetwork:
 
         def observe(layer, x):
             maxima[layer.name] = max(maxima[layer.name], float(x.max()))
-            return self._float_layer(layer, x, self.weights[layer.name])
+            return self._float_layer(layer, x, self.quantized_weights[layer.name])
 
         for start in range(0, len(images), batch_size):
             self._forward_with(images[start:start + batch_size], observe)
@@ -245,7 +242,7 @@ class CimNetwork:
         def fake_quant(layer, x):
             step = x.dtype.type(layer.clip / ((1 << bits) - 1))
             x_quantized = quantize_activations(x, layer.clip, bits) * step
-            return self._float_layer(layer, x_quantized, self.weights[layer.name])
+            return self._float_layer(layer, x_quantized, self.quantized_weights[layer.name])
 
         return self._forward_with(images, fake_quant)
 

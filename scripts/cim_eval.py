@@ -1,0 +1,149 @@
+"""Run a checkpoint on the simulated CIM array: test accuracy of the float, fake-quant and CIM
+runs, and energy per image per layer (cells / ADC / LFSR, cell-state histogram) with its ratio
+to the dense baseline of the same weights (`nptwofold.cim_network`).
+
+    python scripts/cim_eval.py CKPT [--data PATH|sample] [--images N] [--adc-bits N]
+        [--hw-config JSON] [--calib-images N] [--json OUT] [--csv OUT] [--threads N]
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
+
+NANOJOULE = 1e3  # pJ per nJ: the table prints nJ, the files keep pJ
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--data", help="CIFAR-10 tarball or folder, 'sample' or 'cifar10' "
+                        "(default: the data the checkpoint was trained on)")
+    parser.add_argument("--images", type=int, help="first N test images (default: all)")
+    parser.add_argument("--adc-bits", type=int, help="ADC bits, 0 = ideal (default: the "
+                        "hardware config's, else ideal)")
+    parser.add_argument("--hw-config", help="HardwareConfig JSON file (default: SPEC values)")
+    parser.add_argument("--calib-images", type=int, default=500,
+                        help="training images that calibrate the activation clips")
+    parser.add_argument("--weight-bits", type=int,
+                        help="bits of a float checkpoint's weights (default 8)")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1, help="threads of the CIM kernel")
+    parser.add_argument("--json", metavar="OUT", help="write the full report as JSON")
+    parser.add_argument("--csv", metavar="OUT", help="write the per-layer rows as CSV")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    for name in ("images", "calib_images", "batch_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def format_table(result):
+    """The readable report: accuracies, then energy per image per layer in nJ."""
+    accuracy = result["accuracy"]
+    hardware = result["hardware"]
+    adc = f"{hardware['adc_bits']}-bit ADC" if hardware["adc_bits"] else "ideal ADC"
+    lines = [
+        f"{result['checkpoint']}: {result['n_images']} test images from {result['data']}; "
+        f"{hardware['activation_bits']}-bit inputs, {adc}, {hardware['crossbar_rows']}-row "
+        "crossbars",
+        f"accuracy: float {accuracy['float']:.4f}, fake-quant {accuracy['fake_quant']:.4f}, "
+        f"CIM {accuracy['cim']:.4f} (CIM = fake-quant prediction on "
+        f"{result['cim_fake_quant_agreement']:.2%} of images)",
+        "energy per image, nJ (dense: the same weights on every row, no LFSR; ratio = dense / CIM)",
+        f"{'layer':<16}{'kept/rows':>10}{'tiles':>6}{'cells':>9}{'ADC':>8}{'LFSR':>7}"
+        f"{'total':>9}{'c00':>6}{'c01':>6}{'c10':>6}{'c11':>6}{'dense':>9}{'ratio':>7}",
+    ]
+    for row in result["layers"] + [result["total"]]:
+        shape = f"{row['kept']}/{row['rows']}" if "rows" in row else ""
+        lines.append(
+            f"{row['layer']:<16}{shape:>10}{row.get('tiles', ''):>6}"
+            f"{row['cells_pj'] / NANOJOULE:>9.1f}{row['adc_pj'] / NANOJOULE:>8.1f}"
+            f"{row['lfsr_pj'] / NANOJOULE:>7.1f}{row['total_pj'] / NANOJOULE:>9.1f}"
+            + "".join(f"{row['cells_' + s]:>6.2f}" for s in ("00", "01", "10", "11"))
+            + f"{row['baseline_total_pj'] / NANOJOULE:>9.1f}{row['baseline_ratio']:>7.2f}")
+    seconds = result["seconds"]
+    lines.append(f"time: calibration {seconds['calibration']:.1f} s, float {seconds['float']:.1f}"
+                 f" s, fake-quant {seconds['fake_quant']:.1f} s, CIM {seconds['cim']:.1f} s "
+                 f"({100 * seconds['cim'] / result['n_images']:.1f} s per 100 images)")
+    return "\n".join(lines)
+
+
+def evaluate_on_array(args):
+    import numpy as np
+    from tqdm import tqdm
+
+    from nptwofold.cim_network import CimNetwork
+    from nptwofold.data import load_dataset
+    from nptwofold.hardware import HardwareConfig
+
+    hardware = HardwareConfig.from_json(args.hw_config) if args.hw_config else HardwareConfig()
+    if args.adc_bits is not None:
+        hardware = dataclasses.replace(hardware, adc_bits=args.adc_bits)  # re-validated
+    network, content = CimNetwork.from_checkpoint(args.checkpoint, hardware, args.weight_bits)
+    dataset = load_dataset(args.data or content["config"].get("data", "cifar10"))
+    images = dataset.test_images[:args.images]
+    labels = dataset.test_labels[:args.images]
+
+    seconds = dict(calibration=0.0, float=0.0, fake_quant=0.0, cim=0.0)
+    started = time.perf_counter()
+    network.calibrate(dataset.train_images[:args.calib_images], args.batch_size)
+    seconds["calibration"] = time.perf_counter() - started
+    runs = dict(float=network.float_logits, fake_quant=network.fake_quant_logits,
+                cim=network.cim_logits)
+    predictions = {name: [] for name in runs}
+    with tqdm(total=len(images), unit="img", desc="cim eval", disable=args.no_progress) as bar:
+        for start in range(0, len(images), args.batch_size):
+            batch = images[start:start + args.batch_size]
+            for name, logits_of in runs.items():
+                started = time.perf_counter()
+                predictions[name].append(logits_of(batch).argmax(axis=1))
+                seconds[name] += time.perf_counter() - started
+            bar.update(len(batch))
+    predictions = {name: np.concatenate(found) for name, found in predictions.items()}
+
+    energy = network.energy_report()
+    layers = [{**summary, **row}
+              for summary, row in zip(network.layer_summary(), energy["layers"])]
+    return dict(
+        checkpoint=str(args.checkpoint), data=dataset.source, n_images=len(images),
+        calibration_images=min(args.calib_images, len(dataset.train_images)),
+        hardware=hardware.to_dict(),
+        accuracy={name: float(np.mean(found == labels)) for name, found in predictions.items()},
+        cim_fake_quant_agreement=float(np.mean(predictions["cim"] == predictions["fake_quant"])),
+        seconds=seconds, layers=layers, total=energy["total"])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # The CIM kernel (Numba threads, parallel over output positions) is nearly all the work;
+    # the float forwards' BLAS calls are small, so BLAS keeps one thread and never spins
+    # against the Numba pool.
+    configure_threads(1)
+    os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+
+    from nptwofold.checkpoint import atomic_write
+    from nptwofold.errors import NptwofoldError
+    from nptwofold.train import write_csv
+
+    try:
+        result = evaluate_on_array(args)
+    except NptwofoldError as exc:
+        sys.exit(f"error: {exc}")
+    print(format_table(result))
+    if args.json:
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    if args.csv:
+        atomic_write(args.csv, lambda tmp: write_csv(tmp, result["layers"] + [result["total"]]))
+
+
+if __name__ == "__main__":
+    main()
