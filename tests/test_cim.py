@@ -23,12 +23,13 @@ def reference_cell_states(level, bits):
 
 
 def reference_adc(partial_sum, adc_bits, rows_per_tile):
-    """Documented model: range 0..3T; else round half up to a power-of-two step, clip at top."""
+    """Documented model: range 0..3T; else round to a power-of-two step (ties to the even
+    code, as Python's round does), clip at the top code."""
     range_bits = len(format(3 * rows_per_tile, "b"))
     if adc_bits == 0 or adc_bits >= range_bits:
         return partial_sum
     step = 2 ** (range_bits - adc_bits)
-    code = min((2 * partial_sum + step) // (2 * step), 2**adc_bits - 1)
+    code = min(round(partial_sum / step), 2**adc_bits - 1)
     return code * step
 
 
@@ -174,14 +175,15 @@ def test_hand_worked_crossbar_energy():
 def test_hand_worked_adc():
     levels, layer = hand_worked_layer()
     # T = 2: partial sums 0..6 need 3 bits. adc_bits = 1: step 4, top code 1 (reads 0 or 4).
-    # Bit 0: tile 0 sums cell0 1+1 = 2 -> 4, cell1 3+1 = 4 -> 4; tile 1 undriven; row 0 is
-    #   negative, so y_0 = 4 + 4*4 - 16*1 = 4 (exact: 2).
-    # Bit 1: tile 0 (row 1) cell0 1 -> 0, cell1 1 -> 0; tile 1 (row 2) cell0 2 -> 4, cell1 0;
-    #   y_1 = 4 (exact: 7). y = 4 + 2*4 = 12.
+    # Bit 0: tile 0 sums cell0 1+1 = 2 -> 0 (tie 0.5, to the even code 0), cell1 3+1 = 4 -> 4;
+    #   tile 1 undriven; row 0 is negative, so y_0 = 0 + 4*4 - 16*1 = 0 (exact: 2).
+    # Bit 1: tile 0 (row 1) cell0 1 -> 0, cell1 1 -> 0; tile 1 (row 2) cell0 2 -> 0 (tie),
+    #   cell1 0; y_1 = 0 (exact: 7). y = 0 + 2*0 = 0.
     y, _ = cim.cim_matmul(layer, np.array([[1, 3, 2, 3]]), 2, adc_bits=1)
-    assert y.tolist() == [[12]]
-    # Clipping: b = 2, two rows of q = -1 (state 3) driven: sum 6 rounds to code 2, clipped to
-    # code 1 -> 4, y = 4 - 4*2 = -4 (exact: -2). With 2 ADC bits (step 2, top code 3) 6 is exact.
+    assert y.tolist() == [[0]]
+    # Clipping: b = 2, two rows of q = -1 (state 3) driven: sum 6 = 1.5 steps rounds to the even
+    # code 2, clipped to code 1 -> 4, y = 4 - 4*2 = -4 (exact: -2). With 2 ADC bits (step 2,
+    # top code 3) 6 is exact.
     clip_layer = cim.map_layer(np.array([[-1], [-1]]), 2, 2)
     assert cim.cim_matmul(clip_layer, np.array([[1, 1]]), 1, adc_bits=1)[0].tolist() == [[-4]]
     assert cim.cim_matmul(clip_layer, np.array([[1, 1]]), 1, adc_bits=2)[0].tolist() == [[-2]]

@@ -33,8 +33,10 @@ ADC model (`adc_bits` = n): a partial sum lies in 0..3T, where T is the crossbar
 (the ADC is fixed in hardware and does not know how many rows a layer uses), and needs
 range_bits = bit_length(3T) bits (9 for T = 128). With n = 0 or n >= range_bits the ADC is
 ideal: ADC(S) = S. Otherwise step = 2^(range_bits - n) and
-  ADC(S) = step * min(floor(S / step + 1/2), 2^n - 1),
-rounding half up to the nearest step and clipping at the top code.
+  ADC(S) = step * min(round_half_even(S / step), 2^n - 1),
+rounding to the nearest step, ties to the even code, and clipping at the top code. Ties are
+frequent (S is an integer), so rounding them up would bias every reading by step / 4 on
+average; amplified by the shift-adds (4^m, 2^j) that bias alone ruined an 8-bit ADC.
 
 Energy events (integers, so two computations of the same events agree exactly):
 - activated cells per state: for every position, input bit and driven kept row, every cell of
@@ -174,7 +176,12 @@ def _adc_parameters(layer, adc_bits):
 def _adc(partial_sum, shift, max_code):
     if shift == 0:
         return partial_sum
-    return min((partial_sum + (1 << (shift - 1))) >> shift, max_code) << shift
+    code = partial_sum >> shift
+    remainder = partial_sum - (code << shift)
+    half = 1 << (shift - 1)
+    if remainder > half or (remainder == half and code & 1):
+        code += 1
+    return min(code, max_code) << shift
 
 
 @numba.njit(cache=True)
