@@ -87,13 +87,17 @@ class Twofold:
             self.layers[name] = layer
             self.masks[name] = lfsr_keep_mask_for_kept(
                 rows, cols, kept_per_column(rows, config.sparsity), lfsr_seed, config.mask_group)
+        # the weight-shaped masks are used every step, so they are laid out once
+        self.weight_masks = {name: np.ascontiguousarray(weight_mask(
+            self.masks[name].mask, layer.params["weight_bits"].shape[1:]))
+            for name, layer in self.layers.items()}
         total = sum(layer.params["weight_bits"][0].size for layer in self.layers.values())
         self.param_share = {name: layer.params["weight_bits"][0].size / total
                             for name, layer in self.layers.items()}
 
     def keep_mask(self, name):
         """The layer's keep-mask in its weight's shape (OIHW or (out, in)), uint8, 1 = kept."""
-        return weight_mask(self.masks[name].mask, self.layers[name].params["weight_bits"].shape[1:])
+        return self.weight_masks[name]
 
     def bit_parameter_names(self):
         return {f"{name}.weight_bits" for name in self.layers}
