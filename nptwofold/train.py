@@ -61,7 +61,7 @@ class TrainConfig:
     milestones: list = dataclasses.field(default_factory=lambda: [91, 136])
     lr_decay: float = 0.1         # factor applied at each milestone of the step schedule
     seed: int = 0
-    eval_batch_size: int = 128    # = the training batch, so eval reuses the conv workspaces
+    eval_batch_size: int = 128    # the default training batch: eval reuses its workspaces
     init: str = None              # checkpoint whose model state the run starts from
     twofold: dict = None          # TwofoldConfig fields: train under bit representation
     post_training: bool = False   # hard-prune + re-binarize at the start, then fine-tune
