@@ -39,7 +39,7 @@ class TwofoldConfig:
     """
     sparsity: float = 0.5
     bits: int = 8
-    lambda_net: float = 0.05
+    lambda_net: float = 10.0
     beta_bit: float = 20.0
     reg_bit_form: str = "poster"
     mask_group: int = 1
