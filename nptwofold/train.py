@@ -270,11 +270,12 @@ class Trainer:
                 tqdm.write(f"interrupted; position saved to {self.out_dir / 'last.h5'}, "
                            "continue with --resume")
             raise
-        if self.out_dir is not None and self.state["epoch"] < self.config.epochs:
+        stopped_early = self.state["epoch"] < self.config.epochs
+        no_epochs = self.config.epochs == 0  # post-training without a fine-tune
+        if self.out_dir is not None and (stopped_early or no_epochs):
             self.save(self.out_dir / "last.h5")
-        if self.out_dir is not None and self.config.epochs == 0:  # post-training, no fine-tune
-            self.save(self.out_dir / "last.h5")
-            self.write_logs()
+            if no_epochs:
+                self.write_logs()
         return self.state
 
     def _train_epoch(self, steps_left):

@@ -9,7 +9,9 @@ import numpy as np
 from numba import prange
 
 
+@numba.njit(cache=True)
 def conv_output_size(size, stride):
+    """Output height or width of a 3x3 convolution with padding 1."""
     return (size + 2 - 3) // stride + 1
 
 
@@ -17,8 +19,7 @@ def conv_output_size(size, stride):
 def im2col_3x3(x, stride, out):
     """(N, H, W, C) -> `out` (N*Ho*Wo, 9*C) patches, zero where the window hangs over the padding."""
     n_img, height, width, chans = x.shape
-    out_h = (height - 1) // stride + 1
-    out_w = (width - 1) // stride + 1
+    out_h, out_w = conv_output_size(height, stride), conv_output_size(width, stride)
     cols = out.reshape(n_img, out_h, out_w, 3, 3, chans)
     for n in prange(n_img):
         for oy in range(out_h):
@@ -39,8 +40,7 @@ def im2col_3x3(x, stride, out):
 @numba.njit(parallel=True, cache=True)
 def col2im_3x3(dcols, n_img, height, width, chans, stride):
     """Adjoint of im2col_3x3: scatter-add patch gradients back onto the (N, H, W, C) input."""
-    out_h = (height - 1) // stride + 1
-    out_w = (width - 1) // stride + 1
+    out_h, out_w = conv_output_size(height, stride), conv_output_size(width, stride)
     patches = dcols.reshape(n_img, out_h, out_w, 3, 3, chans)
     dx = np.zeros((n_img, height, width, chans), dtype=dcols.dtype)
     for n in prange(n_img):  # images are independent, so the scatter has no write races
