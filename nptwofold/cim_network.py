@@ -22,12 +22,15 @@ Quantization of a mapped layer (SPEC 2):
 - a CIM layer's float output is its integer matmul times (s / qmax) (clip / (2^a - 1)), plus
   the FC bias.
 
+A twofold layer whose mask keeps every row (sparsity 0) is mapped dense: nothing needs
+routing, so it costs no LFSR steps **[assumption]**.
+
 Energy (SPEC 5), per image: each layer's cells / ADC / LFSR pJ and activated cell-state
 histogram from `hardware.layer_energy_report`, and their sum over layers. **[assumption]** The
 dense baseline stores the same masked levels q K on every row (pruned weights as 00 cells), so
 it computes exactly the same outputs, has no LFSR, and is counted on the same inputs; for a
 float model it is the model itself. The baseline of SPEC 3 (a separately trained dense 8-bit
-network) is that same report for its own checkpoint.
+network) is that network's own report on the same images, passed to `energy_report`.
 """
 import dataclasses
 import functools
@@ -97,8 +100,14 @@ class MappedLayer:
             return self.levels
         return self.levels * weight_mask(self.mask.mask, self.levels.shape)
 
+    @property
+    def prunes(self):
+        """False for a dense layer and for a mask that keeps every row (sparsity 0): the array
+        then needs no routing, so the layer is mapped dense, without LFSR steps."""
+        return self.mask is not None and self.mask.kept_rows.shape[1] < self.mask.mask.shape[0]
+
     def crossbar(self, rows_per_tile):
-        if self.mask is None:
+        if not self.prunes:
             return map_layer(layer_matrix(self.levels), self.bits, rows_per_tile)
         return map_layer(layer_matrix(self.levels), self.bits, rows_per_tile,
                          self.mask.kept_rows, self.mask.group, self.mask.steps)
@@ -152,7 +161,7 @@ class CimNetwork:
             self.hardware.cells_per_weight(layer.bits)  # the weight must fit a crossbar row
             self.crossbars[name] = layer.crossbar(rows_per_tile)
             self.dense_crossbars[name] = (
-                self.crossbars[name] if layer.mask is None else
+                self.crossbars[name] if not layer.prunes else
                 map_layer(layer_matrix(layer.kept_levels), layer.bits, rows_per_tile))
             self.quantized_weights[name] = dequantize(layer.kept_levels, layer.scale, layer.bits)
         self.reset_energy()
@@ -234,17 +243,27 @@ class CimNetwork:
             layer.clip = maxima[name]
         return {name: layer.clip for name, layer in self.layers.items()}
 
-    def fake_quant_logits(self, images):
-        """Float forward with weights s (q K) / qmax and inputs x_int clip / (2^a - 1)."""
+    def fake_quant_logits(self, images, count_energy=False):
+        """Float forward with weights s (q K) / qmax and inputs x_int clip / (2^a - 1).
+
+        With `count_energy`, each mapped layer's energy events are also counted from its
+        integer inputs (SPEC 5's energy by counting, `count_events`) and added to the totals:
+        the fast path to a network's energy, equal to what `cim_logits` accumulates.
+        """
         self._check_calibrated()
         bits = self.activation_bits
 
         def fake_quant(layer, x):
+            x_levels = quantize_activations(x, layer.clip, bits)
+            if count_energy:
+                self._add_energy(layer, input_matrix(layer.module, x_levels))
             step = x.dtype.type(layer.clip / ((1 << bits) - 1))
-            x_quantized = quantize_activations(x, layer.clip, bits) * step
-            return self._float_layer(layer, x_quantized, self.quantized_weights[layer.name])
+            return self._float_layer(layer, x_levels * step, self.quantized_weights[layer.name])
 
-        return self._forward_with(images, fake_quant)
+        logits = self._forward_with(images, fake_quant)
+        if count_energy:
+            self.n_images += len(images)
+        return logits
 
     def cim_logits(self, images, trace=None):
         """Logits with every mapped layer's matmul on the array (integers, bit-serial).
@@ -257,14 +276,9 @@ class CimNetwork:
 
         def on_array(layer, x):
             inputs = input_matrix(layer.module, quantize_activations(x, layer.clip, bits))
-            crossbar, dense = self.crossbars[layer.name], self.dense_crossbars[layer.name]
-            y, counts = cim_matmul_packed(crossbar, inputs, bits, hardware.adc_bits,
-                                          hardware.skip_zero_tiles)
-            self.energy[layer.name] = _add_counts(self.energy[layer.name], counts)
-            if dense is not crossbar:
-                counts = count_events(dense, inputs, bits, hardware.skip_zero_tiles)
-            self.baseline_energy[layer.name] = _add_counts(self.baseline_energy[layer.name],
-                                                           counts)
+            y, counts = cim_matmul_packed(self.crossbars[layer.name], inputs, bits,
+                                          hardware.adc_bits, hardware.skip_zero_tiles)
+            self._add_energy(layer, inputs, counts)
             if trace is not None:
                 trace[layer.name] = (inputs, y)
             out = (y * layer.output_scale(bits)).astype(x.dtype)
@@ -278,6 +292,18 @@ class CimNetwork:
         logits = self._forward_with(images, on_array)
         self.n_images += len(images)
         return logits
+
+    def _add_energy(self, layer, inputs, counts=None):
+        """Adds a layer's events on integer `inputs` (counted unless the run gives them) and
+        those of its dense baseline to the totals."""
+        name, skip = layer.name, self.hardware.skip_zero_tiles
+        crossbar, dense = self.crossbars[name], self.dense_crossbars[name]
+        if counts is None:
+            counts = count_events(crossbar, inputs, self.activation_bits, skip)
+        self.energy[name] = _add_counts(self.energy[name], counts)
+        if dense is not crossbar:
+            counts = count_events(dense, inputs, self.activation_bits, skip)
+        self.baseline_energy[name] = _add_counts(self.baseline_energy[name], counts)
 
     # --- reports ----------------------------------------------------------------------------
 
@@ -298,31 +324,44 @@ class CimNetwork:
                                 for s, n in zip(CELL_STATES, stored)}))
         return rows
 
-    def energy_report(self):
-        """Per-image energy of the CIM runs so far: {"n_images", "layers": [...], "total"}.
+    def energy_report(self, baseline=None):
+        """Per-image energy of the runs so far: {"n_images", "layers": [...], "total"}.
 
         Each entry has cells/ADC/LFSR/total pJ per image, the activated cell-state shares, ADC
-        conversions and LFSR steps per image, the dense baseline's pJ and the ratio
-        baseline / CIM (how many times less energy than the dense baseline).
+        conversions and LFSR steps per image, the baseline's pJ and the ratio baseline / this
+        (how many times less energy than the baseline). The baseline is the built-in dense
+        mapping of the same weights, or `baseline`: the energy_report of another network (a
+        separately trained dense 8-bit model) on the same images, matched layer by layer.
         """
         if not self.n_images:
-            raise NptwofoldError("no CIM run yet: call cim_logits first")
-        rows = [self._energy_row(name, self.energy[name], self.baseline_energy[name])
+            raise NptwofoldError("no energy counted yet: call cim_logits or "
+                                 "fake_quant_logits(count_energy=True) first")
+        if baseline is None:
+            baseline_rows = {name: self._pj_per_image(counts)
+                             for name, counts in self.baseline_energy.items()}
+            baseline_rows["total"] = self._pj_per_image(
+                functools.reduce(_add_counts, self.baseline_energy.values(), _no_counts()))
+        else:
+            baseline_rows = {row["layer"]: row for row in baseline["layers"] + [baseline["total"]]}
+            if set(baseline_rows) != set(self.layers) | {"total"}:
+                raise NptwofoldError("the baseline network maps other layers than this one")
+        rows = [self._energy_row(name, self.energy[name], baseline_rows[name])
                 for name in self.layers]
         total = functools.reduce(_add_counts, self.energy.values(), _no_counts())
-        baseline = functools.reduce(_add_counts, self.baseline_energy.values(), _no_counts())
         return dict(n_images=self.n_images, layers=rows,
-                    total=self._energy_row("total", total, baseline))
+                    total=self._energy_row("total", total, baseline_rows["total"]))
 
-    def _energy_row(self, name, counts, baseline_counts):
+    def _pj_per_image(self, counts):
         report = layer_energy_report(counts, self.hardware)
-        baseline = layer_energy_report(baseline_counts, self.hardware)
         per_image = {key: report[key] / self.n_images
                      for key in ("cells_pj", "adc_pj", "lfsr_pj", "total_pj", "adc_conversions",
                                  "lfsr_steps")}
-        return dict(layer=name, **per_image,
-                    **{f"cells_{s}": share for s, share in report["cell_state_share"].items()},
-                    baseline_cells_pj=baseline["cells_pj"] / self.n_images,
-                    baseline_adc_pj=baseline["adc_pj"] / self.n_images,
-                    baseline_total_pj=baseline["total_pj"] / self.n_images,
-                    baseline_ratio=baseline["total_pj"] / report["total_pj"])
+        return dict(per_image, cell_state_share=report["cell_state_share"])
+
+    def _energy_row(self, name, counts, baseline):
+        row = self._pj_per_image(counts)
+        shares = row.pop("cell_state_share")
+        return dict(layer=name, **row, **{f"cells_{s}": share for s, share in shares.items()},
+                    baseline_cells_pj=baseline["cells_pj"], baseline_adc_pj=baseline["adc_pj"],
+                    baseline_total_pj=baseline["total_pj"],
+                    baseline_ratio=baseline["total_pj"] / row["total_pj"])

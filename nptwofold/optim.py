@@ -5,21 +5,18 @@ from .kernels.optim import sgd_momentum_update
 
 
 class SGD:
-    """Updates every parameter except those named in `frozen`; `no_decay` ones without decay."""
+    """Updates every parameter; those named in `no_decay` without weight decay."""
 
-    def __init__(self, model, momentum=0.9, weight_decay=0.0, nesterov=False, no_decay=(),
-                 frozen=()):
+    def __init__(self, model, momentum=0.9, weight_decay=0.0, nesterov=False, no_decay=()):
         self.model = model
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.nesterov = nesterov
         self.no_decay = set(no_decay)
-        self.velocity = {name: np.zeros_like(param) for name, param, _ in model.named_parameters()
-                         if name not in frozen}
+        self.velocity = {name: np.zeros_like(param) for name, param, _ in model.named_parameters()}
 
     def step(self, lr):
         for name, param, grad in self.model.named_parameters():
-            if name in self.velocity:
-                decay = 0.0 if name in self.no_decay else self.weight_decay
-                sgd_momentum_update(param, grad, self.velocity[name], lr, self.momentum, decay,
-                                    self.nesterov)
+            decay = 0.0 if name in self.no_decay else self.weight_decay
+            sgd_momentum_update(param, grad, self.velocity[name], lr, self.momentum, decay,
+                                self.nesterov)

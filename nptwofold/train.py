@@ -42,7 +42,8 @@ PRESETS = {
 TWOFOLD_PHASES = (
     ("baseline", "short", {}),
     ("twofold", "short", dict(epochs=4, lr=0.01, warmup_epochs=0)),
-    ("post", "short", dict(epochs=1, lr=0.001, warmup_epochs=0, post_training=True)),
+    # the fine-tune trains the kept bits again, so it needs a real learning rate
+    ("post", "short", dict(epochs=1, lr=0.01, warmup_epochs=0, post_training=True)),
 )
 
 
@@ -208,9 +209,8 @@ class Trainer:
         init_content = load_checkpoint(config.init) if config.init and not _resuming else None
         self.model, self.method = build_model(config, init_content)
         bit_names = self.method.bit_parameter_names() if self.method else set()
-        frozen = bit_names if config.post_training else ()
         self.optimizer = SGD(self.model, config.momentum, config.weight_decay, config.nesterov,
-                             no_decay=bit_names, frozen=frozen)
+                             no_decay=bit_names)
         self.state = dict(epoch=0, step=0, global_step=0, epoch_loss_sum=0.0, epoch_correct=0,
                           epoch_seen=0, epoch_seconds=0.0, epoch_reg_net=0.0, epoch_reg_bit=0.0,
                           best_accuracy=-1.0, best_epoch=-1, history=[], post_training={},
@@ -219,7 +219,11 @@ class Trainer:
             self._start_post_training()
 
     def _start_post_training(self):
-        """Accuracy before, then hard-prune with the masks and re-binarize (SPEC 3)."""
+        """Accuracy before, then hard-prune with the masks and re-binarize (SPEC 3).
+
+        The fine-tune that follows trains the kept bits under the same objective; the masks
+        stay enforced and the bits are re-binarized after its last epoch, so precision is fixed.
+        """
         def test_accuracy():
             return evaluate(self.model, self.data.test_images, self.data.test_labels,
                             self.config.eval_batch_size)[1]
@@ -248,6 +252,8 @@ class Trainer:
         restore_state(trainer.model, trainer.method, content, path)
         restore_optimizer(trainer.optimizer, content, path)
         trainer.state.update(content["train"])
+        if config.post_training:
+            trainer.method.hard_prune()  # a no-op on the stored bits; re-arms the mask per step
         return trainer
 
     def save(self, path):
@@ -292,8 +298,7 @@ class Trainer:
             inputs = crop_flip_to_float(images[index], offsets[0, batch], offsets[1, batch], flips[batch])
             lr = learning_rate(config, state["global_step"], self.steps_per_epoch)
             loss, correct, regularizers = train_step(
-                self.model, self.optimizer, inputs, labels[index], lr,
-                None if config.post_training else self.method)
+                self.model, self.optimizer, inputs, labels[index], lr, self.method)
             state["epoch_reg_net"] += regularizers.get("reg_net", 0.0)
             state["epoch_reg_bit"] += regularizers.get("reg_bit", 0.0)
             state["epoch_loss_sum"] += float(loss) * len(index)

@@ -3,8 +3,9 @@
 `Twofold` gives every mapped layer (all convs and the FC) an LFSR keep-mask and turns its
 weight into trained bit planes. The trainer calls its hooks: `regularize` after each backward
 pass (adds the Reg_Net and Reg_Bit gradients), `after_step` after each update (clamps bits to
-[0, 1]) and `end_epoch` (re-binarizes at the chosen epochs). Post-training is `hard_prune`
-followed by `rebinarize`; `layer_report` gives the per-layer sparsity table.
+[0, 1], and once the model is hard-pruned keeps the cut weights at 0) and `end_epoch`
+(re-binarizes at the chosen epochs). Post-training is `hard_prune` followed by `rebinarize`;
+`layer_report` gives the per-layer sparsity table.
 """
 import dataclasses
 
@@ -94,6 +95,7 @@ class Twofold:
         total = sum(layer.params["weight_bits"][0].size for layer in self.layers.values())
         self.param_share = {name: layer.params["weight_bits"][0].size / total
                             for name, layer in self.layers.items()}
+        self.pruned = False  # set by hard_prune: from then on the masks are enforced every step
 
     def keep_mask(self, name):
         """The layer's keep-mask in its weight's shape (OIHW or (out, in)), uint8, 1 = kept."""
@@ -122,6 +124,8 @@ class Twofold:
     def after_step(self):
         for layer in self.layers.values():
             clamp_bits(layer.params["weight_bits"])
+        if self.pruned:
+            self.hard_prune()
 
     def end_epoch(self, epoch, last):
         """Re-binarizes at the chosen epochs and after the last one (the forward is unchanged)."""
@@ -133,7 +137,11 @@ class Twofold:
             rebinarize_bits(layer.params["weight_bits"])
 
     def hard_prune(self):
-        """Zeroes every bit of every weight outside the keep-masks, so those weights are 0."""
+        """Zeroes every bit of every weight outside the keep-masks, so those weights are 0.
+
+        Idempotent; afterwards `after_step` repeats it, so a fine-tune keeps the masks fixed.
+        """
+        self.pruned = True
         for name, layer in self.layers.items():
             layer.params["weight_bits"] *= self.keep_mask(name)
 

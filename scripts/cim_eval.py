@@ -1,9 +1,12 @@
 """Run a checkpoint on the simulated CIM array: test accuracy of the float, fake-quant and CIM
 runs, and energy per image per layer (cells / ADC / LFSR, cell-state histogram) with its ratio
-to the dense baseline of the same weights (`nptwofold.cim_network`).
+to a dense 8-bit baseline (`nptwofold.cim_network`): by default the same weights mapped dense,
+with `--baseline CKPT` a separately trained dense model run on the same images (its energy
+counted from its own activations, SPEC 5's counting path).
 
-    python scripts/cim_eval.py CKPT [--data PATH|sample] [--images N] [--adc-bits N]
-        [--hw-config JSON] [--calib-images N] [--json OUT] [--csv OUT] [--threads N]
+    python scripts/cim_eval.py CKPT [--baseline CKPT] [--data PATH|sample] [--images N]
+        [--adc-bits N] [--hw-config JSON] [--calib-images N] [--json OUT] [--csv OUT]
+        [--threads N]
 """
 import argparse
 import dataclasses
@@ -23,6 +26,9 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
+    parser.add_argument("--baseline", metavar="CKPT",
+                        help="dense 8-bit baseline checkpoint to compare the energy with "
+                        "(default: this checkpoint's weights mapped dense)")
     parser.add_argument("--data", help="CIFAR-10 tarball or folder, 'sample' or 'cifar10' "
                         "(default: the data the checkpoint was trained on)")
     parser.add_argument("--images", type=int, help="first N test images (default: all)")
@@ -34,7 +40,8 @@ def parse_args(argv):
     parser.add_argument("--weight-bits", type=int,
                         help="bits of a float checkpoint's weights (default 8)")
     parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=1, help="threads of the CIM kernel")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="threads of the CIM kernel (default 2)")
     parser.add_argument("--json", metavar="OUT", help="write the full report as JSON")
     parser.add_argument("--csv", metavar="OUT", help="write the per-layer rows as CSV")
     parser.add_argument("--no-progress", action="store_true")
@@ -58,7 +65,7 @@ def format_table(result):
         f"accuracy: float {accuracy['float']:.4f}, fake-quant {accuracy['fake_quant']:.4f}, "
         f"CIM {accuracy['cim']:.4f} (CIM = fake-quant prediction on "
         f"{result['cim_fake_quant_agreement']:.2%} of images)",
-        "energy per image, nJ (dense: the same weights on every row, no LFSR; ratio = dense / CIM)",
+        f"energy per image, nJ (dense: {result['baseline']}; ratio = dense / CIM)",
         f"{'layer':<16}{'kept/rows':>10}{'tiles':>6}{'cells':>9}{'ADC':>8}{'LFSR':>7}"
         f"{'total':>9}{'c00':>6}{'c01':>6}{'c10':>6}{'c11':>6}{'dense':>9}{'ratio':>7}",
     ]
@@ -110,16 +117,32 @@ def evaluate_on_array(args):
             bar.update(len(batch))
     predictions = {name: np.concatenate(found) for name, found in predictions.items()}
 
-    energy = network.energy_report()
+    baseline = None
+    if args.baseline:
+        baseline = baseline_energy(args.baseline, hardware, dataset, images, args)
+    energy = network.energy_report(baseline)
     layers = [{**summary, **row}
               for summary, row in zip(network.layer_summary(), energy["layers"])]
     return dict(
         checkpoint=str(args.checkpoint), data=dataset.source, n_images=len(images),
+        baseline=(f"{args.baseline}, counted on the same images" if args.baseline else
+                  "the same weights on every row, no LFSR"),
         calibration_images=min(args.calib_images, len(dataset.train_images)),
         hardware=hardware.to_dict(),
         accuracy={name: float(np.mean(found == labels)) for name, found in predictions.items()},
         cim_fake_quant_agreement=float(np.mean(predictions["cim"] == predictions["fake_quant"])),
         seconds=seconds, layers=layers, total=energy["total"])
+
+
+def baseline_energy(path, hardware, dataset, images, args):
+    """energy_report of the baseline checkpoint on `images`, by counting (ideal-ADC run)."""
+    from nptwofold.cim_network import CimNetwork
+
+    network, _ = CimNetwork.from_checkpoint(path, hardware)
+    network.calibrate(dataset.train_images[:args.calib_images], args.batch_size)
+    for start in range(0, len(images), args.batch_size):
+        network.fake_quant_logits(images[start:start + args.batch_size], count_energy=True)
+    return network.energy_report()
 
 
 def main(argv=None):

@@ -134,6 +134,33 @@ def test_counted_energy_equals_a_direct_count(network, ideal_run):
     assert report["total"]["baseline_ratio"] > 1  # half the rows are not stored
 
 
+def test_counting_forward_gives_the_cim_runs_energy(sample, network, images, ideal_run):
+    counted = twofold_network()
+    counted.calibrate(sample.train_images[:8])
+    logits = counted.fake_quant_logits(images, count_energy=True)
+    np.testing.assert_array_equal(logits, network.fake_quant_logits(images))
+    assert counted.n_images == network.n_images == N_IMAGES
+    for name in network.layers:
+        assert_same_counts(counted.energy[name], network.energy[name])
+        assert_same_counts(counted.baseline_energy[name], network.baseline_energy[name])
+    assert counted.energy_report() == network.energy_report()
+
+
+def test_energy_ratio_to_a_baseline_network(sample, network, images, ideal_run):
+    dense = CimNetwork(ResNet20(np.random.default_rng(1)))
+    dense.calibrate(sample.train_images[:8])
+    dense.fake_quant_logits(images, count_energy=True)
+    baseline = dense.energy_report()
+    report = network.energy_report(baseline)
+    for row, base in zip(report["layers"] + [report["total"]],
+                         baseline["layers"] + [baseline["total"]]):
+        assert row["layer"] == base["layer"]
+        assert row["baseline_total_pj"] == base["total_pj"]
+        assert row["baseline_ratio"] == base["total_pj"] / row["total_pj"]
+    with pytest.raises(NptwofoldError, match="other layers"):
+        network.energy_report(dict(baseline, layers=baseline["layers"][:-1]))
+
+
 def test_finite_adc_changes_the_outputs_not_the_first_layer_events(sample, images, network,
                                                                     ideal_run):
     coarse = twofold_network(HardwareConfig(adc_bits=4))
@@ -158,11 +185,19 @@ def test_float_model_maps_dense(sample, images):
     assert total["lfsr_pj"] == 0 and total["baseline_ratio"] == 1
 
 
+def test_a_mask_keeping_every_row_maps_dense_without_lfsr():
+    model = ResNet20(np.random.default_rng(0))
+    network = CimNetwork(model, Twofold(model, TwofoldConfig(sparsity=0.0), 0))
+    for name, crossbar in network.crossbars.items():
+        assert crossbar.lfsr_steps == 0 and network.dense_crossbars[name] is crossbar
+        np.testing.assert_array_equal(crossbar.kept_rows[0], np.arange(crossbar.n_rows))
+
+
 def test_bad_arguments_raise(network, images):
     fresh = twofold_network()
     with pytest.raises(NptwofoldError, match="calibrate"):
         fresh.cim_logits(images)
-    with pytest.raises(NptwofoldError, match="no CIM run"):
+    with pytest.raises(NptwofoldError, match="no energy counted"):
         fresh.energy_report()
     with pytest.raises(NptwofoldError, match="at least one image"):
         fresh.calibrate(images[:0])
@@ -199,6 +234,16 @@ def test_cim_eval_script(tmp_path):
     assert result["layers"][0]["kept"] == kept_per_column(27, 0.5)
     with open(tmp_path / "r.csv") as handle:
         assert [row["layer"] for row in csv.DictReader(handle)][-2:] == ["fc", "total"]
+
+    baseline = tmp_path / "dense.h5"
+    save_checkpoint(baseline, ResNet20(np.random.default_rng(1)), config=dataclasses.asdict(
+        TrainConfig()))
+    run(REPO / "scripts/cim_eval.py", checkpoint, "--baseline", baseline, "--data", "sample",
+        "--images", 3, "--calib-images", 4, "--json", tmp_path / "b.json", "--no-progress")
+    against = json.loads((tmp_path / "b.json").read_text())
+    assert str(baseline) in against["baseline"]
+    assert against["total"]["total_pj"] == result["total"]["total_pj"]
+    assert against["total"]["baseline_total_pj"] != result["total"]["baseline_total_pj"]
 
     for args, message in [((tmp_path / "missing.h5",), "checkpoint not found"),
                           ((checkpoint, "--data", "sample", "--adc-bits", "-1"), "adc_bits")]:

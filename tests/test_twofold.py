@@ -162,8 +162,25 @@ def test_post_training_stores_consistent_bits_levels_and_weights(pipeline):
             scale = group.attrs["scale"]
             assert np.array_equal(group["weight"][()], (scale * levels / 127).astype(np.float32))
             trained_bits = f["model"][f"{name}.weight_bits"][()]
-            assert np.array_equal(trained_bits, planes.astype(np.float32))  # frozen, exact bits
+            assert np.array_equal(trained_bits, planes.astype(np.float32))  # re-binarized: exact bits
             assert (levels[group["keep_mask"][()] == 0] == 0).all()
+
+
+def test_post_training_fine_tune_trains_kept_bits_and_keeps_masks(pipeline, tiny_dataset, tmp_path):
+    root, _ = pipeline
+    config = TrainConfig.from_preset(
+        "quick", epochs=1, batch_size=16, eval_batch_size=10, warmup_epochs=0, seed=4, lr=0.5,
+        twofold=dict(sparsity=0.5, lambda_net=0.5, beta_bit=5.0), post_training=True,
+        init=str(root / "twofold/last.h5"))
+    trainer = Trainer(config, tiny_dataset, None, progress=False)
+    pruned = {name: trainer.method.levels(name) for name in trainer.method.layers}
+    trainer.run(max_steps=3)
+    changed = 0
+    for name, layer in trainer.method.layers.items():
+        cut = trainer.method.keep_mask(name) == 0
+        assert (layer.params["weight_bits"][:, cut] == 0).all()
+        changed += int((trainer.method.levels(name) != pruned[name]).sum())
+    assert changed > 0  # the kept bits are trained, not frozen
 
 
 def test_twofold_run_checkpoint_round_trip_and_mask_check(pipeline, tmp_path):
