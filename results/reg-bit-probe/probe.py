@@ -1,0 +1,58 @@
+"""Reg_Bit strength probe: from the short baseline, N twofold steps at constant lr, then
+re-binarize and measure test accuracy, zero-bit share and 00-cell share.
+
+    python results/reg-bit-probe/probe.py SPARSITY LAMBDA BETA STEPS LR          (from the repo root)
+    python results/reg-bit-probe/probe.py 0 0 50 250 0.01 --then-beta 0     (two stages of STEPS)
+
+Exploratory: the numbers it printed are in probe.jsonl; the README quotes them.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from nptwofold.threads import configure_threads  # noqa: E402
+
+configure_threads(1)
+from nptwofold.data import load_dataset  # noqa: E402
+from nptwofold.train import TrainConfig, Trainer, evaluate  # noqa: E402
+
+parser = argparse.ArgumentParser()
+for name in ("sparsity", "lambda_net", "beta_bit", "steps", "lr"):
+    parser.add_argument(name, type=int if name == "steps" else float)
+parser.add_argument("--then-beta", type=float, help="a second stage of STEPS at this beta")
+parser.add_argument("--test-images", type=int, default=10000)
+parser.add_argument("--data", default=str(REPO.parent / "shared/datasets/cifar-10-binary.tar.gz"))
+args = parser.parse_args()
+
+data = load_dataset(args.data)
+config = TrainConfig.from_preset(
+    "short", epochs=2, lr=args.lr, warmup_epochs=0, schedule="step", milestones=[99],
+    init=str(REPO / "results/short-seed0/last.h5"),
+    twofold=dict(sparsity=args.sparsity, lambda_net=args.lambda_net, beta_bit=args.beta_bit))
+trainer = Trainer(config, data, None, progress=False)
+
+
+def probe(stage):
+    """Accuracy and bit statistics of the re-binarized model; training continues unchanged."""
+    layers = trainer.method.layers.items()
+    saved = {name: layer.params["weight_bits"].copy() for name, layer in layers}
+    trainer.method.rebinarize()
+    accuracy = evaluate(trainer.model, data.test_images[:args.test_images],
+                        data.test_labels[:args.test_images], 128)[1]
+    total = trainer.method.layer_report()[-1]
+    print(json.dumps(dict(stage=stage, **vars(args), accuracy=accuracy,
+                          zero_bit_share=total["zero_bit_share"], cells_00=total["cells_00"],
+                          zero_weight_share=total["zero_weight_share"])), flush=True)
+    for name, layer in layers:
+        layer.params["weight_bits"][...] = saved[name]
+
+
+trainer.run(max_steps=args.steps)
+probe(1)
+if args.then_beta is not None:
+    trainer.method.config.beta_bit = args.then_beta
+    trainer.run(max_steps=args.steps)
+    probe(2)
