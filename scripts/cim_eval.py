@@ -5,11 +5,10 @@ with `--baseline CKPT` a separately trained dense model run on the same images (
 counted from its own activations, SPEC 5's counting path).
 
     python scripts/cim_eval.py CKPT [--baseline CKPT] [--data PATH|sample] [--images N]
-        [--adc-bits N] [--hw-config JSON] [--calib-images N] [--json OUT] [--csv OUT]
-        [--threads N]
+        [--adc-bits N] [--hw-config JSON] [--hw KEY=VALUE ...] [--calib-images N]
+        [--json OUT] [--csv OUT] [--threads N]
 """
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -35,6 +34,9 @@ def parse_args(argv):
     parser.add_argument("--adc-bits", type=int, help="ADC bits, 0 = ideal (default: the "
                         "hardware config's, else ideal)")
     parser.add_argument("--hw-config", help="HardwareConfig JSON file (default: SPEC values)")
+    parser.add_argument("--hw", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one HardwareConfig field, the value in JSON; repeatable "
+                        "(--hw crossbar_rows=256 --hw 'cell_energy_pj=[0.08,0.36,0.73,1.49]')")
     parser.add_argument("--calib-images", type=int, default=500,
                         help="training images that calibrate the activation clips")
     parser.add_argument("--weight-bits", type=int,
@@ -84,6 +86,22 @@ def format_table(result):
     return "\n".join(lines)
 
 
+def hardware_overrides(pairs):
+    """{key: value} of the --hw KEY=VALUE flags, values parsed as JSON."""
+    from nptwofold.errors import NptwofoldError
+
+    overrides = {}
+    for pair in pairs:
+        key, separator, text = pair.partition("=")
+        if not separator:
+            raise NptwofoldError(f"--hw takes KEY=VALUE, got {pair!r}")
+        try:
+            overrides[key.strip()] = json.loads(text)
+        except ValueError:
+            raise NptwofoldError(f"--hw {key}: {text!r} is not a JSON value") from None
+    return overrides
+
+
 def evaluate_on_array(args):
     import numpy as np
     from tqdm import tqdm
@@ -92,9 +110,11 @@ def evaluate_on_array(args):
     from nptwofold.data import load_dataset
     from nptwofold.hardware import HardwareConfig
 
-    hardware = HardwareConfig.from_json(args.hw_config) if args.hw_config else HardwareConfig()
+    settings = HardwareConfig.from_json(args.hw_config).to_dict() if args.hw_config else {}
+    settings.update(hardware_overrides(args.hw))
     if args.adc_bits is not None:
-        hardware = dataclasses.replace(hardware, adc_bits=args.adc_bits)  # re-validated
+        settings["adc_bits"] = args.adc_bits
+    hardware = HardwareConfig.from_json(settings)  # validates keys and values
     network, content = CimNetwork.from_checkpoint(args.checkpoint, hardware, args.weight_bits)
     dataset = load_dataset(args.data or content["config"].get("data", "cifar10"))
     images = dataset.test_images[:args.images]

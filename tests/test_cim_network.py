@@ -245,8 +245,19 @@ def test_cim_eval_script(tmp_path):
     assert against["total"]["total_pj"] == result["total"]["total_pj"]
     assert against["total"]["baseline_total_pj"] != result["total"]["baseline_total_pj"]
 
+    overridden = run(REPO / "scripts/cim_eval.py", checkpoint, "--data", "sample", "--images", 2,
+                     "--calib-images", 4, "--hw", "crossbar_rows=16", "--hw",
+                     "cell_energy_pj=[0.1, 0.4, 0.8, 1.6]", "--json", tmp_path / "o.json",
+                     "--no-progress")
+    hardware = json.loads((tmp_path / "o.json").read_text())["hardware"]
+    assert hardware["crossbar_rows"] == 16 and hardware["cell_energy_pj"] == [0.1, 0.4, 0.8, 1.6]
+    assert "16-row crossbars" in overridden.stdout
+
     for args, message in [((tmp_path / "missing.h5",), "checkpoint not found"),
-                          ((checkpoint, "--data", "sample", "--adc-bits", "-1"), "adc_bits")]:
+                          ((checkpoint, "--data", "sample", "--adc-bits", "-1"), "adc_bits"),
+                          ((checkpoint, "--hw", "bogus=1"), "unknown hardware config keys"),
+                          ((checkpoint, "--hw", "adc_bits"), "KEY=VALUE"),
+                          ((checkpoint, "--hw", "adc_bits=six"), "not a JSON value")]:
         failed = run(REPO / "scripts/cim_eval.py", *args, check=False)
         lines = [line for line in failed.stderr.splitlines() if line.strip()]
         assert failed.returncode and lines == [lines[-1]] and message in lines[-1], failed.stderr
