@@ -6,11 +6,14 @@ Layout (documented in README.md, "Checkpoint format"):
   /optimizer/<name>  SGD momentum buffer of each parameter; attrs momentum, weight_decay, nesterov
   /train             attrs epoch, step, global_step, running sums, best_accuracy, history (JSON)
   /twofold/<layer>   twofold runs only: levels, bit_planes, weight, keep_mask; LFSR attrs
+  /cim               after a CIM calibration: attrs activation_bits, calibration_images;
+                     /cim/<layer> attr activation_clip
 Files are written to a temporary name and renamed, so a crash never leaves half a checkpoint.
 """
 import datetime
 import json
 import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -69,6 +72,20 @@ def save_checkpoint(path, model, optimizer=None, train_state=None, config=None,
     atomic_write(path, write)
 
 
+def store_group(path, name, fill):
+    """Adds or replaces group `name` of an existing checkpoint, filled by fill(group).
+
+    Atomic like every write: a copy is changed, then renamed over the original.
+    """
+    def write(tmp):
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            if name in f:
+                del f[name]
+            fill(f.create_group(name, track_order=True))
+    atomic_write(path, write)
+
+
 def load_checkpoint(path):
     """Reads a whole checkpoint into {"model", "optimizer", "train", "config"} dictionaries."""
     path = Path(path)
@@ -91,6 +108,9 @@ def load_checkpoint(path):
             if "train" in f:
                 content["train"] = {key: _attr_value(value) for key, value in f["train"].attrs.items()}
             content["twofold"] = _read_layer_groups(f["twofold"]) if "twofold" in f else None
+            content["cim"] = None
+            if "cim" in f:
+                content["cim"] = dict(f["cim"].attrs, layers=_read_layer_groups(f["cim"]))
     except NptwofoldError:
         raise
     except (OSError, KeyError, ValueError) as exc:

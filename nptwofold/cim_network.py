@@ -18,7 +18,8 @@ Quantization of a mapped layer (SPEC 2):
   pixel / 255, so its clip is 1 and, for a = 8, x_int is the pixel itself.
 - **[assumption]** The clip of every other layer is the running max of its input over the
   calibration images, in the network with quantized (masked) weights and float activations:
-  SPEC 2's "calibrated running max". Nothing is clipped on the calibration images.
+  SPEC 2's "calibrated running max". Nothing is clipped on the calibration images. The clips
+  are stored in the checkpoint (`store_clips`, group /cim) and taken back by `calibrate_checkpoint`.
 - a CIM layer's float output is its integer matmul times (s / qmax) (clip / (2^a - 1)), plus
   the FC bias.
 
@@ -38,6 +39,7 @@ import functools
 import numpy as np
 
 from .errors import NptwofoldError
+from .checkpoint import store_group
 from .hardware import CELL_STATES, HardwareConfig, layer_energy_report
 from .kernels.augment import to_float
 from .kernels.cim import (EnergyCounts, N_CELL_STATES, cim_matmul_packed, count_events,
@@ -172,6 +174,46 @@ class CimNetwork:
         model, method, content = load_model(path)
         return cls(model, method, hardware, weight_bits), content
 
+    def calibrate_checkpoint(self, path, content, images, batch_size=100, recalibrate=False):
+        """Clips of the network loaded from checkpoint `path`: the ones stored in it if they
+        were calibrated on as many images for the same activation and weight bits, else
+        `calibrate` on `images`, then stored in the checkpoint. Returns whether it calibrated."""
+        if not recalibrate and self._restore_clips(content, len(images)):
+            return False
+        self.calibrate(images, batch_size)
+        self.store_clips(path, len(images))
+        return True
+
+    def _restore_clips(self, content, calibration_images):
+        stored = content.get("cim")
+        if not stored or stored["layers"].keys() != self.layers.keys() or (
+                stored["activation_bits"], stored["weight_bits"], stored["calibration_images"]
+        ) != (*self._clip_key(), calibration_images):
+            return False
+        for name, layer in self.layers.items():
+            layer.clip = float(stored["layers"][name]["attrs"]["activation_clip"])
+        return True
+
+    def _clip_key(self):
+        return self.activation_bits, self.layers[STEM].bits
+
+    @property
+    def calibrated(self):
+        return all(layer.clip is not None for layer in self.layers.values())
+
+    def store_clips(self, path, calibration_images):
+        """Saves the activation clips in checkpoint `path` (group /cim), atomically."""
+        self._check_calibrated()
+
+        def fill(group):
+            activation_bits, weight_bits = self._clip_key()
+            group.attrs.update(activation_bits=activation_bits, weight_bits=weight_bits,
+                               calibration_images=calibration_images)
+            for name, layer in self.layers.items():
+                group.create_group(name).attrs["activation_clip"] = layer.clip
+
+        store_group(path, "cim", fill)
+
     @property
     def activation_bits(self):
         return self.hardware.activation_bits
@@ -213,8 +255,8 @@ class CimNetwork:
         return linear_forward(x, weight, module.params["bias"])
 
     def _check_calibrated(self):
-        missing = [name for name, layer in self.layers.items() if layer.clip is None]
-        if missing:
+        if not self.calibrated:
+            missing = [name for name, layer in self.layers.items() if layer.clip is None]
             raise NptwofoldError(f"activation clips of {missing[0]} and {len(missing) - 1} more "
                                  "layers are not calibrated; call calibrate first")
 

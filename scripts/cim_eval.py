@@ -38,7 +38,10 @@ def parse_args(argv):
                         help="override one HardwareConfig field, the value in JSON; repeatable "
                         "(--hw crossbar_rows=256 --hw 'cell_energy_pj=[0.08,0.36,0.73,1.49]')")
     parser.add_argument("--calib-images", type=int, default=500,
-                        help="training images that calibrate the activation clips")
+                        help="training images that calibrate the activation clips; the clips "
+                        "are stored in the checkpoint (/cim) and reused by later runs")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="calibrate again even if the checkpoint holds clips")
     parser.add_argument("--weight-bits", type=int,
                         help="bits of a float checkpoint's weights (default 8)")
     parser.add_argument("--batch-size", type=int, default=50)
@@ -63,7 +66,7 @@ def format_table(result):
     lines = [
         f"{result['checkpoint']}: {result['n_images']} test images from {result['data']}; "
         f"{hardware['activation_bits']}-bit inputs, {adc}, {hardware['crossbar_rows']}-row "
-        "crossbars",
+        f"crossbars; activation clips {result['clips']}",
         f"accuracy: float {accuracy['float']:.4f}, fake-quant {accuracy['fake_quant']:.4f}, "
         f"CIM {accuracy['cim']:.4f} (CIM = fake-quant prediction on "
         f"{result['cim_fake_quant_agreement']:.2%} of images)",
@@ -121,8 +124,10 @@ def evaluate_on_array(args):
     labels = dataset.test_labels[:args.images]
 
     seconds = dict(calibration=0.0, float=0.0, fake_quant=0.0, cim=0.0)
+    calibration = dataset.train_images[:args.calib_images]
     started = time.perf_counter()
-    network.calibrate(dataset.train_images[:args.calib_images], args.batch_size)
+    calibrated = network.calibrate_checkpoint(args.checkpoint, content, calibration,
+                                              args.batch_size, args.recalibrate)
     seconds["calibration"] = time.perf_counter() - started
     runs = dict(float=network.float_logits, fake_quant=network.fake_quant_logits,
                 cim=network.cim_logits)
@@ -147,7 +152,9 @@ def evaluate_on_array(args):
         checkpoint=str(args.checkpoint), data=dataset.source, n_images=len(images),
         baseline=(f"{args.baseline}, counted on the same images" if args.baseline else
                   "the same weights on every row, no LFSR"),
-        calibration_images=min(args.calib_images, len(dataset.train_images)),
+        calibration_images=len(calibration),
+        clips=("calibrated now, stored in the checkpoint" if calibrated else
+               "stored in the checkpoint by an earlier calibration"),
         hardware=hardware.to_dict(),
         accuracy={name: float(np.mean(found == labels)) for name, found in predictions.items()},
         cim_fake_quant_agreement=float(np.mean(predictions["cim"] == predictions["fake_quant"])),
@@ -158,8 +165,9 @@ def baseline_energy(path, hardware, dataset, images, args):
     """energy_report of the baseline checkpoint on `images`, by counting (ideal-ADC run)."""
     from nptwofold.cim_network import CimNetwork
 
-    network, _ = CimNetwork.from_checkpoint(path, hardware)
-    network.calibrate(dataset.train_images[:args.calib_images], args.batch_size)
+    network, content = CimNetwork.from_checkpoint(path, hardware)
+    network.calibrate_checkpoint(path, content, dataset.train_images[:args.calib_images],
+                                 args.batch_size, args.recalibrate)
     for start in range(0, len(images), args.batch_size):
         network.fake_quant_logits(images[start:start + args.batch_size], count_energy=True)
     return network.energy_report()

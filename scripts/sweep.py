@@ -118,8 +118,8 @@ def energy_of(checkpoint, dataset, args, baseline=None):
 
     from nptwofold.cim_network import CimNetwork
 
-    network, _ = CimNetwork.from_checkpoint(checkpoint)
-    network.calibrate(dataset.train_images[:args.calib_images])
+    network, content = CimNetwork.from_checkpoint(checkpoint)
+    network.calibrate_checkpoint(checkpoint, content, dataset.train_images[:args.calib_images])
     images = dataset.test_images[:args.energy_images]
     labels = dataset.test_labels[:args.energy_images]
     correct = 0

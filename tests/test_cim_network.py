@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 
+import h5py
 import numpy as np
 import pytest
 
@@ -185,6 +186,25 @@ def test_float_model_maps_dense(sample, images):
     assert total["lfsr_pj"] == 0 and total["baseline_ratio"] == 1
 
 
+def test_calibration_is_stored_in_the_checkpoint_and_reused(sample, tmp_path):
+    model, method = twofold_model()
+    path = tmp_path / "twofold.h5"
+    config = TrainConfig(twofold=dataclasses.asdict(TwofoldConfig(sparsity=0.5)))
+    save_checkpoint(path, model, config=dataclasses.asdict(config),
+                    extra_groups={"twofold": method.write_h5})
+    first, content = CimNetwork.from_checkpoint(path)
+    assert first.calibrate_checkpoint(path, content, sample.train_images[:6])
+    clips = {name: layer.clip for name, layer in first.layers.items()}
+    second, content = CimNetwork.from_checkpoint(path)
+    assert not second.calibrate_checkpoint(path, content, sample.train_images[:6])
+    assert {name: layer.clip for name, layer in second.layers.items()} == clips
+    # other calibration images or other activation bits: calibrated again, not reused
+    third, content = CimNetwork.from_checkpoint(path)
+    assert third.calibrate_checkpoint(path, content, sample.train_images[:3])
+    fourth, content = CimNetwork.from_checkpoint(path, HardwareConfig(activation_bits=6))
+    assert fourth.calibrate_checkpoint(path, content, sample.train_images[:3])
+
+
 def test_a_mask_keeping_every_row_maps_dense_without_lfsr():
     model = ResNet20(np.random.default_rng(0))
     network = CimNetwork(model, Twofold(model, TwofoldConfig(sparsity=0.0), 0))
@@ -244,6 +264,16 @@ def test_cim_eval_script(tmp_path):
     assert str(baseline) in against["baseline"]
     assert against["total"]["total_pj"] == result["total"]["total_pj"]
     assert against["total"]["baseline_total_pj"] != result["total"]["baseline_total_pj"]
+
+    with h5py.File(checkpoint, "r") as f:  # the calibration is stored in the checkpoint
+        assert f["cim"].attrs["calibration_images"] == 4
+        stored_clips = [f["cim"][row["layer"]].attrs["activation_clip"] for row in result["layers"]]
+    assert stored_clips == [row["clip"] for row in result["layers"]]
+    assert "calibrated now" in result["clips"]
+    again = run(REPO / "scripts/cim_eval.py", checkpoint, "--data", "sample", "--images", 3,
+                "--calib-images", 4, "--json", tmp_path / "again.json", "--no-progress").stdout
+    assert "stored in the checkpoint by an earlier calibration" in again
+    assert json.loads((tmp_path / "again.json").read_text())["total"] == result["total"]
 
     overridden = run(REPO / "scripts/cim_eval.py", checkpoint, "--data", "sample", "--images", 2,
                      "--calib-images", 4, "--hw", "crossbar_rows=16", "--hw",
