@@ -41,7 +41,8 @@ PRESETS = {
 # run of its own in OUT/<phase>, started from the previous phase's last.h5.
 TWOFOLD_PHASES = (
     ("baseline", "short", {}),
-    ("twofold", "short", dict(epochs=4, lr=0.01, warmup_epochs=0)),
+    # one epoch: Reg_Bit keeps shrinking a layer as long as it runs (README, Reg_Bit probe)
+    ("twofold", "short", dict(epochs=1, lr=0.01, warmup_epochs=0)),
     # the fine-tune trains the kept bits again, so it needs a real learning rate
     ("post", "short", dict(epochs=1, lr=0.01, warmup_epochs=0, post_training=True)),
 )
