@@ -1,9 +1,9 @@
 """A whole trained ResNet-20 on the simulated CIM array (SPEC sections 2, 5 and 6).
 
 `CimNetwork` maps every conv and the FC of a model onto crossbars and runs the test set three
-ways: float (the model as trained), fake-quant (float NumPy with quantized weights and
-activations) and CIM (each mapped layer's matmul on integers, bit by bit, through
-`cim_matmul_packed`). BN, ReLU, the residual adds and pooling stay digital, in float, between
+ways: float (the model as trained), fake-quant (quantized weights and activations, each
+mapped layer's integer matmul done exactly by BLAS in float64) and CIM (the same integer matmul
+bit by bit on the simulated array, through `cim_matmul_packed`). BN, ReLU, the residual adds and pooling stay digital, in float, between
 the arrays: the runs reuse the model's own forward and replace only the mapped layers' forward
 while they run. The CIM run accumulates every layer's energy events, and those of a dense
 baseline, into per-image reports in pJ.
@@ -159,6 +159,7 @@ class CimNetwork:
         self.layers = mapped_layers(model, method, weight_bits)
         rows_per_tile = self.hardware.crossbar_rows
         self.crossbars, self.dense_crossbars, self.quantized_weights = {}, {}, {}
+        self.integer_weights = {}
         for name, layer in self.layers.items():
             self.hardware.cells_per_weight(layer.bits)  # the weight must fit a crossbar row
             self.crossbars[name] = layer.crossbar(rows_per_tile)
@@ -166,6 +167,7 @@ class CimNetwork:
                 self.crossbars[name] if not layer.prunes else
                 map_layer(layer_matrix(layer.kept_levels), layer.bits, rows_per_tile))
             self.quantized_weights[name] = dequantize(layer.kept_levels, layer.scale, layer.bits)
+            self.integer_weights[name] = layer.kept_levels.astype(np.float64)
         self.reset_energy()
 
     @classmethod
@@ -286,7 +288,11 @@ class CimNetwork:
         return {name: layer.clip for name, layer in self.layers.items()}
 
     def fake_quant_logits(self, images, count_energy=False):
-        """Float forward with weights s (q K) / qmax and inputs x_int clip / (2^a - 1).
+        """Forward with weights s (q K) / qmax and inputs x_int clip / (2^a - 1).
+
+        Each mapped layer multiplies the integers x_int and q K in float64, which holds their
+        sums exactly, and scales the result in float64 as `cim_logits` does: so the ideal-ADC
+        CIM run must give these logits bit for bit, and a difference can only be the array's.
 
         With `count_energy`, each mapped layer's energy events are also counted from its
         integer inputs (SPEC 5's energy by counting, `count_events`) and added to the totals:
@@ -299,8 +305,7 @@ class CimNetwork:
             x_levels = quantize_activations(x, layer.clip, bits)
             if count_energy:
                 self._add_energy(layer, input_matrix(layer.module, x_levels))
-            step = x.dtype.type(layer.clip / ((1 << bits) - 1))
-            return self._float_layer(layer, x_levels * step, self.quantized_weights[layer.name])
+            return self._layer_output(layer, self._exact_matmul(layer, x_levels), x)
 
         logits = self._forward_with(images, fake_quant)
         if count_energy:
@@ -323,17 +328,32 @@ class CimNetwork:
             self._add_energy(layer, inputs, counts)
             if trace is not None:
                 trace[layer.name] = (inputs, y)
-            out = (y * layer.output_scale(bits)).astype(x.dtype)
-            if isinstance(layer.module, Conv3x3):
-                n_images, height, width, _ = x.shape
-                stride = layer.module.stride
-                return out.reshape(n_images, conv_output_size(height, stride),
-                                   conv_output_size(width, stride), -1)
-            return out + layer.module.params["bias"]
+            return self._layer_output(layer, y, x)
 
         logits = self._forward_with(images, on_array)
         self.n_images += len(images)
         return logits
+
+    def _exact_matmul(self, layer, x_levels):
+        """x_int @ (q K) of a layer, in float64: every partial sum is an integer below 2^53,
+        so the result is exact whatever the summation order."""
+        x_levels = x_levels.astype(np.float64)
+        weight = self.integer_weights[layer.name]
+        if isinstance(layer.module, Conv3x3):
+            stride = layer.module.stride
+            return conv3x3_forward(x_levels, weight, stride,
+                                   np.empty(im2col_rows(x_levels.shape, stride)))
+        return x_levels @ weight.T
+
+    def _layer_output(self, layer, y, x):
+        """A mapped layer's float output (x's dtype and layout) from its integer matmul y."""
+        out = (y * layer.output_scale(self.activation_bits)).astype(x.dtype)
+        if isinstance(layer.module, Conv3x3):
+            n_images, height, width, _ = x.shape
+            stride = layer.module.stride
+            return out.reshape(n_images, conv_output_size(height, stride),
+                               conv_output_size(width, stride), -1)
+        return out + layer.module.params["bias"]
 
     def _add_energy(self, layer, inputs, counts=None):
         """Adds a layer's events on integer `inputs` (counted unless the run gives them) and
