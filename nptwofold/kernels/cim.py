@@ -71,6 +71,7 @@ N_CELL_STATES = 1 << CELL_BITS
 MAX_CELL_STATE = N_CELL_STATES - 1
 MAX_ACTIVATION_BITS = 16
 WORD_BITS = 64  # rows per packed word of `cim_matmul_packed`
+POSITIONS_PER_CHUNK = 64  # positions per parallel work item of `cim_matmul_packed`
 
 
 class CrossbarLayer(NamedTuple):
@@ -360,36 +361,50 @@ def _add_adc_readings(high, low, cell, adc_shift, adc_max_code, column_sums):
 @numba.njit(parallel=True, cache=True)
 def _packed_kernel(input_words, cell_masks, word_spans, bits, adc_shift, adc_max_code, out):
     """Fills `out` (P, C) with the shift-and-add of `_simulate_kernel`, from popcounts."""
-    n_positions, activation_bits, _ = input_words.shape
+    n_positions = input_words.shape[0]
     n_tiles, _, n_cells, _, n_cols = cell_masks.shape
     sign_cell = n_cells - 1
-    for p in prange(n_positions):
-        # driven rows of each tile, cell and column whose state has the high (low) bit
+    n_chunks = (n_positions + POSITIONS_PER_CHUNK - 1) // POSITIONS_PER_CHUNK
+    for chunk in prange(n_chunks):
+        # driven rows of each tile, cell and column whose state has the high (low) bit;
+        # allocated once per chunk, not per position (thousands of positions per call)
         high = np.empty((n_tiles, n_cells, n_cols), np.int64)
         low = np.empty((n_tiles, n_cells, n_cols), np.int64)
         column_sums = np.empty(n_cols, np.int64)
-        out[p, :] = 0
-        for j in range(activation_bits):
-            high[:] = 0
-            low[:] = 0
-            for t in range(n_tiles):
-                for w in range(word_spans[t, 0], word_spans[t, 1]):
-                    word = input_words[p, j, w]
-                    if word == 0:  # common: high input bits and ReLU zeros
-                        continue
-                    for m in range(n_cells):
-                        _add_popcounts(word, cell_masks[t, w, m, 0], high[t, m])
-                        _add_popcounts(word, cell_masks[t, w, m, 1], low[t, m])
-            column_sums[:] = 0
-            for t in range(n_tiles):
+        for p in range(chunk * POSITIONS_PER_CHUNK,
+                       min((chunk + 1) * POSITIONS_PER_CHUNK, n_positions)):
+            _packed_position(input_words[p], cell_masks, word_spans, bits, adc_shift,
+                             adc_max_code, sign_cell, high, low, column_sums, out[p])
+
+
+@numba.njit(cache=True)
+def _packed_position(words, cell_masks, word_spans, bits, adc_shift, adc_max_code, sign_cell,
+                     high, low, column_sums, out):
+    """`out` (C,) of one position from its packed input bits `words` (a, W)."""
+    activation_bits = words.shape[0]
+    n_tiles, _, n_cells, _, n_cols = cell_masks.shape
+    out[:] = 0
+    for j in range(activation_bits):
+        high[:] = 0
+        low[:] = 0
+        for t in range(n_tiles):
+            for w in range(word_spans[t, 0], word_spans[t, 1]):
+                word = words[j, w]
+                if word == 0:  # common: high input bits and ReLU zeros
+                    continue
                 for m in range(n_cells):
-                    _add_adc_readings(high[t, m], low[t, m], m, adc_shift, adc_max_code,
-                                      column_sums)
-                for c in range(n_cols):
-                    # each driven row whose sign bit is 1 weighs -2^(b-1), not +2^(b-1)
-                    column_sums[c] -= high[t, sign_cell, c] << bits
+                    _add_popcounts(word, cell_masks[t, w, m, 0], high[t, m])
+                    _add_popcounts(word, cell_masks[t, w, m, 1], low[t, m])
+        column_sums[:] = 0
+        for t in range(n_tiles):
+            for m in range(n_cells):
+                _add_adc_readings(high[t, m], low[t, m], m, adc_shift, adc_max_code,
+                                  column_sums)
             for c in range(n_cols):
-                out[p, c] += column_sums[c] << j
+                # each driven row whose sign bit is 1 weighs -2^(b-1), not +2^(b-1)
+                column_sums[c] -= high[t, sign_cell, c] << bits
+        for c in range(n_cols):
+            out[c] += column_sums[c] << j
 
 
 def cim_matmul_packed(layer, x, activation_bits, adc_bits=0, skip_zero_tiles=False):
