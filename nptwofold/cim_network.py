@@ -2,8 +2,8 @@
 
 `CimNetwork` maps every conv and the FC of a model onto crossbars and runs the test set three
 ways: float (the model as trained), fake-quant (quantized weights and activations, each
-mapped layer's integer matmul done exactly by BLAS in float64) and CIM (the same integer matmul
-bit by bit on the simulated array, through `cim_matmul_packed`). BN, ReLU, the residual adds and pooling stay digital, in float, between
+mapped layer's integer matmul done exactly by BLAS in float32 or float64) and CIM (the same
+integer matmul bit by bit on the simulated array, through `cim_matmul_packed`). BN, ReLU, the residual adds and pooling stay digital, in float, between
 the arrays: the runs reuse the model's own forward and replace only the mapped layers' forward
 while they run. The CIM run accumulates every layer's energy events, and those of a dense
 baseline, into per-image reports in pJ.
@@ -167,7 +167,12 @@ class CimNetwork:
                 self.crossbars[name] if not layer.prunes else
                 map_layer(layer_matrix(layer.kept_levels), layer.bits, rows_per_tile))
             self.quantized_weights[name] = dequantize(layer.kept_levels, layer.scale, layer.bits)
-            self.integer_weights[name] = layer.kept_levels.astype(np.float64)
+            # float32 holds every partial sum of x_int @ (q K) exactly when no column's sum
+            # of |x_int q| can reach 2^24; otherwise the fake-quant matmul runs in float64
+            largest_sum = (((1 << self.activation_bits) - 1)
+                           * np.abs(layer_matrix(layer.kept_levels)).sum(axis=0).max())
+            exact_dtype = np.float32 if largest_sum < 2 ** 24 else np.float64
+            self.integer_weights[name] = layer.kept_levels.astype(exact_dtype)
         self.reset_energy()
 
     @classmethod
@@ -290,7 +295,7 @@ class CimNetwork:
     def fake_quant_logits(self, images, count_energy=False):
         """Forward with weights s (q K) / qmax and inputs x_int clip / (2^a - 1).
 
-        Each mapped layer multiplies the integers x_int and q K in float64, which holds their
+        Each mapped layer multiplies the integers x_int and q K in a float dtype that holds their
         sums exactly, and scales the result in float64 as `cim_logits` does: so the ideal-ADC
         CIM run must give these logits bit for bit, and a difference can only be the array's.
 
@@ -335,19 +340,21 @@ class CimNetwork:
         return logits
 
     def _exact_matmul(self, layer, x_levels):
-        """x_int @ (q K) of a layer, in float64: every partial sum is an integer below 2^53,
-        so the result is exact whatever the summation order."""
-        x_levels = x_levels.astype(np.float64)
+        """x_int @ (q K) of a layer in a float dtype that holds every partial sum exactly
+        (an integer below 2^24 in float32, else float64), whatever the summation order."""
         weight = self.integer_weights[layer.name]
+        x_levels = x_levels.astype(weight.dtype)
         if isinstance(layer.module, Conv3x3):
             stride = layer.module.stride
             return conv3x3_forward(x_levels, weight, stride,
-                                   np.empty(im2col_rows(x_levels.shape, stride)))
+                                   np.empty(im2col_rows(x_levels.shape, stride), weight.dtype))
         return x_levels @ weight.T
 
     def _layer_output(self, layer, y, x):
         """A mapped layer's float output (x's dtype and layout) from its integer matmul y."""
-        out = (y * layer.output_scale(self.activation_bits)).astype(x.dtype)
+        # scaled in float64 whatever y's type, so the CIM and fake-quant runs round alike
+        out = np.multiply(y, layer.output_scale(self.activation_bits),
+                          dtype=np.float64).astype(x.dtype)
         if isinstance(layer.module, Conv3x3):
             n_images, height, width, _ = x.shape
             stride = layer.module.stride

@@ -110,6 +110,14 @@ def test_ideal_cim_forward_equals_fake_quant(network, images, ideal_run):
                                atol=1e-4 * np.abs(fake_quant).max())
 
 
+def test_wide_inputs_take_the_float64_matmul_and_still_match_exactly(sample, images):
+    wide = twofold_network(HardwareConfig(activation_bits=16))
+    assert {w.dtype for w in wide.integer_weights.values()} == {np.dtype(np.float64)}
+    assert twofold_network().integer_weights["fc"].dtype == np.float32
+    wide.calibrate(sample.train_images[:4])
+    np.testing.assert_array_equal(wide.cim_logits(images[:1]), wide.fake_quant_logits(images[:1]))
+
+
 def test_integer_preactivations_are_the_integer_matmul(network, images, ideal_run):
     _, trace = ideal_run
     for name in (PROBED, "fc"):
