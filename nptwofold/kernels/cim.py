@@ -346,9 +346,9 @@ def _pack_cell_masks(kept_rows, group, cells, tile_rows, n_words):
 
 @numba.njit(cache=True)
 def _add_popcounts(word, masks, counts):
-    """counts[c] += popcount(word & masks[c]): one contiguous loop, which LLVM vectorizes."""
-    for c in range(counts.size):
-        counts[c] += _popcount(word & masks[c])
+    """counts[i] += popcount(word & masks[i]): one contiguous loop, which LLVM vectorizes."""
+    for i in range(counts.size):
+        counts[i] += _popcount(word & masks[i])
 
 
 @numba.njit(cache=True)
@@ -363,46 +363,44 @@ def _packed_kernel(input_words, cell_masks, word_spans, bits, adc_shift, adc_max
     """Fills `out` (P, C) with the shift-and-add of `_simulate_kernel`, from popcounts."""
     n_positions = input_words.shape[0]
     n_tiles, _, n_cells, _, n_cols = cell_masks.shape
-    sign_cell = n_cells - 1
     n_chunks = (n_positions + POSITIONS_PER_CHUNK - 1) // POSITIONS_PER_CHUNK
     for chunk in prange(n_chunks):
-        # driven rows of each tile, cell and column whose state has the high (low) bit;
-        # allocated once per chunk, not per position (thousands of positions per call)
-        high = np.empty((n_tiles, n_cells, n_cols), np.int64)
-        low = np.empty((n_tiles, n_cells, n_cols), np.int64)
+        # driven rows of each tile, cell and column whose state has the high (index 0) or low
+        # (1) bit; allocated once per chunk, not per position (thousands per call)
+        counts = np.empty((n_tiles, n_cells, 2, n_cols), np.int64)
         column_sums = np.empty(n_cols, np.int64)
         for p in range(chunk * POSITIONS_PER_CHUNK,
                        min((chunk + 1) * POSITIONS_PER_CHUNK, n_positions)):
             _packed_position(input_words[p], cell_masks, word_spans, bits, adc_shift,
-                             adc_max_code, sign_cell, high, low, column_sums, out[p])
+                             adc_max_code, counts, column_sums, out[p])
 
 
 @numba.njit(cache=True)
-def _packed_position(words, cell_masks, word_spans, bits, adc_shift, adc_max_code, sign_cell,
-                     high, low, column_sums, out):
+def _packed_position(words, cell_masks, word_spans, bits, adc_shift, adc_max_code, counts,
+                     column_sums, out):
     """`out` (C,) of one position from its packed input bits `words` (a, W)."""
     activation_bits = words.shape[0]
     n_tiles, _, n_cells, _, n_cols = cell_masks.shape
+    sign_cell = n_cells - 1
     out[:] = 0
     for j in range(activation_bits):
-        high[:] = 0
-        low[:] = 0
+        counts[:] = 0
         for t in range(n_tiles):
+            # every cell's high and low masks of a word in one contiguous loop
+            tile_counts = counts[t].reshape(-1)
             for w in range(word_spans[t, 0], word_spans[t, 1]):
                 word = words[j, w]
                 if word == 0:  # common: high input bits and ReLU zeros
                     continue
-                for m in range(n_cells):
-                    _add_popcounts(word, cell_masks[t, w, m, 0], high[t, m])
-                    _add_popcounts(word, cell_masks[t, w, m, 1], low[t, m])
+                _add_popcounts(word, cell_masks[t, w].reshape(-1), tile_counts)
         column_sums[:] = 0
         for t in range(n_tiles):
             for m in range(n_cells):
-                _add_adc_readings(high[t, m], low[t, m], m, adc_shift, adc_max_code,
-                                  column_sums)
+                _add_adc_readings(counts[t, m, 0], counts[t, m, 1], m, adc_shift,
+                                  adc_max_code, column_sums)
             for c in range(n_cols):
                 # each driven row whose sign bit is 1 weighs -2^(b-1), not +2^(b-1)
-                column_sums[c] -= high[t, sign_cell, c] << bits
+                column_sums[c] -= counts[t, sign_cell, 0, c] << bits
         for c in range(n_cols):
             out[c] += column_sums[c] << j
 
