@@ -3,10 +3,11 @@
 `CimNetwork` maps every conv and the FC of a model onto crossbars and runs the test set three
 ways: float (the model as trained), fake-quant (quantized weights and activations, each
 mapped layer's integer matmul done exactly by BLAS in float32 or float64) and CIM (the same
-integer matmul bit by bit on the simulated array, through `cim_matmul_packed`). BN, ReLU, the residual adds and pooling stay digital, in float, between
-the arrays: the runs reuse the model's own forward and replace only the mapped layers' forward
-while they run. The CIM run accumulates every layer's energy events, and those of a dense
-baseline, into per-image reports in pJ.
+integer matmul bit by bit on the simulated array, through `cim_matmul_packed`). BN, ReLU,
+the residual adds and pooling stay digital, in float, between the arrays: the runs reuse the
+model's own forward and replace only the mapped layers' forward while they run. The CIM run
+accumulates every layer's energy events, and those of a dense baseline, into per-image
+reports in pJ.
 
 Quantization of a mapped layer (SPEC 2):
 - weights: integer levels q with W = s q / qmax, qmax = 2^(b-1) - 1. A twofold model gives its

@@ -123,8 +123,8 @@ def energy_of(checkpoint, dataset, args, baseline=None):
     images = dataset.test_images[:args.energy_images]
     labels = dataset.test_labels[:args.energy_images]
     correct = 0
-    for start in tqdm(range(0, len(images), 100), desc=f"energy {Path(checkpoint).parent.parent.name}",
-                      leave=False):
+    run_name = Path(checkpoint).parent.parent.name
+    for start in tqdm(range(0, len(images), 100), desc=f"energy {run_name}", leave=False):
         logits = network.fake_quant_logits(images[start:start + 100], count_energy=True)
         correct += int((logits.argmax(axis=1) == labels[start:start + 100]).sum())
     return correct / len(images), network.energy_report(baseline)
@@ -139,7 +139,9 @@ def collect(args, out_dir):
     for label, sparsity, beta in planned_runs(args):
         post = out_dir / label / "post"
         summary = post / "summary.json"
-        if not summary.exists() or json.loads(summary.read_text())["epochs_done"] < args.finetune_epochs:
+        finished = summary.exists() and (
+            json.loads(summary.read_text())["epochs_done"] >= args.finetune_epochs)
+        if not finished:
             print(f"{label}: not finished, left out of the table")
             continue
         runs.append((label, sparsity, beta, post))
