@@ -38,6 +38,7 @@ import dataclasses
 import functools
 
 import numpy as np
+from tqdm import tqdm
 
 from .errors import NptwofoldError
 from .checkpoint import store_group
@@ -317,6 +318,16 @@ class CimNetwork:
         if count_energy:
             self.n_images += len(images)
         return logits
+
+    def count_energy(self, images, batch_size=100, progress=None):
+        """Predicted classes of `images` by the fake-quant forward (the ideal-ADC CIM result),
+        counting the energy events on the way; `progress`, if given, labels a progress bar."""
+        predictions = []
+        for start in tqdm(range(0, len(images), batch_size), desc=progress, leave=False,
+                          disable=progress is None):
+            batch = images[start:start + batch_size]
+            predictions.append(self.fake_quant_logits(batch, count_energy=True).argmax(axis=1))
+        return np.concatenate(predictions)
 
     def cim_logits(self, images, trace=None):
         """Logits with every mapped layer's matmul on the array (integers, bit-serial).

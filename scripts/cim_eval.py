@@ -168,8 +168,7 @@ def baseline_energy(path, hardware, dataset, images, args):
     network, content = CimNetwork.from_checkpoint(path, hardware)
     network.calibrate_checkpoint(path, content, dataset.train_images[:args.calib_images],
                                  args.batch_size, args.recalibrate)
-    for start in range(0, len(images), args.batch_size):
-        network.fake_quant_logits(images[start:start + args.batch_size], count_energy=True)
+    network.count_energy(images, args.batch_size)
     return network.energy_report()
 
 

@@ -113,21 +113,14 @@ def train_all(args, out_dir):
 
 def energy_of(checkpoint, dataset, args, baseline=None):
     """(ideal-ADC accuracy, energy_report) of a checkpoint on the first test images, counted."""
-    import numpy as np
-    from tqdm import tqdm
-
     from nptwofold.cim_network import CimNetwork
 
     network, content = CimNetwork.from_checkpoint(checkpoint)
     network.calibrate_checkpoint(checkpoint, content, dataset.train_images[:args.calib_images])
-    images = dataset.test_images[:args.energy_images]
-    labels = dataset.test_labels[:args.energy_images]
-    correct = 0
-    run_name = Path(checkpoint).parent.parent.name
-    for start in tqdm(range(0, len(images), 100), desc=f"energy {run_name}", leave=False):
-        logits = network.fake_quant_logits(images[start:start + 100], count_energy=True)
-        correct += int((logits.argmax(axis=1) == labels[start:start + 100]).sum())
-    return correct / len(images), network.energy_report(baseline)
+    predictions = network.count_energy(dataset.test_images[:args.energy_images],
+                                       progress=f"energy {Path(checkpoint).parent.parent.name}")
+    accuracy = float((predictions == dataset.test_labels[:args.energy_images]).mean())
+    return accuracy, network.energy_report(baseline)
 
 
 def collect(args, out_dir):

@@ -168,7 +168,9 @@ def test_counting_forward_gives_the_cim_runs_energy(sample, network, images, ide
 def test_energy_ratio_to_a_baseline_network(sample, network, images, ideal_run):
     dense = CimNetwork(ResNet20(np.random.default_rng(1)))
     dense.calibrate(sample.train_images[:8])
-    dense.fake_quant_logits(images, count_energy=True)
+    predictions = dense.count_energy(images, batch_size=3)  # two batches, 3 + 1 images
+    np.testing.assert_array_equal(predictions, dense.fake_quant_logits(images).argmax(axis=1))
+    assert dense.n_images == N_IMAGES
     baseline = dense.energy_report()
     report = network.energy_report(baseline)
     for row, base in zip(report["layers"] + [report["total"]],
