@@ -76,17 +76,19 @@ class Sequential(Module):
 class WeightLayer(Module):
     """A layer with one weight tensor, trained either directly or as bit planes.
 
-    After `use_bit_weights(b)` the trained variable is `weight_bits`, b continuous planes in
-    [0, 1] (plane b-1 the two's complement sign); the weight used in the forward pass is
-    s * Round(clip(q~)) / qmax with a straight-through gradient (SPEC 3). The scale
+    After `use_bit_weights(b, rounding)` the trained variable is `weight_bits`, b continuous
+    planes in [0, 1] (plane b-1 the two's complement sign); the weight used in the forward
+    pass is s * q / qmax with q the planes' rounded level and a straight-through gradient
+    (SPEC 3; `kernels.quant` explains the two roundings). The scale
     `weight_scale` = max|W| of the starting weights is a buffer, not trained: trained, Reg_Net
     shrinks it towards 0 (that shrinks the cut weights too), a degenerate way out that
     collapsed whole layers in our first runs.
     """
 
     bit_width = 0  # 0: the float weight is trained directly
+    bit_rounding = "sum"
 
-    def use_bit_weights(self, b):
+    def use_bit_weights(self, b, rounding="sum"):
         weight = self.params.pop("weight")
         del self.grads["weight"]
         levels, scale = quantize(weight, b)
@@ -94,18 +96,21 @@ class WeightLayer(Module):
         self.grads["weight_bits"] = np.zeros_like(self.params["weight_bits"])
         self.buffers["weight_scale"] = np.array([scale], weight.dtype)
         self.bit_width = b
+        self.bit_rounding = rounding
 
     def effective_weight(self):
         if not self.bit_width:
             return self.params["weight"]
-        return bits_forward(self.params["weight_bits"], self.buffers["weight_scale"][0])
+        return bits_forward(self.params["weight_bits"], self.buffers["weight_scale"][0],
+                            self.bit_rounding)
 
     def store_weight_grad(self, dweight):
         if not self.bit_width:
             self.grads["weight"][...] = dweight
             return
         self.grads["weight_bits"][...], _ = bits_backward(
-            self.params["weight_bits"], self.buffers["weight_scale"][0], dweight)
+            self.params["weight_bits"], self.buffers["weight_scale"][0], dweight,
+            self.bit_rounding)
 
 
 class Conv3x3(WeightLayer):

@@ -15,8 +15,8 @@ from .errors import NptwofoldError
 from .hardware import CELL_STATES
 from .kernels.lfsr import (kept_per_column, lfsr_keep_mask_for_kept, lfsr_width_for_rows,
                            weight_mask)
-from .kernels.quant import (bits_backward, check_bits, clamp_bits, decompose, max_level,
-                           rebinarize_bits, rounded_levels)
+from .kernels.quant import (bits_backward, check_bit_rounding, check_bits, clamp_bits,
+                           decompose, max_level, rebinarize_bits, rounded_levels)
 from .kernels.regularizers import reg_bit, reg_bit_plane_lasso, reg_net
 from .layers import WeightLayer
 
@@ -33,6 +33,8 @@ class TwofoldConfig:
     lambda_net: Reg_Net strength lambda [assumption].
     beta_bit: Reg_Bit strength beta [assumption].
     reg_bit_form: "poster" (||sum_n B(n)||_2) or "plane_lasso" (BSQ, sum_n ||B(n)||_2).
+    bit_rounding: "sum" (SPEC 3: round the composed level) or "per_bit" (round each bit, then
+        compose; a documented deviation, see kernels.quant and the README).
     mask_group: output columns sharing one LFSR index set (1 = per output channel).
     lfsr_seed: 0 = derive each layer's LFSR seed from the training seed; else a base seed.
     rebinarize_epochs: epochs (1-based) after which the bits are re-binarized (always after
@@ -43,6 +45,7 @@ class TwofoldConfig:
     lambda_net: float = 10.0
     beta_bit: float = 20.0
     reg_bit_form: str = "poster"
+    bit_rounding: str = "sum"
     mask_group: int = 1
     lfsr_seed: int = 0
     rebinarize_epochs: list = dataclasses.field(default_factory=list)
@@ -51,6 +54,7 @@ class TwofoldConfig:
         if not 0.0 <= self.sparsity < 1.0:  # also false for NaN
             raise NptwofoldError(f"network sparsity must be in [0, 1), got {self.sparsity}")
         check_bits(self.bits)
+        check_bit_rounding(self.bit_rounding)
         if self.reg_bit_form not in REG_BIT_FORMS:
             raise NptwofoldError(f"reg_bit_form must be one of {sorted(REG_BIT_FORMS)}, "
                                  f"got {self.reg_bit_form!r}")
@@ -80,7 +84,7 @@ class Twofold:
         for index, (name, layer) in enumerate(
                 (n.rstrip("."), m) for n, m in model.named_modules() if isinstance(m, WeightLayer)):
             if not layer.bit_width:
-                layer.use_bit_weights(config.bits)
+                layer.use_bit_weights(config.bits, config.bit_rounding)
             rows, cols = layer_matrix_shape(layer.params["weight_bits"].shape[1:])
             width = lfsr_width_for_rows(rows)
             lfsr_seed = int(np.random.default_rng([base_seed, LFSR_STREAM, index])
@@ -113,7 +117,8 @@ class Twofold:
             if self.config.lambda_net:
                 value, dweight = reg_net(layer.weight, self.keep_mask(name), self.config.lambda_net)
                 # Reg_Net acts on W = s q / qmax, so its gradient reaches the bits the STE way
-                layer.grads["weight_bits"] += bits_backward(bits, scale, dweight)[0]
+                layer.grads["weight_bits"] += bits_backward(bits, scale, dweight,
+                                                            layer.bit_rounding)[0]
                 totals["reg_net"] += value
             if self.config.beta_bit:
                 value, dbits = reg_bit_of(bits, self.config.beta_bit, self.param_share[name])
@@ -134,7 +139,7 @@ class Twofold:
 
     def rebinarize(self):
         for layer in self.layers.values():
-            rebinarize_bits(layer.params["weight_bits"])
+            rebinarize_bits(layer.params["weight_bits"], layer.bit_rounding)
 
     def hard_prune(self):
         """Zeroes every bit of every weight outside the keep-masks, so those weights are 0.
@@ -146,7 +151,8 @@ class Twofold:
             layer.params["weight_bits"] *= self.keep_mask(name)
 
     def levels(self, name):
-        return rounded_levels(self.layers[name].params["weight_bits"])
+        layer = self.layers[name]
+        return rounded_levels(layer.params["weight_bits"], layer.bit_rounding)
 
     def layer_report(self):
         """Per-layer rows (and a total row) of network and bit sparsity and cell states.

@@ -1,10 +1,12 @@
 """Twofold runs over network sparsity x bit-level regularization, and one table of their results.
 
     python scripts/sweep.py --init BASELINE.h5 --data PATH --out results/sweep
-        [--sparsity 0 0.5 0.7 0.9] [--beta-bit 20] [--twofold-epochs 1] [--finetune-epochs 1]
+        [--sparsity 0 0.5 0.7 0.9] [--beta-bit 20] [--finetune-beta-bit B]
+        [--twofold-epochs 1] [--finetune-epochs 1]
         [--jobs 2] [--collect-only] [--energy-images N] [--baseline CKPT] [--seed S]
 
-Runs: for every sparsity p, one run with Reg_Bit off (beta 0) and one with it on (--beta-bit),
+Runs: for every sparsity p, one run with Reg_Bit off (beta 0) and one with it on (--beta-bit
+in the twofold phase, --finetune-beta-bit, by default the same, in the fine-tune),
 each `scripts/train_cifar.py --preset twofold --init BASELINE` (twofold phase, then
 post-training) in OUT/p<100p>-bitreg-<on|off>, always started with --resume, so a stopped
 sweep continues where it stopped and finished runs are skipped. `--jobs` runs go side by side,
@@ -46,6 +48,8 @@ def parse_args(argv):
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.9])
     parser.add_argument("--beta-bit", type=float, default=20.0,
                         help="Reg_Bit strength of the 'on' runs (default 20)")
+    parser.add_argument("--finetune-beta-bit", type=float,
+                        help="Reg_Bit strength of the 'on' runs' fine-tune (default --beta-bit)")
     parser.add_argument("--twofold-epochs", type=int, default=1)
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -65,6 +69,8 @@ def parse_args(argv):
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.beta_bit <= 0:
         parser.error("--beta-bit must be > 0: it is the strength of the 'on' runs")
+    if args.finetune_beta_bit is not None and args.finetune_beta_bit < 0:
+        parser.error("--finetune-beta-bit must be >= 0")
     return args
 
 
@@ -79,9 +85,11 @@ def planned_runs(args):
 
 
 def train_command(args, sparsity, beta, out):
+    finetune_beta = [] if not beta or args.finetune_beta_bit is None else [
+        "--finetune-beta-bit", str(args.finetune_beta_bit)]
     return [sys.executable, str(REPO / "scripts/train_cifar.py"), "--preset", "twofold",
             "--init", args.init, "--data", args.data, "--seed", str(args.seed),
-            "--sparsity", str(sparsity), "--beta-bit", str(beta),
+            "--sparsity", str(sparsity), "--beta-bit", str(beta), *finetune_beta,
             "--twofold-epochs", str(args.twofold_epochs),
             "--finetune-epochs", str(args.finetune_epochs),
             "--threads", "1", "--no-progress", "--resume", "--out", str(out)]
@@ -156,6 +164,7 @@ def collect(args, out_dir):
         total = energy["total"]
         rows.append(dict(
             run=label, sparsity=sparsity, beta_bit=beta,
+            finetune_beta_bit=summary["config"]["twofold"]["beta_bit"],
             acc_before_post=summary["post_training"]["accuracy_before"],
             acc_after_prune=summary["post_training"]["accuracy_after_prune"],
             acc_after_post=summary["final_test_acc"], acc_cim_ideal=cim_accuracy,
@@ -172,12 +181,13 @@ def collect(args, out_dir):
 def markdown_table(rows, baseline_path, energy_images):
     lines = [f"Energy counted on {energy_images} test images; ratio = baseline / run, baseline "
              f"`{baseline_path}`.", "",
-             "| run | sparsity | beta | acc before post | after prune | after post | "
-             "zero bits | 00 cells | energy/img nJ (cells/ADC/LFSR) | ratio |",
+             "| run | sparsity | beta (twofold/fine-tune) | acc before post | after prune | "
+             "after post | zero bits | 00 cells | energy/img nJ (cells/ADC/LFSR) | ratio |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['run']} | {r['network_sparsity']:.3f} | {r['beta_bit']:g} | "
+            f"| {r['run']} | {r['network_sparsity']:.3f} | "
+            f"{r['beta_bit']:g}/{r['finetune_beta_bit']:g} | "
             f"{100 * r['acc_before_post']:.2f} % | {100 * r['acc_after_prune']:.2f} % | "
             f"{100 * r['acc_after_post']:.2f} % | {r['zero_bit_share']:.3f} | "
             f"{r['cells_00_share']:.3f} | {r['energy_nj']:.0f} ({r['cells_nj']:.0f}/"

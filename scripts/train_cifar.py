@@ -17,9 +17,10 @@ from nptwofold.threads import configure_threads  # noqa: E402  (must precede num
 
 TRAIN_FLAGS = ("data", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
                "schedule", "warmup_epochs", "seed", "init", "post_training")
-TWOFOLD_FLAGS = ("sparsity", "bits", "lambda_net", "beta_bit", "reg_bit_form", "mask_group",
-                 "lfsr_seed", "rebinarize_epochs")
-PIPELINE_FLAGS = ("data", "seed", "init", "twofold_epochs", "finetune_epochs")
+TWOFOLD_FLAGS = ("sparsity", "bits", "lambda_net", "beta_bit", "reg_bit_form", "bit_rounding",
+                 "mask_group", "lfsr_seed", "rebinarize_epochs")
+PIPELINE_FLAGS = ("data", "seed", "init", "twofold_epochs", "finetune_epochs",
+                  "finetune_beta_bit")
 
 
 def parse_args(argv=None):
@@ -49,6 +50,8 @@ def parse_args(argv=None):
     method.add_argument("--lambda-net", type=float, help="Reg_Net strength")
     method.add_argument("--beta-bit", type=float, help="Reg_Bit strength")
     method.add_argument("--reg-bit-form", choices=["poster", "plane_lasso"])
+    method.add_argument("--bit-rounding", choices=["sum", "per_bit"],
+                        help="round the composed level (SPEC, default) or each bit")
     method.add_argument("--mask-group", type=int, help="columns sharing one LFSR index set")
     method.add_argument("--lfsr-seed", type=int, help="base LFSR seed (0 = from --seed)")
     method.add_argument("--rebinarize-epochs", type=int, nargs="+", metavar="E")
@@ -56,6 +59,9 @@ def parse_args(argv=None):
                         help="hard-prune and re-binarize --init's twofold model, then fine-tune")
     method.add_argument("--twofold-epochs", type=int, help="twofold preset: twofold phase epochs")
     method.add_argument("--finetune-epochs", type=int, help="twofold preset: post-training epochs")
+    method.add_argument("--finetune-beta-bit", type=float,
+                        help="twofold preset: Reg_Bit strength of the fine-tune (default "
+                             "--beta-bit; 0 lets it recover accuracy, as BSQ fine-tunes)")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be >= 1")
@@ -65,8 +71,9 @@ def parse_args(argv=None):
         if refused:
             parser.error("the twofold preset sets its phases' schedules; drop "
                          + ", ".join("--" + f.replace("_", "-") for f in sorted(refused)))
-    elif given & {"twofold_epochs", "finetune_epochs"}:
-        parser.error("--twofold-epochs and --finetune-epochs belong to --preset twofold")
+    elif given & {"twofold_epochs", "finetune_epochs", "finetune_beta_bit"}:
+        parser.error("--twofold-epochs, --finetune-epochs and --finetune-beta-bit belong to "
+                     "--preset twofold")
     return args
 
 
@@ -89,6 +96,8 @@ def phase_configs(args, out_dir):
         settings = {**settings, **chosen(("data", "seed")), "init": init}
         if name != "baseline":
             settings["twofold"] = twofold or {}
+        if name == "post" and args.finetune_beta_bit is not None:
+            settings["twofold"] = {**settings["twofold"], "beta_bit": args.finetune_beta_bit}
         if phase_epochs.get(name) is not None:
             settings["epochs"] = phase_epochs[name]
         phases.append((out_dir / name, TrainConfig.from_preset(preset, **settings)))

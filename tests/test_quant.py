@@ -42,6 +42,17 @@ def reference_bits_forward(bits, scale):
     return scale * np.rint(np.clip(reference_real_levels(bits), -qmax, qmax)) / qmax
 
 
+def reference_per_bit_levels(bits):
+    """Each bit rounded on its own (0.5 goes to 0, as np.rint does), then composed and clipped."""
+    qmax = 2 ** (bits.shape[0] - 1) - 1
+    levels = []
+    for column in bits.reshape(bits.shape[0], -1).T:
+        level = sum(2**n * int(bit > 0.5) for n, bit in enumerate(column[:-1]))
+        level -= 2 ** (bits.shape[0] - 1) * int(column[-1] > 0.5)
+        levels.append(min(max(level, -qmax), qmax))
+    return np.array(levels, np.float64).reshape(bits.shape[1:])
+
+
 @pytest.mark.parametrize("bad", [7, 1, 0, -2, 18, 8.0, "8", None, True])
 def test_bad_bit_widths_raise(bad):
     with pytest.raises(NptwofoldError):
@@ -198,6 +209,47 @@ def test_rebinarize_gives_exact_bits_of_rounded_clipped_level(b):
     np.testing.assert_array_equal(quant.bits_forward(bits, 1.3), forward_before)
 
 
+@pytest.mark.parametrize("b", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_per_bit_forward_rounds_each_bit_before_composing(b, dtype):
+    rng = np.random.default_rng(250 + b)
+    bits = rng.random((b, 30, 3)).astype(dtype)
+    bits[:, 0, 0] = 0.5  # exactly one half rounds to 0, like np.rint
+    qmax = 2 ** (b - 1) - 1
+    expected = reference_per_bit_levels(bits)
+    np.testing.assert_array_equal(quant.rounded_levels(bits, "per_bit"), expected)
+    np.testing.assert_allclose(quant.bits_forward(bits, 0.8, "per_bit"),
+                               0.8 * expected / qmax, rtol=1e-6)
+    # the two roundings differ on these random planes, so the option is not a no-op
+    assert not np.array_equal(quant.rounded_levels(bits, "per_bit"), quant.rounded_levels(bits))
+
+
+def test_per_bit_rounding_of_fractional_low_bits():
+    # q~ = 0.4*1 + 0.4*2 + 1*4 = 5.2 rounds to 5 under "sum"; per bit, 0.4 -> 0, so q = 4.
+    bits = np.array([[0.4], [0.4], [1.0], [0.0]])
+    assert quant.rounded_levels(bits).tolist() == [5]
+    assert quant.rounded_levels(bits, "per_bit").tolist() == [4]
+
+
+@pytest.mark.parametrize("b", [2, 8])
+def test_per_bit_rebinarize_keeps_the_forward(b):
+    rng = np.random.default_rng(350 + b)
+    bits = rng.random((b, 20, 4))
+    expected = reference_per_bit_levels(bits)
+    forward_before = quant.bits_forward(bits, 1.3, "per_bit")
+    levels = quant.rebinarize_bits(bits, "per_bit")
+    assert set(np.unique(bits)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(levels, expected)
+    np.testing.assert_array_equal(quant.bits_forward(bits, 1.3, "per_bit"), forward_before)
+
+
+def test_bad_bit_rounding_raises():
+    with pytest.raises(NptwofoldError, match="bit rounding"):
+        quant.bits_forward(np.zeros((4, 3)), 1.0, "nearest")
+    with pytest.raises(NptwofoldError, match="bit rounding"):
+        quant.rounded_levels(np.zeros((4, 3)), "per-bit")
+
+
 def test_clamp_bits_in_place():
     bits = np.array([[-0.5, 0.0, 0.3], [1.0, 1.7, 0.9]], np.float32)
     quant.clamp_bits(bits)
@@ -208,23 +260,25 @@ def loss_weights(shape, seed):
     return np.random.default_rng(seed).standard_normal(shape)
 
 
+@pytest.mark.parametrize("rounding", quant.BIT_ROUNDINGS)
 @pytest.mark.parametrize("b", [2, 4, 8])
-def test_scale_gradient_matches_finite_differences(b):
+def test_scale_gradient_matches_finite_differences(b, rounding):
     rng = np.random.default_rng(400 + b)
     bits = rng.random((b, 4, 3, 3))
     grad_output = loss_weights(bits.shape[1:], b)
     scale, step = 0.6, 1e-4
 
     def loss(s):
-        return np.sum(grad_output * quant.bits_forward(bits, s))
+        return np.sum(grad_output * quant.bits_forward(bits, s, rounding))
 
-    _, grad_scale = quant.bits_backward(bits, scale, grad_output)
+    _, grad_scale = quant.bits_backward(bits, scale, grad_output, rounding)
     numeric = (loss(scale + step) - loss(scale - step)) / (2 * step)
     assert abs(grad_scale - numeric) <= 1e-10 * max(1.0, abs(numeric))
 
 
+@pytest.mark.parametrize("rounding", quant.BIT_ROUNDINGS)
 @pytest.mark.parametrize("b", [2, 4, 8])
-def test_bit_gradient_is_derivative_of_clipped_surrogate(b):
+def test_bit_gradient_is_derivative_of_clipped_surrogate(b, rounding):
     rng = np.random.default_rng(500 + b)
     bits = rng.random((b, 5, 4))
     qmax = 2 ** (b - 1) - 1
@@ -236,7 +290,8 @@ def test_bit_gradient_is_derivative_of_clipped_surrogate(b):
     grad_output = loss_weights(bits.shape[1:], b)
     scale, step = 0.9, 1e-6
 
-    grad_bits, _ = quant.bits_backward(bits, scale, grad_output)
+    # both roundings share one straight-through path: the clipped, unrounded surrogate
+    grad_bits, _ = quant.bits_backward(bits, scale, grad_output, rounding)
     assert grad_bits.dtype == bits.dtype and grad_bits.shape == bits.shape
 
     real_levels = reference_real_levels(bits)

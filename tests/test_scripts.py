@@ -76,6 +76,7 @@ def test_resume_of_a_finished_run_and_refusal_to_overwrite(quick_run):
     (["--bits", "18"], "outside 2..16"),
     (["--preset", "twofold", "--epochs", "3"], "drop --epochs"),
     (["--twofold-epochs", "3"], "belong to --preset twofold"),
+    (["--finetune-beta-bit", "0"], "belong to --preset twofold"),
     (["--init", "/nonexistent/base.h5", "--sparsity", "0.5"], "checkpoint not found"),
 ])
 def test_bad_training_flags_give_one_line_errors(tmp_path, args, fragment):
@@ -94,7 +95,8 @@ def test_sweep_trains_collects_and_resumes(quick_run, tmp_path):
     """Four tiny twofold runs on the sample (sparsity 0 and 0.5, Reg_Bit off and on)."""
     out = tmp_path / "sweep"
     args = ["--out", out, "--init", quick_run / "last.h5", "--data", "sample",
-            "--sparsity", "0", "0.5", "--beta-bit", "5", "--energy-images", "10",
+            "--sparsity", "0", "0.5", "--beta-bit", "5", "--finetune-beta-bit", "0",
+            "--energy-images", "10",
             "--calib-images", "8", "--threads", "1"]
     first = run(REPO / "scripts/sweep.py", *args).stdout
     result = json.loads((out / "sweep.json").read_text())
@@ -103,6 +105,9 @@ def test_sweep_trains_collects_and_resumes(quick_run, tmp_path):
     assert rows["p00-bitreg-off"]["energy_ratio"] == 1.0  # it is the baseline
     assert rows["p50-bitreg-off"]["network_sparsity"] == pytest.approx(0.5, abs=0.02)
     assert rows["p50-bitreg-on"]["beta_bit"] == 5.0
+    phase_beta = {phase: json.loads((out / "p50-bitreg-on" / phase / "summary.json").read_text())
+                  ["config"]["twofold"]["beta_bit"] for phase in ("twofold", "post")}
+    assert phase_beta == {"twofold": 5.0, "post": 0.0}  # --finetune-beta-bit reaches the fine-tune
     for row in rows.values():
         post = json.loads((out / row["run"] / "post/summary.json").read_text())
         assert row["acc_after_post"] == post["final_test_acc"]

@@ -83,6 +83,20 @@ def test_regularize_adds_exactly_the_kernel_gradients(sample):
     assert values["reg_bit"] == pytest.approx(want_bit)
 
 
+def test_per_bit_rounding_reaches_forward_report_and_rebinarization():
+    model, method = twofold_model(bit_rounding="per_bit")
+    layer = method.layers["layer1.0.conv1"]
+    bits = layer.params["weight_bits"]
+    bits[:2] = 0.45  # the two low bits fractional: per bit they read 0, summed they may not
+    want = compose((bits > 0.5).astype(np.uint8))
+    want = np.clip(want, -127, 127)
+    scale = layer.buffers["weight_scale"][0]
+    np.testing.assert_array_equal(method.levels("layer1.0.conv1"), want)
+    np.testing.assert_allclose(layer.effective_weight(), scale * want / 127, rtol=1e-6)
+    method.rebinarize()
+    np.testing.assert_array_equal(compose(bits.astype(np.uint8)), want)
+
+
 def test_after_step_clamps_bits_to_unit_interval():
     _, method = twofold_model()
     layer = method.layers["fc"]
@@ -126,6 +140,7 @@ def test_report_counts_bits_and_cells_of_kept_weights():
     (dict(sparsity=float("nan")), "sparsity"), (dict(bits=7), "odd"), (dict(bits=18), "outside"),
     (dict(bits=0), "outside"), (dict(lambda_net=-1.0), "lambda_net"),
     (dict(reg_bit_form="l1"), "reg_bit_form"), (dict(mask_group=0), "mask group"),
+    (dict(bit_rounding="floor"), "bit rounding"),
 ])
 def test_bad_twofold_values_are_clear_errors(settings, message):
     with pytest.raises(NptwofoldError, match=message):

@@ -9,10 +9,15 @@ Bit planes: planes[n] is bit n of q's b-bit two's complement and planes[b-1] is 
 so q = -B(b-1) * 2^(b-1) + sum_{n<b-1} B(n) * 2^n.
 
 Training under bit representation (BSQ-style): the planes are continuous variables in [0, 1].
-The forward composes them into a real level q~, clips it to [-qmax, qmax], rounds it and
-returns W = s * q / qmax. The backward passes the gradient straight through the rounding and
-through the clip only where q~ lies inside [-qmax, qmax] (closed: a weight re-binarized to
-exactly +-qmax must still be able to move inwards); outside, the clip cuts it to zero.
+The forward composes them into a level, clips it to [-qmax, qmax] and returns W = s * q / qmax.
+Two roundings (`BIT_ROUNDINGS`):
+- "sum" (SPEC 3): compose the real level q~ = -2^(b-1) B(b-1) + sum 2^n B(n), then round it;
+- "per_bit": round every bit to {0, 1} first (B > 0.5), then compose. The forward then only
+  ever sees exact bits, so a bit pushed below 0.5 by Reg_Bit really is 0; under "sum" a
+  fractional low bit is absorbed by fractional high bits and re-binarization restores it.
+Both pass the same straight-through gradient dq/dB(n) = +-2^n, cut to zero by the clip only
+where q~ lies outside [-qmax, qmax] (closed: a weight re-binarized to exactly +-qmax must
+still be able to move inwards).
 
 Arithmetic runs in float64 whatever the storage dtype, so float32 and float64 arrays holding
 equal values give equal results, and the training forward of exact bits equals dequantize.
@@ -27,6 +32,7 @@ from ..errors import NptwofoldError
 
 MIN_BITS = 2
 MAX_BITS = 16
+BIT_ROUNDINGS = ("sum", "per_bit")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -65,6 +71,13 @@ def check_bit_planes(bits):
     if bits.ndim < 1:
         raise NptwofoldError("bit planes need shape (b, *weight_shape), got a scalar")
     return bits, check_bits(bits.shape[0])
+
+
+def check_bit_rounding(rounding):
+    """Return the index of a bit rounding mode in BIT_ROUNDINGS (what the kernels take)."""
+    if rounding not in BIT_ROUNDINGS:
+        raise NptwofoldError(f"bit rounding must be one of {list(BIT_ROUNDINGS)}, got {rounding!r}")
+    return BIT_ROUNDINGS.index(rounding)
 
 
 @numba.njit(cache=True)
@@ -115,23 +128,29 @@ def _real_level(bits, i):
 
 
 @numba.njit(cache=True)
-def _rounded_level(bits, i, qmax):
+def _rounded_level(bits, i, qmax, per_bit):
+    if per_bit:
+        b = bits.shape[0]
+        level = -(2.0 ** (b - 1)) * (bits[b - 1, i] > 0.5)
+        for n in range(b - 1):
+            level += 2.0**n * (bits[n, i] > 0.5)
+        return min(max(level, -qmax), qmax)
     return np.rint(min(max(_real_level(bits, i), -qmax), qmax))
 
 
 @numba.njit(cache=True)
-def _bits_forward_kernel(bits, scale, qmax, weights):
+def _bits_forward_kernel(bits, scale, qmax, per_bit, weights):
     for i in range(weights.size):
-        weights[i] = _weight_of_level(_rounded_level(bits, i, qmax), scale, qmax)
+        weights[i] = _weight_of_level(_rounded_level(bits, i, qmax, per_bit), scale, qmax)
 
 
 @numba.njit(cache=True)
-def _bits_backward_kernel(bits, scale, qmax, grad_weights, grad_bits):
+def _bits_backward_kernel(bits, scale, qmax, per_bit, grad_weights, grad_bits):
     b = bits.shape[0]
     grad_scale = 0.0
     for i in range(grad_weights.size):
         grad_weight = np.float64(grad_weights[i])
-        grad_scale += grad_weight * _rounded_level(bits, i, qmax) / qmax
+        grad_scale += grad_weight * _rounded_level(bits, i, qmax, per_bit) / qmax
         level = _real_level(bits, i)
         grad_level = grad_weight * scale / qmax if -qmax <= level <= qmax else 0.0
         grad_bits[b - 1, i] = -(2.0 ** (b - 1)) * grad_level
@@ -141,9 +160,9 @@ def _bits_backward_kernel(bits, scale, qmax, grad_weights, grad_bits):
 
 
 @numba.njit(cache=True)
-def _rounded_levels_kernel(bits, qmax, levels):
+def _rounded_levels_kernel(bits, qmax, per_bit, levels):
     for i in range(levels.size):
-        levels[i] = np.int64(_rounded_level(bits, i, qmax))
+        levels[i] = np.int64(_rounded_level(bits, i, qmax, per_bit))
 
 
 def quantize(weights, b):
@@ -198,24 +217,27 @@ def compose(planes):
     return levels
 
 
-def bits_forward(bits, scale):
-    """Training forward: W = s * Round(clip(q~, -qmax, qmax)) / qmax, in the dtype of bits.
+def bits_forward(bits, scale, rounding="sum"):
+    """Training forward: W = s * q / qmax in the dtype of bits, q = rounded_levels(bits, rounding).
 
     The backward needs only bits and scale, so nothing is carried between the two calls.
     """
+    per_bit = check_bit_rounding(rounding)
     bits, b = check_bit_planes(bits)
     weights = np.empty(bits.shape[1:], bits.dtype)
     flat_bits = np.ascontiguousarray(bits).reshape(b, -1)
-    _bits_forward_kernel(flat_bits, float(scale), float(max_level(b)), weights.reshape(-1))
+    _bits_forward_kernel(flat_bits, float(scale), float(max_level(b)), per_bit,
+                         weights.reshape(-1))
     return weights
 
 
-def bits_backward(bits, scale, grad_weights):
+def bits_backward(bits, scale, grad_weights, rounding="sum"):
     """Training backward: given dL/dW, return (dL/dbits in the dtype of bits, dL/ds as float).
 
     dL/dB(n) = dL/dW * s / qmax * (+-2^n) where q~ is inside [-qmax, qmax], else 0;
     dL/ds = sum dL/dW * q / qmax.
     """
+    per_bit = check_bit_rounding(rounding)
     bits, b = check_bit_planes(bits)
     grad_weights = check_float_array("weight gradient", grad_weights)
     if grad_weights.shape != bits.shape[1:]:
@@ -227,6 +249,7 @@ def bits_backward(bits, scale, grad_weights):
         np.ascontiguousarray(bits).reshape(b, -1),
         float(scale),
         float(max_level(b)),
+        per_bit,
         grad_weights.ravel(),
         grad_bits.reshape(b, -1),
     )
@@ -238,18 +261,20 @@ def clamp_bits(bits):
     np.clip(bits, 0.0, 1.0, out=bits)
 
 
-def rounded_levels(bits):
-    """Integer levels Round(clip(q~, -qmax, qmax)) that continuous bit planes stand for."""
+def rounded_levels(bits, rounding="sum"):
+    """Integer levels that continuous bit planes stand for: Round(clip(q~, -qmax, qmax)) under
+    "sum", clip(compose(B > 0.5), -qmax, qmax) under "per_bit"."""
+    per_bit = check_bit_rounding(rounding)
     bits, b = check_bit_planes(bits)
     levels = np.empty(bits.shape[1:], level_dtype(b))
     flat_bits = np.ascontiguousarray(bits).reshape(b, -1)
-    _rounded_levels_kernel(flat_bits, float(max_level(b)), levels.reshape(-1))
+    _rounded_levels_kernel(flat_bits, float(max_level(b)), per_bit, levels.reshape(-1))
     return levels
 
 
-def rebinarize_bits(bits):
+def rebinarize_bits(bits, rounding="sum"):
     """Overwrite continuous bit planes in place with the exact {0, 1} planes of their rounded
     levels; return those levels. The training forward is unchanged by this."""
-    levels = rounded_levels(bits)
+    levels = rounded_levels(bits, rounding)
     bits[...] = decompose(levels, bits.shape[0])
     return levels

@@ -23,6 +23,7 @@ parser = argparse.ArgumentParser()
 for name in ("sparsity", "lambda_net", "beta_bit", "steps", "lr"):
     parser.add_argument(name, type=int if name == "steps" else float)
 parser.add_argument("--then-beta", type=float, help="a second stage of STEPS at this beta")
+parser.add_argument("--bit-rounding", default="sum", choices=["sum", "per_bit"])
 parser.add_argument("--test-images", type=int, default=10000)
 parser.add_argument("--data", default=str(REPO.parent / "shared/datasets/cifar-10-binary.tar.gz"))
 args = parser.parse_args()
@@ -31,7 +32,8 @@ data = load_dataset(args.data)
 config = TrainConfig.from_preset(
     "short", epochs=2, lr=args.lr, warmup_epochs=0, schedule="step", milestones=[99],
     init=str(REPO / "results/short-seed0/last.h5"),
-    twofold=dict(sparsity=args.sparsity, lambda_net=args.lambda_net, beta_bit=args.beta_bit))
+    twofold=dict(sparsity=args.sparsity, lambda_net=args.lambda_net, beta_bit=args.beta_bit,
+                 bit_rounding=args.bit_rounding))
 trainer = Trainer(config, data, None, progress=False)
 
 
