@@ -76,19 +76,20 @@ class Sequential(Module):
 class WeightLayer(Module):
     """A layer with one weight tensor, trained either directly or as bit planes.
 
-    After `use_bit_weights(b, rounding)` the trained variable is `weight_bits`, b continuous
-    planes in [0, 1] (plane b-1 the two's complement sign); the weight used in the forward
-    pass is s * q / qmax with q the planes' rounded level and a straight-through gradient
-    (SPEC 3; `kernels.quant` explains the two roundings). The scale
+    After `use_bit_weights(b)` the trained variable is `weight_bits`, b continuous planes in
+    [0, 1] (plane b-1 the two's complement sign); the weight used in the forward pass is
+    s * Round(clip(q~)) / qmax with a straight-through gradient (SPEC 3). `dropped_planes`
+    counts the low planes the Twofold method has dropped (it holds them at 0); the rounding
+    then goes to multiples of 2^dropped_planes. The scale
     `weight_scale` = max|W| of the starting weights is a buffer, not trained: trained, Reg_Net
     shrinks it towards 0 (that shrinks the cut weights too), a degenerate way out that
     collapsed whole layers in our first runs.
     """
 
     bit_width = 0  # 0: the float weight is trained directly
-    bit_rounding = "sum"
+    dropped_planes = 0
 
-    def use_bit_weights(self, b, rounding="sum"):
+    def use_bit_weights(self, b):
         weight = self.params.pop("weight")
         del self.grads["weight"]
         levels, scale = quantize(weight, b)
@@ -96,13 +97,12 @@ class WeightLayer(Module):
         self.grads["weight_bits"] = np.zeros_like(self.params["weight_bits"])
         self.buffers["weight_scale"] = np.array([scale], weight.dtype)
         self.bit_width = b
-        self.bit_rounding = rounding
 
     def effective_weight(self):
         if not self.bit_width:
             return self.params["weight"]
         return bits_forward(self.params["weight_bits"], self.buffers["weight_scale"][0],
-                            self.bit_rounding)
+                            self.dropped_planes)
 
     def store_weight_grad(self, dweight):
         if not self.bit_width:
@@ -110,7 +110,7 @@ class WeightLayer(Module):
             return
         self.grads["weight_bits"][...], _ = bits_backward(
             self.params["weight_bits"], self.buffers["weight_scale"][0], dweight,
-            self.bit_rounding)
+            self.dropped_planes)
 
 
 class Conv3x3(WeightLayer):

@@ -145,13 +145,14 @@ def build_model(config, init_content=None):
 
 
 def restore_state(model, method, content, path):
-    """Loads a checkpoint's model arrays; for a twofold model also checks the stored masks."""
+    """Loads a checkpoint's model arrays; for a twofold model also its /twofold group (dropped
+    planes, and the check of the stored masks)."""
     restore_model(model, content, path)
     if method is None:
         return
     if content.get("twofold") is None:
         raise NptwofoldError(f"{path} has a twofold config but no /twofold group")
-    method.check_stored_masks(content["twofold"], path)
+    method.load_h5(content["twofold"], path)
 
 
 def load_model(path):
@@ -239,6 +240,12 @@ class Trainer:
                    "hard pruning and re-binarization")
         self.report(epoch=0)
 
+    def _plane_check_loss(self):
+        """Cross-entropy (inference mode) on the first training images, for plane dropping."""
+        count = self.method.config.plane_drop_images
+        return evaluate(self.model, self.data.train_images[:count], self.data.train_labels[:count],
+                        self.config.eval_batch_size)[0]
+
     @property
     def steps_per_epoch(self):
         return math.ceil(len(self.data.train_labels) / self.config.batch_size)
@@ -319,6 +326,10 @@ class Trainer:
 
     def _end_epoch(self):
         state = self.state
+        if self.method is not None:
+            # before the test: plane dropping at a re-binarization changes the forward
+            self.method.end_epoch(state["epoch"] + 1, last=state["epoch"] + 1 == self.config.epochs,
+                                  check_loss=self._plane_check_loss)
         test_loss, test_acc = evaluate(self.model, self.data.test_images, self.data.test_labels,
                                        self.config.eval_batch_size, self.progress)
         record = dict(epoch=state["epoch"] + 1,
@@ -331,7 +342,6 @@ class Trainer:
         if self.method is not None:
             steps = state["step"]
             record.update(reg_net=state["epoch_reg_net"] / steps, reg_bit=state["epoch_reg_bit"] / steps)
-            self.method.end_epoch(record["epoch"], last=record["epoch"] == self.config.epochs)
         state["history"].append(record)
         improved = test_acc > state["best_accuracy"]
         if improved:

@@ -4,8 +4,9 @@
 weight into trained bit planes. The trainer calls its hooks: `regularize` after each backward
 pass (adds the Reg_Net and Reg_Bit gradients), `after_step` after each update (clamps bits to
 [0, 1], and once the model is hard-pruned keeps the cut weights at 0) and `end_epoch`
-(re-binarizes at the chosen epochs). Post-training is `hard_prune` followed by `rebinarize`;
-`layer_report` gives the per-layer sparsity table.
+(re-binarizes at the chosen epochs, after dropping the low bit planes the loss can spare).
+Post-training is `hard_prune` followed by `rebinarize`; `layer_report` gives the per-layer
+sparsity table.
 """
 import dataclasses
 
@@ -15,8 +16,8 @@ from .errors import NptwofoldError
 from .hardware import CELL_STATES
 from .kernels.lfsr import (kept_per_column, lfsr_keep_mask_for_kept, lfsr_width_for_rows,
                            weight_mask)
-from .kernels.quant import (bits_backward, check_bit_rounding, check_bits, clamp_bits,
-                           decompose, max_level, rebinarize_bits, rounded_levels)
+from .kernels.quant import (bits_backward, check_bits, clamp_bits, decompose, max_level,
+                           rebinarize_bits, rounded_levels)
 from .kernels.regularizers import reg_bit, reg_bit_plane_lasso, reg_net
 from .layers import WeightLayer
 
@@ -33,8 +34,13 @@ class TwofoldConfig:
     lambda_net: Reg_Net strength lambda [assumption].
     beta_bit: Reg_Bit strength beta [assumption].
     reg_bit_form: "poster" (||sum_n B(n)||_2) or "plane_lasso" (BSQ, sum_n ||B(n)||_2).
-    bit_rounding: "sum" (SPEC 3: round the composed level) or "per_bit" (round each bit, then
-        compose; a documented deviation, see kernels.quant and the README).
+    plane_drop_tolerance: precision adjustment (after BSQ) [deviation, see the README]: at
+        each re-binarization before post-training, layers in turn drop their lowest kept bit
+        plane (held at 0 from then on, levels rounded to multiples of 2^dropped, at most b - 2
+        planes) as long as the cross-entropy on the check images stays within this many nats
+        of its value before the first drop. 0 = never drop.
+    plane_drop_images: how many training images (the first ones, not augmented) that check
+        uses.
     mask_group: output columns sharing one LFSR index set (1 = per output channel).
     lfsr_seed: 0 = derive each layer's LFSR seed from the training seed; else a base seed.
     rebinarize_epochs: epochs (1-based) after which the bits are re-binarized (always after
@@ -45,7 +51,8 @@ class TwofoldConfig:
     lambda_net: float = 10.0
     beta_bit: float = 20.0
     reg_bit_form: str = "poster"
-    bit_rounding: str = "sum"
+    plane_drop_tolerance: float = 0.0
+    plane_drop_images: int = 500
     mask_group: int = 1
     lfsr_seed: int = 0
     rebinarize_epochs: list = dataclasses.field(default_factory=list)
@@ -54,7 +61,11 @@ class TwofoldConfig:
         if not 0.0 <= self.sparsity < 1.0:  # also false for NaN
             raise NptwofoldError(f"network sparsity must be in [0, 1), got {self.sparsity}")
         check_bits(self.bits)
-        check_bit_rounding(self.bit_rounding)
+        if not self.plane_drop_tolerance >= 0:
+            raise NptwofoldError("plane_drop_tolerance must be >= 0 nats, got "
+                                 f"{self.plane_drop_tolerance}")
+        if self.plane_drop_images < 1:
+            raise NptwofoldError(f"plane_drop_images must be >= 1, got {self.plane_drop_images}")
         if self.reg_bit_form not in REG_BIT_FORMS:
             raise NptwofoldError(f"reg_bit_form must be one of {sorted(REG_BIT_FORMS)}, "
                                  f"got {self.reg_bit_form!r}")
@@ -84,7 +95,7 @@ class Twofold:
         for index, (name, layer) in enumerate(
                 (n.rstrip("."), m) for n, m in model.named_modules() if isinstance(m, WeightLayer)):
             if not layer.bit_width:
-                layer.use_bit_weights(config.bits, config.bit_rounding)
+                layer.use_bit_weights(config.bits)
             rows, cols = layer_matrix_shape(layer.params["weight_bits"].shape[1:])
             width = lfsr_width_for_rows(rows)
             lfsr_seed = int(np.random.default_rng([base_seed, LFSR_STREAM, index])
@@ -118,7 +129,7 @@ class Twofold:
                 value, dweight = reg_net(layer.weight, self.keep_mask(name), self.config.lambda_net)
                 # Reg_Net acts on W = s q / qmax, so its gradient reaches the bits the STE way
                 layer.grads["weight_bits"] += bits_backward(bits, scale, dweight,
-                                                            layer.bit_rounding)[0]
+                                                            layer.dropped_planes)[0]
                 totals["reg_net"] += value
             if self.config.beta_bit:
                 value, dbits = reg_bit_of(bits, self.config.beta_bit, self.param_share[name])
@@ -129,17 +140,42 @@ class Twofold:
     def after_step(self):
         for layer in self.layers.values():
             clamp_bits(layer.params["weight_bits"])
+            layer.params["weight_bits"][:layer.dropped_planes] = 0.0
         if self.pruned:
             self.hard_prune()
 
-    def end_epoch(self, epoch, last):
-        """Re-binarizes at the chosen epochs and after the last one (the forward is unchanged)."""
+    def end_epoch(self, epoch, last, check_loss):
+        """At the chosen epochs and after the last one: drops the planes the loss can spare
+        (before post-training only, so precision is fixed once the model is pruned), then
+        re-binarizes. `check_loss()` gives the cross-entropy on the check images."""
         if last or epoch in self.config.rebinarize_epochs:
+            if self.config.plane_drop_tolerance and not self.pruned:
+                self.drop_planes(check_loss)
             self.rebinarize()
 
+    def drop_planes(self, check_loss):
+        """Round-robin over the layers: each drops its next lowest plane if the loss stays
+        within the tolerance of where it started; a layer whose drop is refused is done.
+
+        Dropping rounds q~ to the nearest multiple of 2^dropped, the closest level the lower
+        precision has, rather than cutting the plane's bits.
+        """
+        budget = check_loss() + self.config.plane_drop_tolerance
+        open_layers = [layer for layer in self.layers.values()
+                       if layer.dropped_planes < self.config.bits - 2]
+        while open_layers:
+            for layer in list(open_layers):
+                layer.dropped_planes += 1
+                if check_loss() > budget:
+                    layer.dropped_planes -= 1
+                    open_layers.remove(layer)
+                elif layer.dropped_planes == self.config.bits - 2:
+                    open_layers.remove(layer)
+
     def rebinarize(self):
+        """Rounds every layer's bits to exact {0, 1} planes of its levels (dropped planes 0)."""
         for layer in self.layers.values():
-            rebinarize_bits(layer.params["weight_bits"], layer.bit_rounding)
+            rebinarize_bits(layer.params["weight_bits"], layer.dropped_planes)
 
     def hard_prune(self):
         """Zeroes every bit of every weight outside the keep-masks, so those weights are 0.
@@ -152,7 +188,7 @@ class Twofold:
 
     def levels(self, name):
         layer = self.layers[name]
-        return rounded_levels(layer.params["weight_bits"], layer.bit_rounding)
+        return rounded_levels(layer.params["weight_bits"], layer.dropped_planes)
 
     def layer_report(self):
         """Per-layer rows (and a total row) of network and bit sparsity and cell states.
@@ -170,6 +206,7 @@ class Twofold:
             cells = 2 * planes[1::2] + planes[0::2]              # cell m holds bits (2m+1, 2m)
             counts = dict(
                 weights=levels.size, kept=int(keep.sum()), zero_weights=int((levels == 0).sum()),
+                dropped_planes=layer.dropped_planes,
                 zero_bits_by_position=(planes == 0).sum(axis=1).tolist(),
                 cell_states=[int((cells == s).sum()) for s in range(len(CELL_STATES))],
                 reg_net=reg_net(layer.effective_weight(), keep, self.config.lambda_net)[0],
@@ -189,6 +226,7 @@ class Twofold:
                    network_sparsity=1 - kept / counts["weights"],
                    zero_weight_share=counts["zero_weights"] / counts["weights"],
                    zero_bit_share=sum(counts["zero_bits_by_position"]) / max(kept * b, 1),
+                   dropped_planes=counts["dropped_planes"],
                    reg_net=counts["reg_net"], reg_bit=counts["reg_bit"])
         row.update({f"zero_bit_{n}": z / max(kept, 1)
                     for n, z in enumerate(counts["zero_bits_by_position"])})
@@ -199,12 +237,12 @@ class Twofold:
     @staticmethod
     def format_report(rows):
         """The per-layer report as a fixed-width text table."""
-        header = (f"{'layer':<16}{'kept':>8}{'net sp.':>9}{'0 bits':>8}"
+        header = (f"{'layer':<16}{'kept':>8}{'net sp.':>9}{'drop':>5}{'0 bits':>8}"
                   + "".join(f"{'c' + s:>7}" for s in CELL_STATES) + f"{'Reg_Net':>11}{'Reg_Bit':>11}")
         lines = [header]
         for row in rows:
             lines.append(f"{row['layer']:<16}{row['kept']:>8}{row['network_sparsity']:>9.3f}"
-                         f"{row['zero_bit_share']:>8.3f}"
+                         f"{row['dropped_planes']:>5}{row['zero_bit_share']:>8.3f}"
                          + "".join(f"{row['cells_' + s]:>7.3f}" for s in CELL_STATES)
                          + f"{row['reg_net']:>11.4g}{row['reg_bit']:>11.4g}")
         return "\n".join(lines)
@@ -224,15 +262,18 @@ class Twofold:
             sub.attrs.update(bits=b, scale=scale, lfsr_width=mask.width, lfsr_taps=list(mask.taps),
                              lfsr_seed=mask.seed, kept=mask.kept, group=mask.group,
                              rows=mask.mask.shape[0], cols=mask.mask.shape[1],
-                             lfsr_steps=mask.steps)
+                             lfsr_steps=mask.steps, dropped_planes=layer.dropped_planes)
 
-    def check_stored_masks(self, stored, path):
-        """Regenerates each stored mask from its stored LFSR parameters; both must agree."""
+    def load_h5(self, stored, path):
+        """Takes each layer's dropped planes from a stored /twofold group and regenerates each
+        stored mask from its stored LFSR parameters; both masks must agree."""
         if set(stored) != set(self.layers):
             raise NptwofoldError(f"{path}: twofold layers {sorted(stored)[:3]}... do not match "
                                  "the model's mapped layers")
         for name, entry in stored.items():
             attrs = entry["attrs"]
+            # checkpoints written before plane dropping existed have none dropped
+            self.layers[name].dropped_planes = int(attrs.get("dropped_planes", 0))
             regenerated = lfsr_keep_mask_for_kept(
                 int(attrs["rows"]), int(attrs["cols"]), int(attrs["kept"]), int(attrs["lfsr_seed"]),
                 int(attrs["group"]), int(attrs["lfsr_width"]),

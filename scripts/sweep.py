@@ -2,11 +2,13 @@
 
     python scripts/sweep.py --init BASELINE.h5 --data PATH --out results/sweep
         [--sparsity 0 0.5 0.7 0.9] [--beta-bit 20] [--finetune-beta-bit B]
+        [--plane-drop-tolerance NATS]
         [--twofold-epochs 1] [--finetune-epochs 1]
         [--jobs 2] [--collect-only] [--energy-images N] [--baseline CKPT] [--seed S]
 
 Runs: for every sparsity p, one run with Reg_Bit off (beta 0) and one with it on (--beta-bit
-in the twofold phase, --finetune-beta-bit, by default the same, in the fine-tune),
+in the twofold phase, --finetune-beta-bit, by default the same, in the fine-tune, and
+--plane-drop-tolerance for the precision adjustment at the twofold phase's re-binarization),
 each `scripts/train_cifar.py --preset twofold --init BASELINE` (twofold phase, then
 post-training) in OUT/p<100p>-bitreg-<on|off>, always started with --resume, so a stopped
 sweep continues where it stopped and finished runs are skipped. `--jobs` runs go side by side,
@@ -50,6 +52,8 @@ def parse_args(argv):
                         help="Reg_Bit strength of the 'on' runs (default 20)")
     parser.add_argument("--finetune-beta-bit", type=float,
                         help="Reg_Bit strength of the 'on' runs' fine-tune (default --beta-bit)")
+    parser.add_argument("--plane-drop-tolerance", type=float,
+                        help="precision adjustment of the 'on' runs (train_cifar.py flag)")
     parser.add_argument("--twofold-epochs", type=int, default=1)
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -85,11 +89,13 @@ def planned_runs(args):
 
 
 def train_command(args, sparsity, beta, out):
-    finetune_beta = [] if not beta or args.finetune_beta_bit is None else [
-        "--finetune-beta-bit", str(args.finetune_beta_bit)]
+    on_flags = {"--finetune-beta-bit": args.finetune_beta_bit,
+                "--plane-drop-tolerance": args.plane_drop_tolerance}
+    bit_reg = [str(item) for flag, value in on_flags.items()
+               if beta and value is not None for item in (flag, value)]
     return [sys.executable, str(REPO / "scripts/train_cifar.py"), "--preset", "twofold",
             "--init", args.init, "--data", args.data, "--seed", str(args.seed),
-            "--sparsity", str(sparsity), "--beta-bit", str(beta), *finetune_beta,
+            "--sparsity", str(sparsity), "--beta-bit", str(beta), *bit_reg,
             "--twofold-epochs", str(args.twofold_epochs),
             "--finetune-epochs", str(args.finetune_epochs),
             "--threads", "1", "--no-progress", "--resume", "--out", str(out)]

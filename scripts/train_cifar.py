@@ -17,8 +17,9 @@ from nptwofold.threads import configure_threads  # noqa: E402  (must precede num
 
 TRAIN_FLAGS = ("data", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
                "schedule", "warmup_epochs", "seed", "init", "post_training")
-TWOFOLD_FLAGS = ("sparsity", "bits", "lambda_net", "beta_bit", "reg_bit_form", "bit_rounding",
-                 "mask_group", "lfsr_seed", "rebinarize_epochs")
+TWOFOLD_FLAGS = ("sparsity", "bits", "lambda_net", "beta_bit", "reg_bit_form",
+                 "plane_drop_tolerance", "plane_drop_images", "mask_group", "lfsr_seed",
+                 "rebinarize_epochs")
 PIPELINE_FLAGS = ("data", "seed", "init", "twofold_epochs", "finetune_epochs",
                   "finetune_beta_bit")
 
@@ -50,8 +51,10 @@ def parse_args(argv=None):
     method.add_argument("--lambda-net", type=float, help="Reg_Net strength")
     method.add_argument("--beta-bit", type=float, help="Reg_Bit strength")
     method.add_argument("--reg-bit-form", choices=["poster", "plane_lasso"])
-    method.add_argument("--bit-rounding", choices=["sum", "per_bit"],
-                        help="round the composed level (SPEC, default) or each bit")
+    method.add_argument("--plane-drop-tolerance", type=float, metavar="NATS",
+                        help="at re-binarization, drop low bit planes while the loss on the "
+                             "check images rises by at most NATS (default 0 = never)")
+    method.add_argument("--plane-drop-images", type=int, help="check images (default 500)")
     method.add_argument("--mask-group", type=int, help="columns sharing one LFSR index set")
     method.add_argument("--lfsr-seed", type=int, help="base LFSR seed (0 = from --seed)")
     method.add_argument("--rebinarize-epochs", type=int, nargs="+", metavar="E")

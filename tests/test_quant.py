@@ -42,15 +42,14 @@ def reference_bits_forward(bits, scale):
     return scale * np.rint(np.clip(reference_real_levels(bits), -qmax, qmax)) / qmax
 
 
-def reference_per_bit_levels(bits):
-    """Each bit rounded on its own (0.5 goes to 0, as np.rint does), then composed and clipped."""
+def reference_dropped_levels(bits, dropped):
+    """Levels of a layer whose `dropped` low planes are dropped, one weight at a time."""
     qmax = 2 ** (bits.shape[0] - 1) - 1
-    levels = []
-    for column in bits.reshape(bits.shape[0], -1).T:
-        level = sum(2**n * int(bit > 0.5) for n, bit in enumerate(column[:-1]))
-        level -= 2 ** (bits.shape[0] - 1) * int(column[-1] > 0.5)
-        levels.append(min(max(level, -qmax), qmax))
-    return np.array(levels, np.float64).reshape(bits.shape[1:])
+    step = 2**dropped
+    top = step * (qmax // step)
+    real = reference_real_levels(bits)
+    return np.array([step * round(min(max(q, -top), top) / step) for q in real.ravel()],
+                    np.float64).reshape(real.shape)
 
 
 @pytest.mark.parametrize("bad", [7, 1, 0, -2, 18, 8.0, "8", None, True])
@@ -209,45 +208,50 @@ def test_rebinarize_gives_exact_bits_of_rounded_clipped_level(b):
     np.testing.assert_array_equal(quant.bits_forward(bits, 1.3), forward_before)
 
 
-@pytest.mark.parametrize("b", [2, 4, 8])
+@pytest.mark.parametrize("b,dropped", [(4, 1), (8, 1), (8, 2), (8, 6), (16, 3)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_per_bit_forward_rounds_each_bit_before_composing(b, dtype):
-    rng = np.random.default_rng(250 + b)
+def test_dropped_planes_round_to_multiples_of_their_step(b, dropped, dtype):
+    rng = np.random.default_rng(250 + b + dropped)
     bits = rng.random((b, 30, 3)).astype(dtype)
-    bits[:, 0, 0] = 0.5  # exactly one half rounds to 0, like np.rint
+    bits[:dropped] = 0.0
+    bits[:, 0, 0] = [1.0] * (b - 1) + [0.0]  # q~ = qmax: clipped to the top multiple
+    expected = reference_dropped_levels(bits, dropped)
+    levels = quant.rounded_levels(bits, dropped)
+    np.testing.assert_array_equal(levels, expected)
+    assert (levels % 2**dropped == 0).all()
+    assert levels[0, 0] == 2**dropped * ((2 ** (b - 1) - 1) // 2**dropped)
     qmax = 2 ** (b - 1) - 1
-    expected = reference_per_bit_levels(bits)
-    np.testing.assert_array_equal(quant.rounded_levels(bits, "per_bit"), expected)
-    np.testing.assert_allclose(quant.bits_forward(bits, 0.8, "per_bit"),
-                               0.8 * expected / qmax, rtol=1e-6)
-    # the two roundings differ on these random planes, so the option is not a no-op
-    assert not np.array_equal(quant.rounded_levels(bits, "per_bit"), quant.rounded_levels(bits))
+    np.testing.assert_allclose(quant.bits_forward(bits, 0.8, dropped), 0.8 * expected / qmax,
+                               rtol=1e-6)
 
 
-def test_per_bit_rounding_of_fractional_low_bits():
-    # q~ = 0.4*1 + 0.4*2 + 1*4 = 5.2 rounds to 5 under "sum"; per bit, 0.4 -> 0, so q = 4.
-    bits = np.array([[0.4], [0.4], [1.0], [0.0]])
-    assert quant.rounded_levels(bits).tolist() == [5]
-    assert quant.rounded_levels(bits, "per_bit").tolist() == [4]
+def test_dropped_planes_hand_worked():
+    # q~ = 1*1 + 0.6*4 = 3.4 (b = 4): 3 with nothing dropped, 4 with one plane (3.4/2 -> 2),
+    # 4 with two (3.4/4 = 0.85 -> 1); q~ = 7 with two dropped clips to 4, the top multiple.
+    bits = np.array([[1.0, 1.0], [0.0, 1.0], [0.6, 1.0], [0.0, 0.0]])
+    assert quant.rounded_levels(bits).tolist() == [3, 7]
+    assert quant.rounded_levels(bits, 1).tolist() == [4, 6]
+    assert quant.rounded_levels(bits, 2).tolist() == [4, 4]
 
 
-@pytest.mark.parametrize("b", [2, 8])
-def test_per_bit_rebinarize_keeps_the_forward(b):
+@pytest.mark.parametrize("b,dropped", [(4, 2), (8, 2)])
+def test_rebinarize_with_dropped_planes_zeroes_them_and_keeps_the_forward(b, dropped):
     rng = np.random.default_rng(350 + b)
     bits = rng.random((b, 20, 4))
-    expected = reference_per_bit_levels(bits)
-    forward_before = quant.bits_forward(bits, 1.3, "per_bit")
-    levels = quant.rebinarize_bits(bits, "per_bit")
-    assert set(np.unique(bits)) <= {0.0, 1.0}
+    bits[:dropped] = 0.0
+    forward_before = quant.bits_forward(bits, 1.3, dropped)
+    expected = reference_dropped_levels(bits, dropped)
+    levels = quant.rebinarize_bits(bits, dropped)
     np.testing.assert_array_equal(levels, expected)
-    np.testing.assert_array_equal(quant.bits_forward(bits, 1.3, "per_bit"), forward_before)
+    np.testing.assert_array_equal(quant.compose(bits.astype(np.uint8)), expected)
+    assert set(np.unique(bits)) <= {0.0, 1.0} and (bits[:dropped] == 0).all()
+    np.testing.assert_array_equal(quant.bits_forward(bits, 1.3, dropped), forward_before)
 
 
-def test_bad_bit_rounding_raises():
-    with pytest.raises(NptwofoldError, match="bit rounding"):
-        quant.bits_forward(np.zeros((4, 3)), 1.0, "nearest")
-    with pytest.raises(NptwofoldError, match="bit rounding"):
-        quant.rounded_levels(np.zeros((4, 3)), "per-bit")
+@pytest.mark.parametrize("bad", [-1, 7, 1.0, True, None])
+def test_bad_dropped_plane_counts_raise(bad):
+    with pytest.raises(NptwofoldError, match="dropped low planes"):
+        quant.bits_forward(np.zeros((8, 3)), 1.0, bad)
 
 
 def test_clamp_bits_in_place():
@@ -260,25 +264,23 @@ def loss_weights(shape, seed):
     return np.random.default_rng(seed).standard_normal(shape)
 
 
-@pytest.mark.parametrize("rounding", quant.BIT_ROUNDINGS)
-@pytest.mark.parametrize("b", [2, 4, 8])
-def test_scale_gradient_matches_finite_differences(b, rounding):
+@pytest.mark.parametrize("b,dropped", [(2, 0), (4, 0), (8, 0), (4, 1), (8, 3)])
+def test_scale_gradient_matches_finite_differences(b, dropped):
     rng = np.random.default_rng(400 + b)
     bits = rng.random((b, 4, 3, 3))
     grad_output = loss_weights(bits.shape[1:], b)
     scale, step = 0.6, 1e-4
 
     def loss(s):
-        return np.sum(grad_output * quant.bits_forward(bits, s, rounding))
+        return np.sum(grad_output * quant.bits_forward(bits, s, dropped))
 
-    _, grad_scale = quant.bits_backward(bits, scale, grad_output, rounding)
+    _, grad_scale = quant.bits_backward(bits, scale, grad_output, dropped)
     numeric = (loss(scale + step) - loss(scale - step)) / (2 * step)
     assert abs(grad_scale - numeric) <= 1e-10 * max(1.0, abs(numeric))
 
 
-@pytest.mark.parametrize("rounding", quant.BIT_ROUNDINGS)
 @pytest.mark.parametrize("b", [2, 4, 8])
-def test_bit_gradient_is_derivative_of_clipped_surrogate(b, rounding):
+def test_bit_gradient_is_derivative_of_clipped_surrogate(b):
     rng = np.random.default_rng(500 + b)
     bits = rng.random((b, 5, 4))
     qmax = 2 ** (b - 1) - 1
@@ -290,8 +292,7 @@ def test_bit_gradient_is_derivative_of_clipped_surrogate(b, rounding):
     grad_output = loss_weights(bits.shape[1:], b)
     scale, step = 0.9, 1e-6
 
-    # both roundings share one straight-through path: the clipped, unrounded surrogate
-    grad_bits, _ = quant.bits_backward(bits, scale, grad_output, rounding)
+    grad_bits, _ = quant.bits_backward(bits, scale, grad_output)
     assert grad_bits.dtype == bits.dtype and grad_bits.shape == bits.shape
 
     real_levels = reference_real_levels(bits)
@@ -316,6 +317,16 @@ def test_bit_gradient_passes_at_the_clip_boundary():
     grad_bits, _ = quant.bits_backward(bits, 1.0, np.ones(2))
     # dW/dB(n) = s / qmax * (+-2^n) = [1, 2, 4, -8] / 7 for both weights.
     np.testing.assert_allclose(grad_bits, np.array([[1, 2, 4, -8]] * 2).T / 7, rtol=1e-15)
+
+
+def test_bit_gradient_with_dropped_planes_clips_at_the_top_multiple():
+    # b = 4, two planes dropped: levels are multiples of 4 inside +-4. q~ = 4.5 lies outside,
+    # so the clip cuts its gradient; q~ = 3.5 lies inside and passes +-2^n / qmax.
+    bits = np.array([[0.0, 0.0], [0.0, 0.0], [1.0, 0.875], [0.0, 0.0]])
+    bits[1] = [0.25, 0.0]  # q~ = 0.5 + 4 = 4.5 and 3.5
+    grad_bits, _ = quant.bits_backward(bits, 1.0, np.ones(2), dropped=2)
+    assert (grad_bits[:, 0] == 0).all()
+    np.testing.assert_allclose(grad_bits[:, 1], np.array([1, 2, 4, -8]) / 7, rtol=1e-15)
 
 
 def test_float32_backward_matches_float64():

@@ -83,18 +83,78 @@ def test_regularize_adds_exactly_the_kernel_gradients(sample):
     assert values["reg_bit"] == pytest.approx(want_bit)
 
 
-def test_per_bit_rounding_reaches_forward_report_and_rebinarization():
-    model, method = twofold_model(bit_rounding="per_bit")
-    layer = method.layers["layer1.0.conv1"]
-    bits = layer.params["weight_bits"]
-    bits[:2] = 0.45  # the two low bits fractional: per bit they read 0, summed they may not
-    want = compose((bits > 0.5).astype(np.uint8))
-    want = np.clip(want, -127, 127)
-    scale = layer.buffers["weight_scale"][0]
-    np.testing.assert_array_equal(method.levels("layer1.0.conv1"), want)
-    np.testing.assert_allclose(layer.effective_weight(), scale * want / 127, rtol=1e-6)
+def test_planes_are_dropped_while_the_check_loss_stays_within_tolerance():
+    """A stand-in loss that grows with each layer's dropped planes: the round-robin stops a
+    layer at its first refused drop and keeps the total within the tolerance."""
+    _, method = twofold_model(plane_drop_tolerance=1.0)
+    cost = {name: 0.3 if name.startswith("layer3") else 0.01 for name in method.layers}
+    calls = []
+
+    def check_loss():
+        calls.append(1)
+        return 2.0 + sum(cost[name] * layer.dropped_planes for name, layer in method.layers.items())
+
+    method.end_epoch(1, last=True, check_loss=check_loss)
+    dropped = {name: layer.dropped_planes for name, layer in method.layers.items()}
+    total = sum(cost[name] * k for name, k in dropped.items())
+    assert total <= 1.0 + 1e-9
+    cheap = [k for name, k in dropped.items() if cost[name] < 0.3]
+    assert min(cheap) >= 2 and max(cheap) - min(cheap) <= 1  # round-robin: turns in order
+    assert 0 < sum(k for name, k in dropped.items() if cost[name] == 0.3) <= 3
+    # nothing more fits: any further drop would break the budget
+    assert all(k == 6 or total + cost[name] > 1.0 + 1e-9 for name, k in dropped.items())
+    for name, layer in method.layers.items():
+        levels = method.levels(name)
+        assert (levels % 2 ** layer.dropped_planes == 0).all()
+        assert (layer.params["weight_bits"][:layer.dropped_planes] == 0).all()
+        assert set(np.unique(layer.params["weight_bits"])) <= {0.0, 1.0}
+    report = {row["layer"]: row for row in method.layer_report()}
+    assert all(report[name]["dropped_planes"] == k for name, k in dropped.items())
+
+
+def test_dropping_rounds_to_the_nearest_coarser_level_and_stays_dropped():
+    _, method = twofold_model(plane_drop_tolerance=0.5)
+    layer = method.layers["fc"]
+    real = compose(layer.params["weight_bits"].astype(np.uint8)).astype(np.int64)
+    layer.dropped_planes = 2
+    levels = method.levels("fc").astype(np.int64)
+    want = np.clip(4 * np.rint(real / 4), -124, 124)
+    np.testing.assert_array_equal(levels, want)
     method.rebinarize()
-    np.testing.assert_array_equal(compose(bits.astype(np.uint8)), want)
+    layer.params["weight_bits"][:2] += 0.7  # as an optimizer step might
+    method.after_step()
+    assert (layer.params["weight_bits"][:2] == 0).all()
+
+
+def test_no_planes_are_dropped_without_tolerance_or_after_pruning():
+    _, method = twofold_model(plane_drop_tolerance=0.0)
+    method.end_epoch(1, last=True, check_loss=lambda: pytest.fail("no check without tolerance"))
+    _, pruned = twofold_model(plane_drop_tolerance=1.0)
+    pruned.hard_prune()
+    pruned.end_epoch(1, last=True, check_loss=lambda: pytest.fail("precision is fixed"))
+    assert all(layer.dropped_planes == 0 for layer in [*method.layers.values(),
+                                                       *pruned.layers.values()])
+
+
+def test_dropped_planes_survive_a_checkpoint(tiny_dataset, tmp_path):
+    config = TrainConfig.from_preset("quick", epochs=1, batch_size=16, eval_batch_size=10,
+                                     warmup_epochs=0, lr=0.02,
+                                     twofold=dict(sparsity=0.3, plane_drop_tolerance=0.5,
+                                                  plane_drop_images=10))
+    trainer = Trainer(config, tiny_dataset, tmp_path, progress=False)
+    trainer.run()
+    dropped = {name: layer.dropped_planes for name, layer in trainer.method.layers.items()}
+    assert any(dropped.values())
+    model, method, _ = load_model(tmp_path / "last.h5")
+    assert {name: layer.dropped_planes for name, layer in method.layers.items()} == dropped
+    images = tiny_dataset.test_images[:6].astype(np.float32) / 255
+    assert np.array_equal(model.eval().forward(images), trainer.model.eval().forward(images))
+    with h5py.File(tmp_path / "last.h5", "r") as f:
+        assert {name: int(f["twofold"][name].attrs["dropped_planes"]) for name in dropped} == dropped
+    # the logged test accuracy is that of the model with its planes dropped
+    from nptwofold.train import evaluate
+    accuracy = evaluate(model, tiny_dataset.test_images, tiny_dataset.test_labels, 10)[1]
+    assert trainer.state["history"][-1]["test_acc"] == accuracy
 
 
 def test_after_step_clamps_bits_to_unit_interval():
@@ -140,7 +200,8 @@ def test_report_counts_bits_and_cells_of_kept_weights():
     (dict(sparsity=float("nan")), "sparsity"), (dict(bits=7), "odd"), (dict(bits=18), "outside"),
     (dict(bits=0), "outside"), (dict(lambda_net=-1.0), "lambda_net"),
     (dict(reg_bit_form="l1"), "reg_bit_form"), (dict(mask_group=0), "mask group"),
-    (dict(bit_rounding="floor"), "bit rounding"),
+    (dict(plane_drop_tolerance=-0.1), "plane_drop_tolerance"),
+    (dict(plane_drop_images=0), "plane_drop_images"),
 ])
 def test_bad_twofold_values_are_clear_errors(settings, message):
     with pytest.raises(NptwofoldError, match=message):

@@ -9,15 +9,15 @@ Bit planes: planes[n] is bit n of q's b-bit two's complement and planes[b-1] is 
 so q = -B(b-1) * 2^(b-1) + sum_{n<b-1} B(n) * 2^n.
 
 Training under bit representation (BSQ-style): the planes are continuous variables in [0, 1].
-The forward composes them into a level, clips it to [-qmax, qmax] and returns W = s * q / qmax.
-Two roundings (`BIT_ROUNDINGS`):
-- "sum" (SPEC 3): compose the real level q~ = -2^(b-1) B(b-1) + sum 2^n B(n), then round it;
-- "per_bit": round every bit to {0, 1} first (B > 0.5), then compose. The forward then only
-  ever sees exact bits, so a bit pushed below 0.5 by Reg_Bit really is 0; under "sum" a
-  fractional low bit is absorbed by fractional high bits and re-binarization restores it.
-Both pass the same straight-through gradient dq/dB(n) = +-2^n, cut to zero by the clip only
-where q~ lies outside [-qmax, qmax] (closed: a weight re-binarized to exactly +-qmax must
-still be able to move inwards).
+The forward composes them into a real level q~, clips it to [-qmax, qmax], rounds it and
+returns W = s * q / qmax. The backward passes the gradient straight through the rounding and
+through the clip only where q~ lies inside [-qmax, qmax] (closed: a weight re-binarized to
+exactly +-qmax must still be able to move inwards); outside, the clip cuts it to zero.
+
+Dropped planes (BSQ's precision adjustment): a layer whose k lowest planes are dropped holds
+them at 0, so its levels are multiples of 2^k. Its forward rounds q~ to the nearest multiple
+of 2^k inside the largest such range, +-qmax_k with qmax_k = 2^k * floor(qmax / 2^k); k = 0
+is the plain rounding above.
 
 Arithmetic runs in float64 whatever the storage dtype, so float32 and float64 arrays holding
 equal values give equal results, and the training forward of exact bits equals dequantize.
@@ -32,7 +32,6 @@ from ..errors import NptwofoldError
 
 MIN_BITS = 2
 MAX_BITS = 16
-BIT_ROUNDINGS = ("sum", "per_bit")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -73,11 +72,13 @@ def check_bit_planes(bits):
     return bits, check_bits(bits.shape[0])
 
 
-def check_bit_rounding(rounding):
-    """Return the index of a bit rounding mode in BIT_ROUNDINGS (what the kernels take)."""
-    if rounding not in BIT_ROUNDINGS:
-        raise NptwofoldError(f"bit rounding must be one of {list(BIT_ROUNDINGS)}, got {rounding!r}")
-    return BIT_ROUNDINGS.index(rounding)
+def check_dropped_planes(dropped, b):
+    """Return the level step 2^k of a b-bit layer whose k lowest planes are dropped."""
+    if isinstance(dropped, (bool, np.bool_)) or not isinstance(dropped, (int, np.integer)) \
+            or not 0 <= dropped <= b - 2:
+        raise NptwofoldError(f"dropped low planes must be an integer in 0..{b - 2} for b={b}, "
+                             f"got {dropped!r}")
+    return 2 ** int(dropped)
 
 
 @numba.njit(cache=True)
@@ -128,31 +129,33 @@ def _real_level(bits, i):
 
 
 @numba.njit(cache=True)
-def _rounded_level(bits, i, qmax, per_bit):
-    if per_bit:
-        b = bits.shape[0]
-        level = -(2.0 ** (b - 1)) * (bits[b - 1, i] > 0.5)
-        for n in range(b - 1):
-            level += 2.0**n * (bits[n, i] > 0.5)
-        return min(max(level, -qmax), qmax)
-    return np.rint(min(max(_real_level(bits, i), -qmax), qmax))
+def _top_level(qmax, step):
+    """qmax_k: the largest multiple of step that is at most qmax."""
+    return step * np.floor(qmax / step)
 
 
 @numba.njit(cache=True)
-def _bits_forward_kernel(bits, scale, qmax, per_bit, weights):
+def _rounded_level(bits, i, qmax, step):
+    """Round(clip(q~, -qmax_k, qmax_k)) to a multiple of step."""
+    top = _top_level(qmax, step)
+    return step * np.rint(min(max(_real_level(bits, i), -top), top) / step)
+
+
+@numba.njit(cache=True)
+def _bits_forward_kernel(bits, scale, qmax, step, weights):
     for i in range(weights.size):
-        weights[i] = _weight_of_level(_rounded_level(bits, i, qmax, per_bit), scale, qmax)
+        weights[i] = _weight_of_level(_rounded_level(bits, i, qmax, step), scale, qmax)
 
 
 @numba.njit(cache=True)
-def _bits_backward_kernel(bits, scale, qmax, per_bit, grad_weights, grad_bits):
+def _bits_backward_kernel(bits, scale, qmax, step, grad_weights, grad_bits):
     b = bits.shape[0]
     grad_scale = 0.0
     for i in range(grad_weights.size):
         grad_weight = np.float64(grad_weights[i])
-        grad_scale += grad_weight * _rounded_level(bits, i, qmax, per_bit) / qmax
-        level = _real_level(bits, i)
-        grad_level = grad_weight * scale / qmax if -qmax <= level <= qmax else 0.0
+        grad_scale += grad_weight * _rounded_level(bits, i, qmax, step) / qmax
+        level, top = _real_level(bits, i), _top_level(qmax, step)
+        grad_level = grad_weight * scale / qmax if -top <= level <= top else 0.0
         grad_bits[b - 1, i] = -(2.0 ** (b - 1)) * grad_level
         for n in range(b - 1):
             grad_bits[n, i] = 2.0**n * grad_level
@@ -160,9 +163,9 @@ def _bits_backward_kernel(bits, scale, qmax, per_bit, grad_weights, grad_bits):
 
 
 @numba.njit(cache=True)
-def _rounded_levels_kernel(bits, qmax, per_bit, levels):
+def _rounded_levels_kernel(bits, qmax, step, levels):
     for i in range(levels.size):
-        levels[i] = np.int64(_rounded_level(bits, i, qmax, per_bit))
+        levels[i] = np.int64(_rounded_level(bits, i, qmax, step))
 
 
 def quantize(weights, b):
@@ -217,28 +220,29 @@ def compose(planes):
     return levels
 
 
-def bits_forward(bits, scale, rounding="sum"):
-    """Training forward: W = s * q / qmax in the dtype of bits, q = rounded_levels(bits, rounding).
+def bits_forward(bits, scale, dropped=0):
+    """Training forward: W = s * q / qmax in the dtype of bits, q = rounded_levels(bits, dropped).
 
     The backward needs only bits and scale, so nothing is carried between the two calls.
     """
-    per_bit = check_bit_rounding(rounding)
     bits, b = check_bit_planes(bits)
+    step = check_dropped_planes(dropped, b)
     weights = np.empty(bits.shape[1:], bits.dtype)
     flat_bits = np.ascontiguousarray(bits).reshape(b, -1)
-    _bits_forward_kernel(flat_bits, float(scale), float(max_level(b)), per_bit,
+    _bits_forward_kernel(flat_bits, float(scale), float(max_level(b)), float(step),
                          weights.reshape(-1))
     return weights
 
 
-def bits_backward(bits, scale, grad_weights, rounding="sum"):
+def bits_backward(bits, scale, grad_weights, dropped=0):
     """Training backward: given dL/dW, return (dL/dbits in the dtype of bits, dL/ds as float).
 
     dL/dB(n) = dL/dW * s / qmax * (+-2^n) where q~ is inside [-qmax, qmax], else 0;
-    dL/ds = sum dL/dW * q / qmax.
+    dL/ds = sum dL/dW * q / qmax. With dropped planes the clip range is +-qmax_k; the dropped
+    planes get a gradient like any other (the caller holds them at 0).
     """
-    per_bit = check_bit_rounding(rounding)
     bits, b = check_bit_planes(bits)
+    step = check_dropped_planes(dropped, b)
     grad_weights = check_float_array("weight gradient", grad_weights)
     if grad_weights.shape != bits.shape[1:]:
         raise NptwofoldError(
@@ -249,7 +253,7 @@ def bits_backward(bits, scale, grad_weights, rounding="sum"):
         np.ascontiguousarray(bits).reshape(b, -1),
         float(scale),
         float(max_level(b)),
-        per_bit,
+        float(step),
         grad_weights.ravel(),
         grad_bits.reshape(b, -1),
     )
@@ -261,20 +265,21 @@ def clamp_bits(bits):
     np.clip(bits, 0.0, 1.0, out=bits)
 
 
-def rounded_levels(bits, rounding="sum"):
-    """Integer levels that continuous bit planes stand for: Round(clip(q~, -qmax, qmax)) under
-    "sum", clip(compose(B > 0.5), -qmax, qmax) under "per_bit"."""
-    per_bit = check_bit_rounding(rounding)
+def rounded_levels(bits, dropped=0):
+    """Integer levels Round(clip(q~)) that continuous bit planes stand for, multiples of
+    2^dropped (see the module docstring)."""
     bits, b = check_bit_planes(bits)
+    step = check_dropped_planes(dropped, b)
     levels = np.empty(bits.shape[1:], level_dtype(b))
     flat_bits = np.ascontiguousarray(bits).reshape(b, -1)
-    _rounded_levels_kernel(flat_bits, float(max_level(b)), per_bit, levels.reshape(-1))
+    _rounded_levels_kernel(flat_bits, float(max_level(b)), float(step), levels.reshape(-1))
     return levels
 
 
-def rebinarize_bits(bits, rounding="sum"):
+def rebinarize_bits(bits, dropped=0):
     """Overwrite continuous bit planes in place with the exact {0, 1} planes of their rounded
-    levels; return those levels. The training forward is unchanged by this."""
-    levels = rounded_levels(bits, rounding)
+    levels; return those levels. The training forward is unchanged by this, and the dropped
+    planes come out 0."""
+    levels = rounded_levels(bits, dropped)
     bits[...] = decompose(levels, bits.shape[0])
     return levels

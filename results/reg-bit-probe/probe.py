@@ -3,6 +3,7 @@ re-binarize and measure test accuracy, zero-bit share and 00-cell share.
 
     python results/reg-bit-probe/probe.py SPARSITY LAMBDA BETA STEPS LR          (from the repo root)
     python results/reg-bit-probe/probe.py 0 0 50 250 0.01 --then-beta 0     (two stages of STEPS)
+    python results/reg-bit-probe/probe.py 0 0 20 250 0.01 --form plane_lasso --drop-plane-below 0.05
 
 Exploratory: the numbers it printed are in probe.jsonl; the README quotes them.
 """
@@ -23,7 +24,8 @@ parser = argparse.ArgumentParser()
 for name in ("sparsity", "lambda_net", "beta_bit", "steps", "lr"):
     parser.add_argument(name, type=int if name == "steps" else float)
 parser.add_argument("--then-beta", type=float, help="a second stage of STEPS at this beta")
-parser.add_argument("--bit-rounding", default="sum", choices=["sum", "per_bit"])
+parser.add_argument("--form", default="poster", choices=["poster", "plane_lasso"])
+parser.add_argument("--drop-plane-below", type=float, default=0.0)
 parser.add_argument("--test-images", type=int, default=10000)
 parser.add_argument("--data", default=str(REPO.parent / "shared/datasets/cifar-10-binary.tar.gz"))
 args = parser.parse_args()
@@ -33,7 +35,7 @@ config = TrainConfig.from_preset(
     "short", epochs=2, lr=args.lr, warmup_epochs=0, schedule="step", milestones=[99],
     init=str(REPO / "results/short-seed0/last.h5"),
     twofold=dict(sparsity=args.sparsity, lambda_net=args.lambda_net, beta_bit=args.beta_bit,
-                 bit_rounding=args.bit_rounding))
+                 reg_bit_form=args.form, drop_plane_below=args.drop_plane_below))
 trainer = Trainer(config, data, None, progress=False)
 
 
@@ -41,13 +43,17 @@ def probe(stage):
     """Accuracy and bit statistics of the re-binarized model; training continues unchanged."""
     layers = trainer.method.layers.items()
     saved = {name: layer.params["weight_bits"].copy() for name, layer in layers}
+    plane_means = (sum(bits.reshape(len(bits), -1).sum(axis=1) for bits in saved.values())
+                   / sum(bits[0].size for bits in saved.values())).round(3).tolist()
     trainer.method.rebinarize()
     accuracy = evaluate(trainer.model, data.test_images[:args.test_images],
                         data.test_labels[:args.test_images], 128)[1]
     total = trainer.method.layer_report()[-1]
     print(json.dumps(dict(stage=stage, **vars(args), accuracy=accuracy,
                           zero_bit_share=total["zero_bit_share"], cells_00=total["cells_00"],
-                          zero_weight_share=total["zero_weight_share"])), flush=True)
+                          zero_weight_share=total["zero_weight_share"], plane_means=plane_means,
+                          dropped_planes=[layer.dropped_planes for _, layer in layers])),
+          flush=True)
     for name, layer in layers:
         layer.params["weight_bits"][...] = saved[name]
 
