@@ -3,9 +3,11 @@ re-binarize and measure test accuracy, zero-bit share and 00-cell share.
 
     python results/reg-bit-probe/probe.py SPARSITY LAMBDA BETA STEPS LR          (from the repo root)
     python results/reg-bit-probe/probe.py 0 0 50 250 0.01 --then-beta 0     (two stages of STEPS)
-    python results/reg-bit-probe/probe.py 0 0 20 250 0.01 --form plane_lasso --drop-plane-below 0.05
+    python results/reg-bit-probe/probe.py 0 0 30 250 0.01 --form plane_lasso
 
-Exploratory: the numbers it printed are in probe.jsonl; the README quotes them.
+Exploratory: the numbers it printed are in probe.jsonl; the README quotes them. The lines
+with "bit_rounding": "per_bit" came from commit 646377b, which had that option; the
+plane_lasso lines ran with a "drop_plane_below" rule that never fired (no plane dropped).
 """
 import argparse
 import json
@@ -25,7 +27,6 @@ for name in ("sparsity", "lambda_net", "beta_bit", "steps", "lr"):
     parser.add_argument(name, type=int if name == "steps" else float)
 parser.add_argument("--then-beta", type=float, help="a second stage of STEPS at this beta")
 parser.add_argument("--form", default="poster", choices=["poster", "plane_lasso"])
-parser.add_argument("--drop-plane-below", type=float, default=0.0)
 parser.add_argument("--test-images", type=int, default=10000)
 parser.add_argument("--data", default=str(REPO.parent / "shared/datasets/cifar-10-binary.tar.gz"))
 args = parser.parse_args()
@@ -35,7 +36,7 @@ config = TrainConfig.from_preset(
     "short", epochs=2, lr=args.lr, warmup_epochs=0, schedule="step", milestones=[99],
     init=str(REPO / "results/short-seed0/last.h5"),
     twofold=dict(sparsity=args.sparsity, lambda_net=args.lambda_net, beta_bit=args.beta_bit,
-                 reg_bit_form=args.form, drop_plane_below=args.drop_plane_below))
+                 reg_bit_form=args.form))
 trainer = Trainer(config, data, None, progress=False)
 
 
@@ -51,8 +52,7 @@ def probe(stage):
     total = trainer.method.layer_report()[-1]
     print(json.dumps(dict(stage=stage, **vars(args), accuracy=accuracy,
                           zero_bit_share=total["zero_bit_share"], cells_00=total["cells_00"],
-                          zero_weight_share=total["zero_weight_share"], plane_means=plane_means,
-                          dropped_planes=[layer.dropped_planes for _, layer in layers])),
+                          zero_weight_share=total["zero_weight_share"], plane_means=plane_means)),
           flush=True)
     for name, layer in layers:
         layer.params["weight_bits"][...] = saved[name]
