@@ -1,0 +1,30 @@
+"""How much bit-level sparsity lies in the low bit planes: drop the k lowest planes of every
+layer of a trained twofold model (round q to multiples of 2^k), with no further training, and
+measure loss, accuracy and 00-cell share on the first 2,000 test images.
+
+    python results/reg-bit-probe/precision_probe.py results/sweep/p00-bitreg-off/post/last.h5
+
+Exploratory; its output is in precision_probe.txt and the README quotes it.
+"""
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from nptwofold.threads import configure_threads  # noqa: E402
+
+configure_threads(2)
+from nptwofold.data import load_dataset  # noqa: E402
+from nptwofold.train import evaluate, load_model  # noqa: E402
+
+data = load_dataset(REPO.parent / "shared/datasets/cifar-10-binary.tar.gz")
+images, labels = data.test_images[:2000], data.test_labels[:2000]
+print("dropped planes | test loss | accuracy | 00 cells")
+for dropped in (0, 1, 2, 3):
+    model, method, _ = load_model(sys.argv[1])
+    for layer in method.layers.values():
+        layer.dropped_planes = dropped
+    method.rebinarize()
+    loss, accuracy = evaluate(model, images, labels, 500)
+    print(f"{dropped} | {loss:.4f} | {100 * accuracy:.2f} % | "
+          f"{method.layer_report()[-1]['cells_00']:.3f}", flush=True)
