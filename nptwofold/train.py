@@ -194,8 +194,10 @@ def evaluate(model, images, labels, batch_size=500, progress=False):
 
 
 def write_csv(path, rows):
+    """Rows may differ in keys (an epoch that dropped planes logs more); missing cells are empty."""
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        fieldnames = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(handle, fieldnames=fieldnames)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -326,10 +328,16 @@ class Trainer:
 
     def _end_epoch(self):
         state = self.state
+        dropping = None
         if self.method is not None:
             # before the test: plane dropping at a re-binarization changes the forward
-            self.method.end_epoch(state["epoch"] + 1, last=state["epoch"] + 1 == self.config.epochs,
-                                  check_loss=self._plane_check_loss)
+            dropping = self.method.end_epoch(state["epoch"] + 1,
+                                             last=state["epoch"] + 1 == self.config.epochs,
+                                             check_loss=self._plane_check_loss)
+        if dropping:
+            tqdm.write(f"precision adjustment: {dropping['planes_dropped']} bit planes dropped, "
+                       f"check loss {dropping['check_loss_before']:.4f} -> "
+                       f"{dropping['check_loss_after']:.4f}")
         test_loss, test_acc = evaluate(self.model, self.data.test_images, self.data.test_labels,
                                        self.config.eval_batch_size, self.progress)
         record = dict(epoch=state["epoch"] + 1,
@@ -342,6 +350,8 @@ class Trainer:
         if self.method is not None:
             steps = state["step"]
             record.update(reg_net=state["epoch_reg_net"] / steps, reg_bit=state["epoch_reg_bit"] / steps)
+            if dropping:
+                record.update(dropping)
         state["history"].append(record)
         improved = test_acc > state["best_accuracy"]
         if improved:

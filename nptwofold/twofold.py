@@ -147,30 +147,42 @@ class Twofold:
     def end_epoch(self, epoch, last, check_loss):
         """At the chosen epochs and after the last one: drops the planes the loss can spare
         (before post-training only, so precision is fixed once the model is pruned), then
-        re-binarizes. `check_loss()` gives the cross-entropy on the check images."""
+        re-binarizes. `check_loss()` gives the cross-entropy on the check images. Returns
+        what `drop_planes` returns, or None when no planes were considered."""
+        dropping = None
         if last or epoch in self.config.rebinarize_epochs:
             if self.config.plane_drop_tolerance and not self.pruned:
-                self.drop_planes(check_loss)
+                dropping = self.drop_planes(check_loss)
             self.rebinarize()
+        return dropping
 
     def drop_planes(self, check_loss):
         """Round-robin over the layers: each drops its next lowest plane if the loss stays
         within the tolerance of where it started; a layer whose drop is refused is done.
 
         Dropping rounds q~ to the nearest multiple of 2^dropped, the closest level the lower
-        precision has, rather than cutting the plane's bits.
+        precision has, rather than cutting the plane's bits. Returns the check loss before and
+        after, and how many planes were dropped.
         """
-        budget = check_loss() + self.config.plane_drop_tolerance
+        loss_before = loss_after = check_loss()
+        budget = loss_before + self.config.plane_drop_tolerance
+        dropped_before = sum(layer.dropped_planes for layer in self.layers.values())
         open_layers = [layer for layer in self.layers.values()
                        if layer.dropped_planes < self.config.bits - 2]
         while open_layers:
             for layer in list(open_layers):
                 layer.dropped_planes += 1
-                if check_loss() > budget:
+                loss = check_loss()
+                if loss > budget:
                     layer.dropped_planes -= 1
                     open_layers.remove(layer)
-                elif layer.dropped_planes == self.config.bits - 2:
+                    continue
+                loss_after = loss
+                if layer.dropped_planes == self.config.bits - 2:
                     open_layers.remove(layer)
+        return dict(check_loss_before=loss_before, check_loss_after=loss_after,
+                    planes_dropped=sum(layer.dropped_planes for layer in self.layers.values())
+                    - dropped_before)
 
     def rebinarize(self):
         """Rounds every layer's bits to exact {0, 1} planes of its levels (dropped planes 0)."""

@@ -137,7 +137,7 @@ def test_no_planes_are_dropped_without_tolerance_or_after_pruning():
 
 
 def test_dropped_planes_survive_a_checkpoint(tiny_dataset, tmp_path):
-    config = TrainConfig.from_preset("quick", epochs=1, batch_size=16, eval_batch_size=10,
+    config = TrainConfig.from_preset("quick", epochs=2, batch_size=16, eval_batch_size=10,
                                      warmup_epochs=0, lr=0.02,
                                      twofold=dict(sparsity=0.3, plane_drop_tolerance=0.5,
                                                   plane_drop_images=10))
@@ -155,6 +155,12 @@ def test_dropped_planes_survive_a_checkpoint(tiny_dataset, tmp_path):
     from nptwofold.train import evaluate
     accuracy = evaluate(model, tiny_dataset.test_images, tiny_dataset.test_labels, 10)[1]
     assert trainer.state["history"][-1]["test_acc"] == accuracy
+    # only the last epoch re-binarized, so only its log row reports the drops
+    first, last = trainer.state["history"]
+    assert "planes_dropped" not in first and last["planes_dropped"] == sum(dropped.values())
+    assert last["check_loss_after"] <= last["check_loss_before"] + 0.5
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert "planes_dropped" in rows[0] and len(rows) == 3
 
 
 def test_after_step_clamps_bits_to_unit_interval():
