@@ -194,10 +194,8 @@ def evaluate(model, images, labels, batch_size=500, progress=False):
 
 
 def write_csv(path, rows):
-    """Rows may differ in keys (an epoch that dropped planes logs more); missing cells are empty."""
     with open(path, "w", newline="") as handle:
-        fieldnames = list(dict.fromkeys(key for row in rows for key in row))
-        writer = csv.DictWriter(handle, fieldnames=fieldnames)
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
 
@@ -223,7 +221,8 @@ class Trainer:
             self._start_post_training()
 
     def _start_post_training(self):
-        """Accuracy before, then hard-prune with the masks and re-binarize (SPEC 3).
+        """Accuracy before, then hard-prune with the masks, drop the bit planes the loss can
+        spare (if `plane_drop_tolerance`; checked on the pruned model) and re-binarize (SPEC 3).
 
         The fine-tune that follows trains the kept bits under the same objective; the masks
         stay enforced and the bits are re-binarized after its last epoch, so precision is fixed.
@@ -234,12 +233,19 @@ class Trainer:
 
         before = test_accuracy()
         self.method.hard_prune()
+        dropping = {}
+        if self.method.config.plane_drop_tolerance:
+            dropping = self.method.drop_planes(self._plane_check_loss)
+            tqdm.write(f"precision adjustment: {dropping['planes_dropped']} bit planes dropped, "
+                       f"check loss {dropping['check_loss_before']:.4f} -> "
+                       f"{dropping['check_loss_after']:.4f}")
         self.method.rebinarize()
         after_prune = test_accuracy()
         self.state["post_training"] = dict(accuracy_before=before,
-                                           accuracy_after_prune=after_prune)
+                                           accuracy_after_prune=after_prune, **dropping)
         tqdm.write(f"post-training: test accuracy {before:.4f} before, {after_prune:.4f} after "
-                   "hard pruning and re-binarization")
+                   "hard pruning" + (", precision adjustment" if dropping else "")
+                   + " and re-binarization")
         self.report(epoch=0)
 
     def _plane_check_loss(self):
@@ -328,16 +334,6 @@ class Trainer:
 
     def _end_epoch(self):
         state = self.state
-        dropping = None
-        if self.method is not None:
-            # before the test: plane dropping at a re-binarization changes the forward
-            dropping = self.method.end_epoch(state["epoch"] + 1,
-                                             last=state["epoch"] + 1 == self.config.epochs,
-                                             check_loss=self._plane_check_loss)
-        if dropping:
-            tqdm.write(f"precision adjustment: {dropping['planes_dropped']} bit planes dropped, "
-                       f"check loss {dropping['check_loss_before']:.4f} -> "
-                       f"{dropping['check_loss_after']:.4f}")
         test_loss, test_acc = evaluate(self.model, self.data.test_images, self.data.test_labels,
                                        self.config.eval_batch_size, self.progress)
         record = dict(epoch=state["epoch"] + 1,
@@ -350,8 +346,7 @@ class Trainer:
         if self.method is not None:
             steps = state["step"]
             record.update(reg_net=state["epoch_reg_net"] / steps, reg_bit=state["epoch_reg_bit"] / steps)
-            if dropping:
-                record.update(dropping)
+            self.method.end_epoch(record["epoch"], last=record["epoch"] == self.config.epochs)
         state["history"].append(record)
         improved = test_acc > state["best_accuracy"]
         if improved:

@@ -4,9 +4,9 @@
 weight into trained bit planes. The trainer calls its hooks: `regularize` after each backward
 pass (adds the Reg_Net and Reg_Bit gradients), `after_step` after each update (clamps bits to
 [0, 1], and once the model is hard-pruned keeps the cut weights at 0) and `end_epoch`
-(re-binarizes at the chosen epochs, after dropping the low bit planes the loss can spare).
-Post-training is `hard_prune` followed by `rebinarize`; `layer_report` gives the per-layer
-sparsity table.
+(re-binarizes at the chosen epochs). Post-training is `hard_prune`, then optionally
+`drop_planes` (the low bit planes the loss can spare), then `rebinarize`; `layer_report` gives
+the per-layer sparsity table.
 """
 import dataclasses
 
@@ -34,9 +34,9 @@ class TwofoldConfig:
     lambda_net: Reg_Net strength lambda [assumption].
     beta_bit: Reg_Bit strength beta [assumption].
     reg_bit_form: "poster" (||sum_n B(n)||_2) or "plane_lasso" (BSQ, sum_n ||B(n)||_2).
-    plane_drop_tolerance: precision adjustment (after BSQ) [deviation, see the README]: at
-        each re-binarization before post-training, layers in turn drop their lowest kept bit
-        plane (held at 0 from then on, levels rounded to multiples of 2^dropped, at most b - 2
+    plane_drop_tolerance: precision adjustment (after BSQ) [deviation, see the README]: in
+        post-training, after hard pruning, layers in turn drop their lowest kept bit plane
+        (held at 0 from then on, levels rounded to multiples of 2^dropped, at most b - 2
         planes) as long as the cross-entropy on the check images stays within this many nats
         of its value before the first drop. 0 = never drop.
     plane_drop_images: how many training images (the first ones, not augmented) that check
@@ -144,21 +144,15 @@ class Twofold:
         if self.pruned:
             self.hard_prune()
 
-    def end_epoch(self, epoch, last, check_loss):
-        """At the chosen epochs and after the last one: drops the planes the loss can spare
-        (before post-training only, so precision is fixed once the model is pruned), then
-        re-binarizes. `check_loss()` gives the cross-entropy on the check images. Returns
-        what `drop_planes` returns, or None when no planes were considered."""
-        dropping = None
+    def end_epoch(self, epoch, last):
+        """Re-binarizes at the chosen epochs and after the last one (the forward is unchanged)."""
         if last or epoch in self.config.rebinarize_epochs:
-            if self.config.plane_drop_tolerance and not self.pruned:
-                dropping = self.drop_planes(check_loss)
             self.rebinarize()
-        return dropping
 
     def drop_planes(self, check_loss):
-        """Round-robin over the layers: each drops its next lowest plane if the loss stays
-        within the tolerance of where it started; a layer whose drop is refused is done.
+        """Round-robin over the layers: each drops its next lowest plane if `check_loss()`
+        stays within the tolerance of where it started; a layer whose drop is refused is done.
+        Post-training calls it on the hard-pruned model, the one the array will hold.
 
         Dropping rounds q~ to the nearest multiple of 2^dropped, the closest level the lower
         precision has, rather than cutting the plane's bits. Returns the check loss before and
