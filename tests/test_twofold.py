@@ -1,6 +1,7 @@
 """Twofold Sparsity on the model: masks, bit-plane layers, regularizer hooks, post-training,
 checkpoints of twofold runs and their mask check."""
 import dataclasses
+import json
 
 import h5py
 import numpy as np
@@ -94,8 +95,11 @@ def test_planes_are_dropped_while_the_check_loss_stays_within_tolerance():
         calls.append(1)
         return 2.0 + sum(cost[name] * layer.dropped_planes for name, layer in method.layers.items())
 
-    method.end_epoch(1, last=True, check_loss=check_loss)
+    dropping = method.drop_planes(check_loss)
+    method.rebinarize()
     dropped = {name: layer.dropped_planes for name, layer in method.layers.items()}
+    assert dropping["planes_dropped"] == sum(dropped.values())
+    assert dropping["check_loss_before"] == 2.0 and dropping["check_loss_after"] == check_loss()
     total = sum(cost[name] * k for name, k in dropped.items())
     assert total <= 1.0 + 1e-9
     cheap = [k for name, k in dropped.items() if cost[name] < 0.3]
@@ -126,41 +130,52 @@ def test_dropping_rounds_to_the_nearest_coarser_level_and_stays_dropped():
     assert (layer.params["weight_bits"][:2] == 0).all()
 
 
-def test_no_planes_are_dropped_without_tolerance_or_after_pruning():
-    _, method = twofold_model(plane_drop_tolerance=0.0)
-    method.end_epoch(1, last=True, check_loss=lambda: pytest.fail("no check without tolerance"))
-    _, pruned = twofold_model(plane_drop_tolerance=1.0)
-    pruned.hard_prune()
-    pruned.end_epoch(1, last=True, check_loss=lambda: pytest.fail("precision is fixed"))
-    assert all(layer.dropped_planes == 0 for layer in [*method.layers.values(),
-                                                       *pruned.layers.values()])
+@pytest.fixture(scope="module")
+def dropping_run(pipeline, tiny_dataset, tmp_path_factory):
+    """Post-training with the precision adjustment, from the pipeline's twofold phase."""
+    root, _ = pipeline
+    out = tmp_path_factory.mktemp("dropping")
+    config = TrainConfig.from_preset(
+        "quick", epochs=1, batch_size=16, eval_batch_size=10, warmup_epochs=0, seed=4, lr=0.001,
+        twofold=dict(sparsity=0.5, lambda_net=0.5, beta_bit=5.0, plane_drop_tolerance=0.5,
+                     plane_drop_images=10),
+        post_training=True, init=str(root / "twofold/last.h5"))
+    post = Trainer(config, tiny_dataset, out, progress=False)
+    post.run()
+    return out, post
 
 
-def test_dropped_planes_survive_a_checkpoint(tiny_dataset, tmp_path):
-    config = TrainConfig.from_preset("quick", epochs=2, batch_size=16, eval_batch_size=10,
-                                     warmup_epochs=0, lr=0.02,
-                                     twofold=dict(sparsity=0.3, plane_drop_tolerance=0.5,
-                                                  plane_drop_images=10))
-    trainer = Trainer(config, tiny_dataset, tmp_path, progress=False)
-    trainer.run()
-    dropped = {name: layer.dropped_planes for name, layer in trainer.method.layers.items()}
-    assert any(dropped.values())
-    model, method, _ = load_model(tmp_path / "last.h5")
+def test_post_training_drops_planes_on_the_pruned_model_and_fixes_them(dropping_run):
+    out, post = dropping_run
+    info = post.state["post_training"]
+    dropped = {name: layer.dropped_planes for name, layer in post.method.layers.items()}
+    assert info["planes_dropped"] == sum(dropped.values()) > 0
+    assert info["check_loss_after"] <= info["check_loss_before"] + 0.5
+    for name, layer in post.method.layers.items():  # after the fine-tune: still dropped, pruned
+        assert (post.method.levels(name) % 2 ** layer.dropped_planes == 0).all()
+        assert (post.method.levels(name)[post.method.keep_mask(name) == 0] == 0).all()
+    # re-binarizing again (the fine-tune's last epoch did it once) drops nothing more
+    post.method.end_epoch(1, last=True)
+    assert {name: layer.dropped_planes for name, layer in post.method.layers.items()} == dropped
+
+
+def test_no_planes_are_dropped_without_tolerance(pipeline):
+    _, post = pipeline  # its twofold config has no plane_drop_tolerance
+    assert "planes_dropped" not in post.state["post_training"]
+    assert all(layer.dropped_planes == 0 for layer in post.method.layers.values())
+
+
+def test_dropped_planes_survive_a_checkpoint(dropping_run, tiny_dataset):
+    out, post = dropping_run
+    dropped = {name: layer.dropped_planes for name, layer in post.method.layers.items()}
+    model, method, _ = load_model(out / "last.h5")
     assert {name: layer.dropped_planes for name, layer in method.layers.items()} == dropped
     images = tiny_dataset.test_images[:6].astype(np.float32) / 255
-    assert np.array_equal(model.eval().forward(images), trainer.model.eval().forward(images))
-    with h5py.File(tmp_path / "last.h5", "r") as f:
+    assert np.array_equal(model.eval().forward(images), post.model.eval().forward(images))
+    with h5py.File(out / "last.h5", "r") as f:
         assert {name: int(f["twofold"][name].attrs["dropped_planes"]) for name in dropped} == dropped
-    # the logged test accuracy is that of the model with its planes dropped
-    from nptwofold.train import evaluate
-    accuracy = evaluate(model, tiny_dataset.test_images, tiny_dataset.test_labels, 10)[1]
-    assert trainer.state["history"][-1]["test_acc"] == accuracy
-    # only the last epoch re-binarized, so only its log row reports the drops
-    first, last = trainer.state["history"]
-    assert "planes_dropped" not in first and last["planes_dropped"] == sum(dropped.values())
-    assert last["check_loss_after"] <= last["check_loss_before"] + 0.5
-    rows = (tmp_path / "log.csv").read_text().splitlines()
-    assert "planes_dropped" in rows[0] and len(rows) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["post_training"]["planes_dropped"] == sum(dropped.values())
 
 
 def test_after_step_clamps_bits_to_unit_interval():
