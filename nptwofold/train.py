@@ -22,6 +22,8 @@ from .model import ResNet20
 from .optim import SGD
 from .twofold import Twofold, TwofoldConfig
 
+BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
 INIT_STREAM, EPOCH_STREAM = 0, 1
 
 PRESETS = {
@@ -249,10 +251,18 @@ class Trainer:
         self.report(epoch=0)
 
     def _plane_check_loss(self):
-        """Cross-entropy (inference mode) on the first training images, for plane dropping."""
+        """Cross-entropy on the first training images, for plane dropping, with BN on the
+        images' own batch statistics: right after hard pruning the running statistics are
+        stale until the fine-tune re-estimates them, and would judge the drops on a broken
+        model. The running statistics are left as they were."""
         count = self.method.config.plane_drop_images
-        return evaluate(self.model, self.data.train_images[:count], self.data.train_labels[:count],
-                        self.config.eval_batch_size)[0]
+        bn_state = {name: value.copy() for name, value in self.model.state_arrays()
+                    if name.rsplit(".", 1)[-1] in BN_STATISTICS}
+        logits = self.model.train().forward(to_float(self.data.train_images[:count]))
+        for name, value in self.model.state_arrays():
+            if name in bn_state:
+                value[...] = bn_state[name]
+        return softmax_cross_entropy(logits, self.data.train_labels[:count])[0]
 
     @property
     def steps_per_epoch(self):

@@ -159,6 +159,24 @@ def test_post_training_drops_planes_on_the_pruned_model_and_fixes_them(dropping_
     assert {name: layer.dropped_planes for name, layer in post.method.layers.items()} == dropped
 
 
+def test_plane_check_uses_batch_statistics_and_leaves_running_ones(dropping_run):
+    from nptwofold.kernels.augment import to_float
+    from nptwofold.kernels.loss import softmax_cross_entropy
+
+    _, post = dropping_run
+    before = state_of(post.model)
+    loss = post._plane_check_loss()
+    assert all(np.array_equal(value, before[name]) for name, value in state_of(post.model).items())
+    images = post.data.train_images[:10]
+    logits = post.model.train().forward(to_float(images))  # batch statistics: the oracle
+    assert loss == softmax_cross_entropy(logits, post.data.train_labels[:10])[0]
+    eval_loss = softmax_cross_entropy(post.model.eval().forward(to_float(images)),
+                                      post.data.train_labels[:10])[0]
+    assert loss != eval_loss  # it is not the running-statistics loss
+    for name, value in post.model.state_arrays():  # the oracle's train-mode pass moved them
+        value[...] = before[name]
+
+
 def test_no_planes_are_dropped_without_tolerance(pipeline):
     _, post = pipeline  # its twofold config has no plane_drop_tolerance
     assert "planes_dropped" not in post.state["post_training"]
