@@ -8,7 +8,7 @@
 
 Runs: for every sparsity p, one run with Reg_Bit off (beta 0) and one with it on (--beta-bit
 in the twofold phase, --finetune-beta-bit, by default the same, in the fine-tune, and
---plane-drop-tolerance for the precision adjustment at the twofold phase's re-binarization),
+--plane-drop-tolerance for the precision adjustment in post-training, after hard pruning),
 each `scripts/train_cifar.py --preset twofold --init BASELINE` (twofold phase, then
 post-training) in OUT/p<100p>-bitreg-<on|off>, always started with --resume, so a stopped
 sweep continues where it stopped and finished runs are skipped. `--jobs` runs go side by side,

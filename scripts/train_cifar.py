@@ -52,8 +52,9 @@ def parse_args(argv=None):
     method.add_argument("--beta-bit", type=float, help="Reg_Bit strength")
     method.add_argument("--reg-bit-form", choices=["poster", "plane_lasso"])
     method.add_argument("--plane-drop-tolerance", type=float, metavar="NATS",
-                        help="at re-binarization, drop low bit planes while the loss on the "
-                             "check images rises by at most NATS (default 0 = never)")
+                        help="post-training: after hard pruning, drop low bit planes while "
+                             "the loss on the check images rises by at most NATS (default 0 = "
+                             "never)")
     method.add_argument("--plane-drop-images", type=int, help="check images (default 500)")
     method.add_argument("--mask-group", type=int, help="columns sharing one LFSR index set")
     method.add_argument("--lfsr-seed", type=int, help="base LFSR seed (0 = from --seed)")
