@@ -160,7 +160,7 @@ class Twofold:
         """
         loss_before = loss_after = check_loss()
         budget = loss_before + self.config.plane_drop_tolerance
-        dropped_before = sum(layer.dropped_planes for layer in self.layers.values())
+        planes_dropped = 0
         open_layers = [layer for layer in self.layers.values()
                        if layer.dropped_planes < self.config.bits - 2]
         while open_layers:
@@ -171,12 +171,11 @@ class Twofold:
                     layer.dropped_planes -= 1
                     open_layers.remove(layer)
                     continue
-                loss_after = loss
+                loss_after, planes_dropped = loss, planes_dropped + 1
                 if layer.dropped_planes == self.config.bits - 2:
                     open_layers.remove(layer)
         return dict(check_loss_before=loss_before, check_loss_after=loss_after,
-                    planes_dropped=sum(layer.dropped_planes for layer in self.layers.values())
-                    - dropped_before)
+                    planes_dropped=planes_dropped)
 
     def rebinarize(self):
         """Rounds every layer's bits to exact {0, 1} planes of its levels (dropped planes 0)."""

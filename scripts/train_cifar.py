@@ -170,8 +170,10 @@ def main(argv=None):
     post = final.get("post_training")
     if post:
         print(f"post-training: test accuracy {post['accuracy_before']:.4f} before, "
-              f"{post['accuracy_after_prune']:.4f} after hard pruning and re-binarization, "
-              f"{final['final_test_acc']:.4f} after fine-tuning")
+              f"{post['accuracy_after_prune']:.4f} after hard pruning"
+              + (f", dropping {post['planes_dropped']} bit planes" if "planes_dropped" in post
+                 else "")
+              + f" and re-binarization, {final['final_test_acc']:.4f} after fine-tuning")
 
 
 if __name__ == "__main__":

@@ -89,10 +89,8 @@ def test_planes_are_dropped_while_the_check_loss_stays_within_tolerance():
     layer at its first refused drop and keeps the total within the tolerance."""
     _, method = twofold_model(plane_drop_tolerance=1.0)
     cost = {name: 0.3 if name.startswith("layer3") else 0.01 for name in method.layers}
-    calls = []
 
     def check_loss():
-        calls.append(1)
         return 2.0 + sum(cost[name] * layer.dropped_planes for name, layer in method.layers.items())
 
     dropping = method.drop_planes(check_loss)

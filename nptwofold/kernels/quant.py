@@ -135,26 +135,27 @@ def _top_level(qmax, step):
 
 
 @numba.njit(cache=True)
-def _rounded_level(bits, i, qmax, step):
-    """Round(clip(q~, -qmax_k, qmax_k)) to a multiple of step."""
-    top = _top_level(qmax, step)
-    return step * np.rint(min(max(_real_level(bits, i), -top), top) / step)
+def _round_level(level, top, step):
+    """Round(clip(q~, -top, top)) to a multiple of step (top = qmax_k)."""
+    return step * np.rint(min(max(level, -top), top) / step)
 
 
 @numba.njit(cache=True)
 def _bits_forward_kernel(bits, scale, qmax, step, weights):
+    top = _top_level(qmax, step)
     for i in range(weights.size):
-        weights[i] = _weight_of_level(_rounded_level(bits, i, qmax, step), scale, qmax)
+        weights[i] = _weight_of_level(_round_level(_real_level(bits, i), top, step), scale, qmax)
 
 
 @numba.njit(cache=True)
 def _bits_backward_kernel(bits, scale, qmax, step, grad_weights, grad_bits):
     b = bits.shape[0]
+    top = _top_level(qmax, step)
     grad_scale = 0.0
     for i in range(grad_weights.size):
         grad_weight = np.float64(grad_weights[i])
-        grad_scale += grad_weight * _rounded_level(bits, i, qmax, step) / qmax
-        level, top = _real_level(bits, i), _top_level(qmax, step)
+        level = _real_level(bits, i)
+        grad_scale += grad_weight * _round_level(level, top, step) / qmax
         grad_level = grad_weight * scale / qmax if -top <= level <= top else 0.0
         grad_bits[b - 1, i] = -(2.0 ** (b - 1)) * grad_level
         for n in range(b - 1):
@@ -164,8 +165,9 @@ def _bits_backward_kernel(bits, scale, qmax, step, grad_weights, grad_bits):
 
 @numba.njit(cache=True)
 def _rounded_levels_kernel(bits, qmax, step, levels):
+    top = _top_level(qmax, step)
     for i in range(levels.size):
-        levels[i] = np.int64(_rounded_level(bits, i, qmax, step))
+        levels[i] = np.int64(_round_level(_real_level(bits, i), top, step))
 
 
 def quantize(weights, b):
