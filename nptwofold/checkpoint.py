@@ -12,7 +12,6 @@ Files are written to a temporary name and renamed, so a crash never leaves half 
 """
 import datetime
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -21,23 +20,10 @@ import numpy as np
 
 from . import __version__
 from .errors import NptwofoldError
+from .files import atomic_write
 
 FORMAT = "nptwofold-checkpoint"
 FORMAT_VERSION = 1
-
-
-def atomic_write(path, write):
-    """Calls write(tmp_path), syncs, then renames over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(path, model, optimizer=None, train_state=None, config=None,

@@ -51,7 +51,7 @@ from .kernels.linear import linear_forward
 from .kernels.lfsr import weight_mask
 from .kernels.quant import dequantize, max_level, quantize
 from .layers import Conv3x3, WeightLayer
-from .train import load_model
+from .build import load_model
 
 DEFAULT_WEIGHT_BITS = 8  # b of a float model's layers (SPEC 2 [assumption])
 STEM = "conv1"           # the layer fed by the image, pixel / 255 in [0, 1]

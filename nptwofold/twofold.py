@@ -11,6 +11,7 @@ the per-layer sparsity table.
 import dataclasses
 
 import numpy as np
+from tqdm import tqdm
 
 from .errors import NptwofoldError
 from .hardware import CELL_STATES
@@ -19,8 +20,12 @@ from .kernels.lfsr import (kept_per_column, lfsr_keep_mask_for_kept, lfsr_width_
 from .kernels.quant import (bits_backward, check_bits, clamp_bits, decompose, max_level,
                            rebinarize_bits, rounded_levels)
 from .kernels.regularizers import reg_bit, reg_bit_plane_lasso, reg_net
+from .kernels.augment import to_float
+from .kernels.loss import softmax_cross_entropy
 from .layers import WeightLayer
+from .steps import evaluate
 
+BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 LFSR_STREAM = 2  # random stream (seed, 2, layer index) picks each layer's LFSR seed
 REG_BIT_FORMS = {"poster": reg_bit, "plane_lasso": reg_bit_plane_lasso}
 
@@ -290,3 +295,46 @@ class Twofold:
             if not np.array_equal(regenerated.mask, self.masks[name].mask):
                 raise NptwofoldError(f"{path}: the keep-mask of {name} does not match this run's "
                                      "twofold config (sparsity, group or seed)")
+
+
+def start_post_training(method, model, data, eval_batch_size):
+    """Accuracy before, then hard-prune with the masks, drop the bit planes the loss can spare
+    (if `plane_drop_tolerance`; checked on the pruned model) and re-binarize (SPEC 3).
+
+    The fine-tune that follows trains the kept bits under the same objective; the masks stay
+    enforced and the bits are re-binarized after its last epoch, so precision is fixed.
+    Returns the figures the run records (accuracies, and the precision adjustment's).
+    """
+    def test_accuracy():
+        return evaluate(model, data.test_images, data.test_labels, eval_batch_size)[1]
+
+    before = test_accuracy()
+    method.hard_prune()
+    dropping = {}
+    if method.config.plane_drop_tolerance:
+        count = method.config.plane_drop_images
+        dropping = method.drop_planes(lambda: plane_check_loss(
+            model, data.train_images[:count], data.train_labels[:count]))
+        tqdm.write(f"precision adjustment: {dropping['planes_dropped']} bit planes dropped, "
+                   f"check loss {dropping['check_loss_before']:.4f} -> "
+                   f"{dropping['check_loss_after']:.4f}")
+    method.rebinarize()
+    after_prune = test_accuracy()
+    tqdm.write(f"post-training: test accuracy {before:.4f} before, {after_prune:.4f} after "
+               "hard pruning" + (", precision adjustment" if dropping else "")
+               + " and re-binarization")
+    return dict(accuracy_before=before, accuracy_after_prune=after_prune, **dropping)
+
+
+def plane_check_loss(model, images, labels):
+    """Cross-entropy on uint8 `images`, with BN on the images' own batch statistics: right
+    after hard pruning the running statistics are stale until the fine-tune re-estimates them,
+    and would judge the plane drops on a broken model. The running statistics are left as
+    they were."""
+    bn_state = {name: value.copy() for name, value in model.state_arrays()
+                if name.rsplit(".", 1)[-1] in BN_STATISTICS}
+    logits = model.train().forward(to_float(images))
+    for name, value in model.state_arrays():
+        if name in bn_state:
+            value[...] = bn_state[name]
+    return softmax_cross_entropy(logits, labels)[0]

@@ -42,7 +42,7 @@ def main(argv=None):
     from nptwofold.kernels.augment import crop_flip_to_float
     from nptwofold.model import ResNet20
     from nptwofold.optim import SGD
-    from nptwofold.train import evaluate, train_step
+    from nptwofold.steps import evaluate, train_step
     from nptwofold.twofold import Twofold, TwofoldConfig
 
     data = load_sample()

@@ -180,9 +180,8 @@ def main(argv=None):
     configure_threads(1)
     os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
 
-    from nptwofold.checkpoint import atomic_write
     from nptwofold.errors import NptwofoldError
-    from nptwofold.train import write_csv
+    from nptwofold.files import write_csv, write_json
 
     try:
         result = evaluate_on_array(args)
@@ -190,9 +189,9 @@ def main(argv=None):
         sys.exit(f"error: {exc}")
     print(format_table(result))
     if args.json:
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+        write_json(args.json, result)
     if args.csv:
-        atomic_write(args.csv, lambda tmp: write_csv(tmp, result["layers"] + [result["total"]]))
+        write_csv(args.csv, result["layers"] + [result["total"]])
 
 
 if __name__ == "__main__":

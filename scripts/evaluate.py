@@ -22,7 +22,8 @@ def main(argv=None):
     configure_threads(args.threads)
     from nptwofold.data import load_dataset
     from nptwofold.errors import NptwofoldError
-    from nptwofold.train import evaluate, load_model
+    from nptwofold.build import load_model
+    from nptwofold.steps import evaluate
 
     try:
         model, _, content = load_model(args.checkpoint)

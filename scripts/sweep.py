@@ -264,9 +264,8 @@ def draw_plots(rows, layer_energy, out_dir):
 def main(argv=None):
     args = parse_args(argv)
     configure_threads(args.threads)
-    from nptwofold.checkpoint import atomic_write
     from nptwofold.errors import NptwofoldError
-    from nptwofold.train import write_csv
+    from nptwofold.files import atomic_write, write_csv, write_json
 
     out_dir = Path(args.out)
     try:
@@ -279,9 +278,9 @@ def main(argv=None):
         sys.exit(f"error: {exc}")
     table = markdown_table(rows, baseline_path, n_images)
     atomic_write(out_dir / "sweep.md", lambda tmp: Path(tmp).write_text(table))
-    atomic_write(out_dir / "sweep.csv", lambda tmp: write_csv(tmp, rows))
-    atomic_write(out_dir / "sweep.json", lambda tmp: Path(tmp).write_text(json.dumps(
-        dict(baseline=baseline_path, rows=rows, layer_energy_nj=layer_energy), indent=1)))
+    write_csv(out_dir / "sweep.csv", rows)
+    write_json(out_dir / "sweep.json",
+               dict(baseline=baseline_path, rows=rows, layer_energy_nj=layer_energy))
     print(table)
     plots = draw_plots(rows, layer_energy, out_dir)
     print(f"table: {out_dir / 'sweep.md'} (.csv, .json)"

@@ -83,7 +83,7 @@ def parse_args(argv=None):
 
 def phase_configs(args, out_dir):
     """[(phase folder, TrainConfig)]: one run, or the three phases of the twofold preset."""
-    from nptwofold.train import TWOFOLD_PHASES, TrainConfig
+    from nptwofold.config import TWOFOLD_PHASES, TrainConfig
 
     def chosen(names):
         return {name: getattr(args, name) for name in names if getattr(args, name) is not None}

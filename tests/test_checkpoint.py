@@ -8,7 +8,7 @@ from nptwofold.errors import NptwofoldError
 from nptwofold.kernels.augment import to_float
 from nptwofold.model import ResNet20
 from nptwofold.optim import SGD
-from nptwofold.train import train_step
+from nptwofold.steps import train_step
 
 from conftest import state_of
 

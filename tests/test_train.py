@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from nptwofold.errors import NptwofoldError
-from nptwofold.train import TrainConfig, Trainer, epoch_plan, learning_rate
+from nptwofold.config import TrainConfig
+from nptwofold.train import Trainer, epoch_plan, learning_rate
 
 from conftest import state_of
 

@@ -13,8 +13,10 @@ from nptwofold.kernels.lfsr import kept_per_column
 from nptwofold.kernels.quant import compose, max_level
 from nptwofold.kernels.regularizers import reg_bit, reg_net
 from nptwofold.model import ResNet20
-from nptwofold.train import TrainConfig, Trainer, build_model, load_model
-from nptwofold.twofold import Twofold, TwofoldConfig
+from nptwofold.build import build_model, load_model
+from nptwofold.config import TrainConfig
+from nptwofold.train import Trainer
+from nptwofold.twofold import Twofold, TwofoldConfig, plane_check_loss
 
 from conftest import state_of
 
@@ -163,7 +165,9 @@ def test_plane_check_uses_batch_statistics_and_leaves_running_ones(dropping_run)
 
     _, post = dropping_run
     before = state_of(post.model)
-    loss = post._plane_check_loss()
+    count = post.method.config.plane_drop_images
+    loss = plane_check_loss(post.model, post.data.train_images[:count],
+                            post.data.train_labels[:count])
     assert all(np.array_equal(value, before[name]) for name, value in state_of(post.model).items())
     images = post.data.train_images[:10]
     logits = post.model.train().forward(to_float(images))  # batch statistics: the oracle

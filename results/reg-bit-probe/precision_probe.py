@@ -15,7 +15,8 @@ from nptwofold.threads import configure_threads  # noqa: E402
 
 configure_threads(2)
 from nptwofold.data import load_dataset  # noqa: E402
-from nptwofold.train import evaluate, load_model  # noqa: E402
+from nptwofold.build import load_model  # noqa: E402
+from nptwofold.steps import evaluate  # noqa: E402
 
 data = load_dataset(REPO.parent / "shared/datasets/cifar-10-binary.tar.gz")
 images, labels = data.test_images[:2000], data.test_labels[:2000]

@@ -20,7 +20,9 @@ from nptwofold.threads import configure_threads  # noqa: E402
 
 configure_threads(1)
 from nptwofold.data import load_dataset  # noqa: E402
-from nptwofold.train import TrainConfig, Trainer, evaluate  # noqa: E402
+from nptwofold.config import TrainConfig  # noqa: E402
+from nptwofold.steps import evaluate  # noqa: E402
+from nptwofold.train import Trainer  # noqa: E402
 
 parser = argparse.ArgumentParser()
 for name in ("sparsity", "lambda_net", "beta_bit", "steps", "lr"):
