@@ -257,26 +257,56 @@ class Twofold:
                              lfsr_steps=mask.steps, dropped_planes=layer.dropped_planes)
 
     def load_h5(self, stored, path):
-        """Takes each layer's dropped planes from a stored /twofold group and regenerates each
-        stored mask from its stored LFSR parameters; both masks must agree."""
+        """Takes each layer's dropped planes from a stored /twofold group (read and type-checked
+        by `load_checkpoint`), after the model's weight_bits were restored. Everything stored
+        must agree exactly: the keep-mask with the one its LFSR parameters generate and with
+        this run's config, the levels with weight_bits, the bit planes and the weight with the
+        levels."""
         if set(stored) != set(self.layers):
-            raise NptwofoldError(f"{path}: twofold layers {sorted(stored)[:3]}... do not match "
-                                 "the model's mapped layers")
+            raise NptwofoldError(f"{path}: /twofold layers {sorted(stored)[:3]}... do not "
+                                 "match the model's mapped layers")
+        b = self.config.bits
         for name, entry in stored.items():
-            attrs = entry["attrs"]
-            # checkpoints written before plane dropping existed have none dropped
-            self.layers[name].dropped_planes = int(attrs.get("dropped_planes", 0))
-            regenerated = lfsr_keep_mask_for_kept(
-                int(attrs["rows"]), int(attrs["cols"]), int(attrs["kept"]), int(attrs["lfsr_seed"]),
-                int(attrs["group"]), int(attrs["lfsr_width"]),
-                tuple(int(t) for t in attrs["lfsr_taps"]))
-            if not np.array_equal(weight_mask(regenerated.mask, entry["keep_mask"].shape),
-                                  entry["keep_mask"]):
-                raise NptwofoldError(f"{path}: the stored keep-mask of {name} differs from the "
-                                     "one its LFSR parameters generate")
+            attrs, layer, where = entry["attrs"], self.layers[name], f"{path}: /twofold/{name}"
+            shape = layer.params["weight_bits"].shape[1:]
+            if attrs["bits"] != b:
+                raise NptwofoldError(f"{where}/@bits is {attrs['bits']}, the config says {b}")
+            if not attrs["dropped_planes"] <= b - 2:
+                raise NptwofoldError(f"{where}/@dropped_planes {attrs['dropped_planes']} is "
+                                     f"more than b - 2 = {b - 2}")
+            if (attrs["rows"], attrs["cols"]) != layer_matrix_shape(shape):
+                raise NptwofoldError(f"{where}/@rows, @cols are {attrs['rows']} x "
+                                     f"{attrs['cols']}, the layer is "
+                                     f"{layer_matrix_shape(shape)}")
+            for key in ("levels", "weight", "keep_mask"):
+                if entry[key].shape != shape:
+                    raise NptwofoldError(f"{where}/{key} has shape {entry[key].shape}, the layer "
+                                         f"needs {shape}")
+            try:
+                regenerated = lfsr_keep_mask_for_kept(
+                    attrs["rows"], attrs["cols"], attrs["kept"], attrs["lfsr_seed"],
+                    attrs["group"], attrs["lfsr_width"], attrs["lfsr_taps"])
+            except NptwofoldError as exc:
+                raise NptwofoldError(f"{where}: bad LFSR parameters: {exc}") from None
+            if attrs["lfsr_steps"] != regenerated.steps or not np.array_equal(
+                    weight_mask(regenerated.mask, shape), entry["keep_mask"]):
+                raise NptwofoldError(f"{where}: the stored keep-mask (or @lfsr_steps) differs "
+                                     "from the one its LFSR parameters generate")
             if not np.array_equal(regenerated.mask, self.masks[name].mask):
-                raise NptwofoldError(f"{path}: the keep-mask of {name} does not match this run's "
+                raise NptwofoldError(f"{where}: the keep-mask does not match this run's "
                                      "twofold config (sparsity, group or seed)")
+            layer.dropped_planes = attrs["dropped_planes"]
+            levels = self.levels(name)
+            scale = float(layer.buffers["weight_scale"][0])
+            expected = dict(levels=levels, bit_planes=decompose(levels, b),
+                            weight=(scale * levels / max_level(b)).astype(np.float32))
+            for key, value in expected.items():
+                if entry[key].dtype != value.dtype or not np.array_equal(entry[key], value):
+                    raise NptwofoldError(f"{where}/{key} does not agree with the model's "
+                                         "weight_bits (it must be exactly what they give)")
+            if attrs["scale"] != scale:
+                raise NptwofoldError(f"{where}/@scale {attrs['scale']} is not the model's "
+                                     f"weight_scale {scale}")
 
 
 def start_post_training(method, model, data, eval_batch_size):
