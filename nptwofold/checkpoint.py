@@ -85,12 +85,15 @@ TRAIN_ATTRS = dict(
     epoch_reg_net=("float", at_least(0)), epoch_reg_bit=("float", at_least(0)),
     best_accuracy=("float", between(-1, 1)), best_epoch=("int", at_least(-1)),
     history=("json", list), post_training=("json", dict), twofold_reports=("json", list))
+FLOAT_RUN_TRAIN_DEFAULTS = dict(epoch_reg_net=0.0, epoch_reg_bit=0.0, post_training={},
+                                twofold_reports=[])
 # what each /twofold/<layer> group holds (their agreement is checked by Twofold.load_h5)
 TWOFOLD_DATASETS = dict(levels="iu", bit_planes="u", weight="f", keep_mask="u")
 TWOFOLD_ATTRS = dict(
     bits=("int", between(2, 16)), scale=("float", at_least(0)), lfsr_width=("int", at_least(1)),
     lfsr_taps=("ints", at_least(1)), lfsr_seed=("int", at_least(1)), kept=("int", at_least(1)),
     group=("int", at_least(1)), rows=("int", at_least(1)), cols=("int", at_least(1)),
+    # dropped_planes: absent (= 0) in checkpoints written before plane dropping existed
     lfsr_steps=("int", at_least(0)), dropped_planes=("int", between(0, 14)))
 CIM_ATTRS = dict(activation_bits=("int", between(1, 16)), weight_bits=("int", between(2, 16)),
                  calibration_images=("int", at_least(1)))
@@ -130,12 +133,17 @@ def load_checkpoint(path):
                 content["optimizer"] = _arrays(_group(f, "optimizer"))
             if "train" in f:
                 group = _group(f, "train")
-                content["train"] = {key: _attr(group, key, *kind)
+                # float runs written before the twofold method existed lack its entries,
+                # whose values in a float run are known
+                defaults = FLOAT_RUN_TRAIN_DEFAULTS if config.get("twofold") is None else {}
+                content["train"] = {key: defaults[key] if key in defaults and key not in
+                                    group.attrs else _attr(group, key, *kind)
                                     for key, kind in TRAIN_ATTRS.items()}
                 _check_history(content["train"]["history"], content["train"]["epoch"])
             if "twofold" in f:
                 content["twofold"] = {
-                    name: dict(attrs={key: _attr(layer, key, *kind)
+                    name: dict(attrs={key: 0 if key == "dropped_planes" and key not in
+                                      layer.attrs else _attr(layer, key, *kind)
                                       for key, kind in TWOFOLD_ATTRS.items()},
                                **{key: _dataset(layer, key, kinds)
                                   for key, kinds in TWOFOLD_DATASETS.items()})
