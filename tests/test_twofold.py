@@ -321,7 +321,7 @@ def test_twofold_run_checkpoint_round_trip_and_mask_check(pipeline, tmp_path):
         mask = f["twofold/layer1.0.conv1/keep_mask"]
         mask[0, 0, 0, 0] = 1 - mask[0, 0, 0, 0]
     config.init = str(tampered)
-    with pytest.raises(NptwofoldError, match="stored keep-mask of layer1.0.conv1 differs"):
+    with pytest.raises(NptwofoldError, match="/twofold/layer1.0.conv1: the stored keep-mask"):
         build_model(config, load_checkpoint(tampered))
 
 
