@@ -114,7 +114,8 @@ def test_marked_blocks_run_as_written(document, tmp_path):
     if document == "README.md":  # what the README says the commands write
         for name in ("runs/quick-seed0/last.h5", "runs/quick-seed0/summary.json",
                      "runs/twofold-sample/post/last.h5",
-                     "runs/twofold-sample/post/twofold_report.csv", "cim.json", "cim.csv"):
+                     "runs/twofold-sample/post/twofold_report.csv", "runs/twofold-sample/cim.json",
+                     "runs/twofold-sample/cim.csv"):
             assert (root / name).is_file(), name
 
 
