@@ -2,9 +2,12 @@
 layer of a trained twofold model (round q to multiples of 2^k), with no further training, and
 measure loss, accuracy and 00-cell share on the first 2,000 test images.
 
-    python results/reg-bit-probe/precision_probe.py results/sweep/p00-bitreg-off/post/last.h5
+    python results/reg-bit-probe/precision_probe.py results/sweep/p00-bitreg-off/post/last.h5 [DATA]
 
-Exploratory; its output is in precision_probe.txt and the README quotes it.
+DATA is the full CIFAR-10 (tarball or folder); default 'cifar10' (datasets/, else download).
+The checkpoint is not committed (21 MB): `scripts/sweep.py` remakes it.
+
+Exploratory; its output is in precision_probe.txt and results/README.md quotes it.
 """
 import sys
 from pathlib import Path
@@ -18,7 +21,9 @@ from nptwofold.data import load_dataset  # noqa: E402
 from nptwofold.build import load_model  # noqa: E402
 from nptwofold.steps import evaluate  # noqa: E402
 
-data = load_dataset(REPO.parent / "shared/datasets/cifar-10-binary.tar.gz")
+if len(sys.argv) not in (2, 3) or sys.argv[1] in ("-h", "--help"):
+    sys.exit(__doc__)
+data = load_dataset(sys.argv[2] if len(sys.argv) == 3 else "cifar10")
 images, labels = data.test_images[:2000], data.test_labels[:2000]
 print("dropped planes | test loss | accuracy | 00 cells")
 for dropped in (0, 1, 2, 3):

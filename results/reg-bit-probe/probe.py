@@ -4,8 +4,10 @@ re-binarize and measure test accuracy, zero-bit share and 00-cell share.
     python results/reg-bit-probe/probe.py SPARSITY LAMBDA BETA STEPS LR          (from the repo root)
     python results/reg-bit-probe/probe.py 0 0 50 250 0.01 --then-beta 0     (two stages of STEPS)
     python results/reg-bit-probe/probe.py 0 0 30 250 0.01 --form plane_lasso
+    (add --data PATH for a local CIFAR-10 copy; the default 'cifar10' looks in datasets/,
+    else downloads)
 
-Exploratory: the numbers it printed are in probe.jsonl; the README quotes them. The lines
+Exploratory: the numbers it printed are in probe.jsonl; results/README.md quotes them. The lines
 with "bit_rounding": "per_bit" came from commit 646377b, which had that option; the
 plane_lasso lines ran with a "drop_plane_below" rule that never fired (no plane dropped).
 """
@@ -30,7 +32,8 @@ for name in ("sparsity", "lambda_net", "beta_bit", "steps", "lr"):
 parser.add_argument("--then-beta", type=float, help="a second stage of STEPS at this beta")
 parser.add_argument("--form", default="poster", choices=["poster", "plane_lasso"])
 parser.add_argument("--test-images", type=int, default=10000)
-parser.add_argument("--data", default=str(REPO.parent / "shared/datasets/cifar-10-binary.tar.gz"))
+parser.add_argument("--data", default="cifar10",
+                    help="full CIFAR-10: tarball or folder, or 'cifar10' (datasets/ or download)")
 args = parser.parse_args()
 
 data = load_dataset(args.data)

@@ -1,0 +1,164 @@
+"""The README's commands run as written.
+
+Convention (documented here, used in README.md and docs/checkpoint-format.md): a fenced code
+block whose previous non-blank line is an HTML comment
+
+    <!-- test -->            runs the block exactly as written;
+    <!-- test: FLAGS -->     runs it with FLAGS appended to every command line of the block
+                             (after joining backslash continuations). This is for commands
+                             that take minutes as written, e.g. the quick preset's 15 epochs:
+                             the test runs the README's text plus `--epochs 1 ...`, so the
+                             command itself, its flags and its outputs are still checked.
+
+Unmarked blocks are not run: they need the full CIFAR-10, or set up the environment (the
+README's test command is checked against .ci/run instead). Every `--flag` of every
+`python scripts/NAME.py` line, marked or not, must appear in that script's --help.
+
+Marked blocks of one document run in order, in one temporary folder that stands for a fresh
+clone with the virtual environment active: `python` is this interpreter, `scripts/` links
+to the repository's scripts, `results/short-seed0/` is a copy of the committed baseline (so a
+command that writes into a checkpoint cannot change the repository), and outputs such as
+`runs/` land in the temporary folder. Bash blocks run with `set -euo pipefail`, python blocks
+with this interpreter.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+MAX_README_BYTES = 12 * 1024
+
+# Documents written by other branches that README links to; they exist once those branches
+# are merged. A link to one of these may dangle until then.
+PENDING_DOCS = {"docs/cim-model.md", "docs/engine.md", "docs/reliability.md"}
+
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+MARK = re.compile(r"<!--\s*test(?::\s*(.*?))?\s*-->\s*$")
+
+
+def code_blocks(path):
+    """[(language, code, marker)] in document order; marker is None, "" or the extra flags."""
+    text = path.read_text()
+    blocks = []
+    for match in FENCE.finditer(text):
+        before = [line for line in text[:match.start()].splitlines() if line.strip()]
+        mark = MARK.match(before[-1].strip()) if before else None
+        blocks.append((match.group(1), match.group(2),
+                       None if mark is None else (mark.group(1) or "")))
+    return blocks
+
+
+def command_lines(code):
+    """The block's lines with backslash continuations joined."""
+    return code.replace("\\\n", " ").splitlines()
+
+
+def with_flags(code, flags):
+    if not flags:
+        return code
+    lines = []
+    for line in command_lines(code):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            assert " #" not in line, f"a block with appended flags has a trailing comment: {line}"
+            line = f"{line} {flags}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def fresh_clone(root):
+    """A folder that looks like a fresh clone to the README's commands."""
+    (root / "scripts").symlink_to(REPO / "scripts", target_is_directory=True)
+    (root / "datasets").symlink_to(REPO / "datasets", target_is_directory=True)
+    (root / "results").mkdir()
+    shutil.copytree(REPO / "results/short-seed0", root / "results/short-seed0")
+    return root
+
+
+def environment():
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.pop("PYTHONHOME", None)
+    return env
+
+
+def run_block(language, code, cwd):
+    if language == "python":
+        command = [sys.executable, "-c", code]
+    else:
+        command = ["bash", "-c", "set -euo pipefail\n" + code]
+    result = subprocess.run(command, cwd=cwd, env=environment(), capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, (f"this block failed (exit {result.returncode}):\n{code}\n"
+                                    f"--- stdout\n{result.stdout[-3000:]}\n"
+                                    f"--- stderr\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("document", ["README.md", "docs/checkpoint-format.md"])
+def test_marked_blocks_run_as_written(document, tmp_path):
+    marked = [(lang, code, flags) for lang, code, flags in code_blocks(REPO / document)
+              if flags is not None]
+    assert marked, f"{document} has no block marked <!-- test -->"
+    root = fresh_clone(tmp_path)
+    for language, code, flags in marked:
+        run_block(language, with_flags(code, flags), root)
+    if document == "README.md":  # what the README says the commands write
+        for name in ("runs/quick-seed0/last.h5", "runs/quick-seed0/summary.json",
+                     "runs/twofold-sample/post/last.h5",
+                     "runs/twofold-sample/post/twofold_report.csv", "runs/twofold-sample/cim.json",
+                     "runs/twofold-sample/cim.csv"):
+            assert (root / name).is_file(), name
+
+
+def test_readme_is_a_short_guide():
+    size = README.stat().st_size
+    assert size <= MAX_README_BYTES, f"README.md is {size} bytes; keep it under 12 KB"
+    text = README.read_text()
+    for fragment in ("../shared", "/work/", "SPEC", "issue "):
+        assert fragment not in text, f"README.md mentions {fragment!r}"
+    assert "source .venv/bin/activate" in text
+
+
+def test_readme_test_command_is_the_ci_command():
+    ci = [line for line in (REPO / ".ci/run").read_text().splitlines()
+          if line.startswith("python3 -m venv")]
+    assert len(ci) == 1
+    assert ci[0] in README.read_text()
+
+
+def test_readme_links_exist():
+    text = README.read_text()
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if "://" in target:
+            continue
+        assert (REPO / target).exists() or target in PENDING_DOCS, f"broken link {target}"
+
+
+def test_readme_script_flags_exist():
+    """Every --flag in a `python scripts/NAME.py` line is one the script accepts."""
+    flags_of = {}
+    for document in (README, REPO / "results/README.md"):
+        for _, code, _ in code_blocks(document):
+            for line in command_lines(code):
+                match = re.search(r"python (scripts/\w+\.py)(.*)", line)
+                if not match:
+                    continue
+                script, args = match.groups()
+                if script not in flags_of:
+                    result = subprocess.run([sys.executable, str(REPO / script), "--help"],
+                                            capture_output=True, text=True, timeout=120,
+                                            env=environment())
+                    assert result.returncode == 0, result.stderr
+                    flags_of[script] = set(re.findall(r"--[\w-]+", result.stdout))
+                used = set(re.findall(r"(?<!\S)--[\w-]+", args.split(" #")[0]))
+                unknown = used - flags_of[script]
+                assert not unknown, f"{document.name}: {script} has no {sorted(unknown)}"
