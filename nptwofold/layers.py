@@ -127,7 +127,8 @@ class Conv3x3(WeightLayer):
         self.grads["weight"] = np.zeros_like(self.params["weight"])
 
     def forward(self, x):
-        self.x = x  # the backward pass recomputes the patches from it
+        # the backward pass recomputes the patches from it; inference keeps no activations
+        self.x = x if self.training else None
         self.weight = self.effective_weight()
         return conv3x3_forward(x, self.weight, self.stride)
 
@@ -175,8 +176,9 @@ class BatchNorm(Module):
 
 class ReLU(Module):
     def forward(self, x):
-        self.y = relu_forward(x)
-        return self.y
+        y = relu_forward(x)
+        self.y = y if self.training else None
+        return y
 
     def backward(self, dy):
         return relu_backward(dy, self.y)

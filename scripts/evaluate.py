@@ -14,7 +14,8 @@ def main(argv=None):
     parser.add_argument("--data", help="CIFAR-10 tarball or folder, 'sample' or 'cifar10' "
                         "(default: the data the checkpoint was trained on)")
     parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--threads", type=int, default=2, help="BLAS threads")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="threads of the engine's pool (default 2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.batch_size < 1:
