@@ -7,7 +7,7 @@ explicit `forward(x)` and `backward(dy)`; `backward` fills `grads` and returns d
 import numpy as np
 
 from .kernels.batchnorm import batchnorm_backward, batchnorm_forward_train, channel_affine
-from .kernels.conv import conv3x3_backward, conv3x3_forward, im2col_rows
+from .kernels.conv import conv3x3_backward, conv3x3_forward
 from .kernels.elementwise import (global_avg_pool_backward, global_avg_pool_forward,
                                   relu_backward, relu_forward, shortcut_a_backward,
                                   shortcut_a_forward)
@@ -125,19 +125,15 @@ class Conv3x3(WeightLayer):
         weight = rng.standard_normal((out_channels, in_channels, 3, 3)) * np.sqrt(2.0 / fan_in)
         self.params["weight"] = weight.astype(dtype)
         self.grads["weight"] = np.zeros_like(self.params["weight"])
-        self.workspace = np.empty(0, dtype)  # im2col patches, grown once and reused
 
     def forward(self, x):
-        rows, width = im2col_rows(x.shape, self.stride)
-        if self.workspace.size < rows * width:
-            self.workspace = np.empty(rows * width, x.dtype)
-        self.cols = self.workspace[:rows * width].reshape(rows, width)
-        self.input_shape = x.shape
+        # the backward pass recomputes the patches from it; inference keeps no activations
+        self.x = x if self.training else None
         self.weight = self.effective_weight()
-        return conv3x3_forward(x, self.weight, self.stride, self.cols)
+        return conv3x3_forward(x, self.weight, self.stride)
 
     def backward(self, dy):
-        dx, dweight = conv3x3_backward(dy, self.cols, self.weight, self.input_shape, self.stride,
+        dx, dweight = conv3x3_backward(dy, self.x, self.weight, self.stride,
                                        need_input_grad=not self.first)
         self.store_weight_grad(dweight)
         return dx
@@ -158,30 +154,31 @@ class BatchNorm(Module):
         self.buffers["num_batches_tracked"] = np.zeros((), np.int64)
 
     def forward(self, x):
-        rows = x.reshape(-1, x.shape[-1])
         gamma, beta = self.params["weight"], self.params["bias"]
         if not self.training:
             scale = gamma / np.sqrt(self.buffers["running_var"] + self.eps)
             shift = beta - self.buffers["running_mean"] * scale
-            return channel_affine(rows, scale.astype(x.dtype), shift.astype(x.dtype)).reshape(x.shape)
-        y, self.xhat, mean, var, self.inv_std = batchnorm_forward_train(rows, gamma, beta, self.eps)
-        unbiased_var = var * rows.shape[0] / max(rows.shape[0] - 1, 1)
+            return channel_affine(x, scale.astype(x.dtype), shift.astype(x.dtype))
+        y, self.xhat, mean, var, self.inv_std = batchnorm_forward_train(x, gamma, beta, self.eps)
+        rows = x.size // x.shape[-1]
+        unbiased_var = var * rows / max(rows - 1, 1)
         self.buffers["running_mean"] += self.momentum * (mean - self.buffers["running_mean"])
         self.buffers["running_var"] += self.momentum * (unbiased_var - self.buffers["running_var"])
         self.buffers["num_batches_tracked"] += 1
-        return y.reshape(x.shape)
+        return y
 
     def backward(self, dy):
         dx, self.grads["weight"][...], self.grads["bias"][...] = batchnorm_backward(
-            dy.reshape(-1, dy.shape[-1]), self.xhat, self.params["weight"], self.inv_std)
+            dy, self.xhat, self.params["weight"], self.inv_std)
         self.xhat = None
-        return dx.reshape(dy.shape)
+        return dx
 
 
 class ReLU(Module):
     def forward(self, x):
-        self.y = relu_forward(x)
-        return self.y
+        y = relu_forward(x)
+        self.y = y if self.training else None
+        return y
 
     def backward(self, dy):
         return relu_backward(dy, self.y)

@@ -23,8 +23,9 @@ class BasicBlock(Module):
     def forward(self, x):
         branch = self.bn2.forward(self.conv2.forward(self.relu1.forward(
             self.bn1.forward(self.conv1.forward(x)))))
-        self.y = add_relu_forward(branch, self.shortcut.forward(x))
-        return self.y
+        y = add_relu_forward(branch, self.shortcut.forward(x))
+        self.y = y if self.training else None  # inference keeps no activations
+        return y
 
     def backward(self, dy):
         dsum = relu_backward(dy, self.y)

@@ -2,6 +2,7 @@
 import numpy as np
 
 from .kernels.optim import sgd_momentum_update
+from .threads import run_parallel
 
 
 class SGD:
@@ -16,7 +17,13 @@ class SGD:
         self.velocity = {name: np.zeros_like(param) for name, param, _ in model.named_parameters()}
 
     def step(self, lr):
-        for name, param, grad in self.model.named_parameters():
+        """One update; the parameters are independent, so the pool takes them one each."""
+        parameters = list(self.model.named_parameters())
+
+        def update(index):
+            name, param, grad = parameters[index]
             decay = 0.0 if name in self.no_decay else self.weight_decay
             sgd_momentum_update(param, grad, self.velocity[name], lr, self.momentum, decay,
                                 self.nesterov)
+
+        run_parallel(update, len(parameters))

@@ -2,9 +2,10 @@
 
 Times full training steps (augment, forward, backward, SGD update) and inference batches
 after a warm-up, on real CIFAR-10 images from the embedded sample; also the Twofold training
-step (bit-plane weights, both regularizers, bit clamping) and its cost relative to a plain one. The first step of the
-process is reported separately as the cold start (JIT compile, or loading Numba's cache).
-`--json` prints one object for scripts that compare runs.
+step (bit-plane weights, both regularizers, bit clamping) and its cost relative to a plain
+one. The first step of the process is reported separately as the cold start (JIT compile, or
+loading Numba's cache); peak_rss_mb is the peak after the plain model's training, before the
+Twofold model is built. `--json` prints one object for scripts that compare runs.
 """
 import argparse
 import json
@@ -27,7 +28,8 @@ def timed(function, repeats):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2, help="BLAS threads")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="threads of the engine's pool (default 2)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", action="store_true")
@@ -49,39 +51,44 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     index = rng.integers(0, len(data.train_labels), args.batch)
     images, labels = data.train_images[index], data.train_labels[index]
-    model = ResNet20(rng)
-    twofold_model = ResNet20(rng)
-    method = Twofold(twofold_model, TwofoldConfig(sparsity=0.5), seed=0)
-    runs = {"plain": (model, None), "twofold": (twofold_model, method)}
-    optimizers = {name: SGD(net, momentum=0.9, weight_decay=5e-4, nesterov=True,
-                            no_decay=hooks.bit_parameter_names() if hooks else ())
-                  for name, (net, hooks) in runs.items()}
 
-    def step(name="plain"):
-        offsets = rng.integers(0, 9, size=(2, args.batch))
-        inputs = crop_flip_to_float(images, offsets[0], offsets[1], rng.random(args.batch) < 0.5)
-        net, hooks = runs[name]
-        train_step(net, optimizers[name], inputs, labels, lr=0.01, method=hooks)
+    def make_step(net, method):
+        optimizer = SGD(net, momentum=0.9, weight_decay=5e-4, nesterov=True,
+                        no_decay=method.bit_parameter_names() if method else ())
 
-    import_seconds = time.perf_counter() - started
-    cold_start = timed(step, 1)
-    seconds = {}
-    for name in runs:
+        def step():
+            offsets = rng.integers(0, 9, size=(2, args.batch))
+            inputs = crop_flip_to_float(images, offsets[0], offsets[1],
+                                        rng.random(args.batch) < 0.5)
+            train_step(net, optimizer, inputs, labels, lr=0.01, method=method)
+        return step
+
+    def seconds_per_step(step):
         for _ in range(args.warmup):
-            step(name)
-        seconds[name] = timed(lambda: step(name), args.steps)
+            step()
+        return timed(step, args.steps)
+
+    model = ResNet20(rng)
+    plain_step = make_step(model, None)
+    import_seconds = time.perf_counter() - started
+    cold_start = timed(plain_step, 1)
+    train_seconds = seconds_per_step(plain_step)
+    # read before the second model exists: the peak of one model's training
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     evaluate(model, images, labels, args.batch)  # warm the inference path
     infer_seconds = timed(lambda: evaluate(model, images, labels, args.batch), args.steps)
-    train_seconds = seconds["plain"]
+    twofold_model = ResNet20(rng)
+    twofold_seconds = seconds_per_step(
+        make_step(twofold_model, Twofold(twofold_model, TwofoldConfig(sparsity=0.5), seed=0)))
     result = dict(
         train_img_s=round(args.batch / train_seconds, 1),
         infer_img_s=round(args.batch / infer_seconds, 1),
         train_step_ms=round(1000 * train_seconds, 1),
-        twofold_train_img_s=round(args.batch / seconds["twofold"], 1),
-        twofold_step_ratio=round(seconds["twofold"] / train_seconds, 3),
+        twofold_train_img_s=round(args.batch / twofold_seconds, 1),
+        twofold_step_ratio=round(twofold_seconds / train_seconds, 3),
         batch=args.batch, threads=args.threads,
         cold_start_s=round(cold_start, 2), import_s=round(import_seconds, 2),
-        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        peak_rss_mb=round(peak_rss_mb, 1),
     )
     if args.json:
         print(json.dumps(result))

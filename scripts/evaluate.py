@@ -16,7 +16,8 @@ def main(argv=None):
                         "(default: the data the checkpoint was trained on)")
     parser.add_argument("--batch-size", type=int, default=500,
                         help="evaluation batch size (default: 500)")
-    parser.add_argument("--threads", type=int, default=2, help="BLAS threads (default: 2)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="threads of the engine's pool (default: 2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     for name in ("threads", "batch_size"):

@@ -69,7 +69,7 @@ def parse_args(argv):
     parser.add_argument("--baseline", metavar="CKPT",
                         help="dense 8-bit baseline (default: the p = 0 run without Reg_Bit)")
     parser.add_argument("--threads", type=int, default=2,
-                        help="BLAS threads of the collection (default: 2)")
+                        help="threads of the engine's pool in the collection (default: 2)")
     passed = parser.add_argument_group(
         "train_cifar.py flags passed to the runs (" + ", ".join(map(flag_name, BIT_REG_ONLY))
         + " only to the runs with Reg_Bit on)")

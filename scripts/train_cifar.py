@@ -28,7 +28,7 @@ def parse_args(argv=None):
     parser = ScriptParser(__doc__)
     parser.add_argument("--preset", default="quick", choices=[*PRESETS, "twofold"],
                         help="settings the flags below override (default: quick)")
-    parser.add_argument("--threads", type=int, default=2, help="BLAS threads (default: 2)")
+    parser.add_argument("--threads", type=int, default=2, help="threads of the engine's pool (default: 2)")
     parser.add_argument("--out", help="output folder (default: runs/<preset>-seed<seed>)")
     parser.add_argument("--resume", nargs="?", const="last", metavar="CKPT",
                         help="continue OUT/last.h5, or the given checkpoint (default: start a "

@@ -172,8 +172,11 @@ def reference_crop_flip(images, offset_y, offset_x, flip):
 # Convolution
 # --------------------------------------------------------------------------------------------
 
-# (N, H, W, Cin, Cout, stride): odd sizes, odd channel counts, non-square, tiny, stride 2
+# (N, H, W, Cin, Cout, stride): odd sizes, odd channel counts, non-square, tiny, stride 2;
+# batches over CHUNK_IMAGES (8) images are cut into chunks, the last one shorter
 CONV_CASES = [
+    (11, 4, 5, 3, 2, 1),
+    (17, 5, 3, 2, 3, 2),
     (2, 5, 5, 3, 5, 1),
     (1, 7, 9, 5, 3, 1),
     (2, 9, 7, 3, 4, 2),
@@ -205,9 +208,7 @@ def test_im2col_rows_matches_reference_output_size():
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv3x3_forward(case, dtype):
     x, weight, stride, _ = conv_inputs(case, dtype, seed=10)
-    # garbage in the caller's buffer must not leak into the output (padding is written as 0)
-    cols = np.full(im2col_rows(x.shape, stride), np.nan, dtype=dtype)
-    y = conv3x3_forward(x, weight, stride, cols)
+    y = conv3x3_forward(x, weight, stride)
     assert y.dtype == dtype
     assert_close(y, reference_conv3x3(x, weight, stride), dtype)
 
@@ -217,11 +218,9 @@ def test_conv3x3_forward(case, dtype):
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv3x3_backward(case, dtype, need_input_grad):
     x, weight, stride, rng = conv_inputs(case, dtype, seed=11)
-    cols = np.empty(im2col_rows(x.shape, stride), dtype=dtype)
-    y = conv3x3_forward(x, weight, stride, cols)
+    y = conv3x3_forward(x, weight, stride)
     dy = random(rng, y.shape, dtype)
-    dx, dweight = conv3x3_backward(dy, cols, weight, x.shape, stride,
-                                   need_input_grad=need_input_grad)
+    dx, dweight = conv3x3_backward(dy, x, weight, stride, need_input_grad=need_input_grad)
     ref_dx, ref_dw = reference_conv3x3_backward(dy, x, weight, stride)
     assert dweight.shape == weight.shape and dweight.dtype == dtype
     assert_close(dweight, ref_dw, dtype)
@@ -236,10 +235,9 @@ def test_conv3x3_backward(case, dtype, need_input_grad):
 def test_conv3x3_backward_is_adjoint_of_forward(case):
     """<conv(x, w), dy> == <x, dx> == <w, dw> (the conv is linear in x and in w)."""
     x, weight, stride, rng = conv_inputs(case, np.float64, seed=12)
-    cols = np.empty(im2col_rows(x.shape, stride))
-    y = conv3x3_forward(x, weight, stride, cols)
+    y = conv3x3_forward(x, weight, stride)
     dy = rng.standard_normal(y.shape)
-    dx, dweight = conv3x3_backward(dy, cols, weight, x.shape, stride)
+    dx, dweight = conv3x3_backward(dy, x, weight, stride)
     inner = np.sum(y * dy)
     assert np.sum(x * dx) == pytest.approx(inner, rel=1e-12, abs=1e-12)
     assert np.sum(weight * dweight) == pytest.approx(inner, rel=1e-12, abs=1e-12)
@@ -249,11 +247,11 @@ def test_conv3x3_backward_is_adjoint_of_forward(case):
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_im2col_col2im_adjoint(case, dtype):
     x, _, stride, rng = conv_inputs(case, dtype, seed=13)
-    n_img, height, width, chans = x.shape
     cols = np.full(im2col_rows(x.shape, stride), np.nan, dtype=dtype)
     im2col_3x3(x, stride, cols)
     c = random(rng, cols.shape, dtype)
-    back = col2im_3x3(c, n_img, height, width, chans, stride)
+    # garbage in the output buffer must not leak into the sums (col2im starts from zero)
+    back = col2im_3x3(c, stride, np.full(x.shape, np.nan, dtype=dtype))
     assert back.shape == x.shape and back.dtype == dtype
     lhs = np.sum(cols.astype(np.float64) * c)
     rhs = np.sum(x.astype(np.float64) * back.astype(np.float64))

@@ -1,39 +1,59 @@
-"""Element-wise and reshaping kernels of ResNet-20: ReLU, option-A shortcut, global average pool."""
+"""Element-wise and reshaping kernels of ResNet-20: ReLU, option-A shortcut, global average pool.
+
+The ReLU kernels run on the engine's thread pool over the fixed image chunks; the shortcut
+and the pooling move little memory and run on the calling thread.
+"""
 import numba
 import numpy as np
 from numba import prange
 
+from ..threads import image_chunks, run_parallel
 
-@numba.njit(parallel=True, cache=True)
+
+@numba.njit(nogil=True, cache=True)
+def _relu(x, y):
+    for i in range(x.size):
+        y[i] = x[i] if x[i] > 0 else 0.0
+
+
+@numba.njit(nogil=True, cache=True)
+def _relu_grad(dy, y, dx):
+    for i in range(dy.size):
+        dx[i] = dy[i] if y[i] > 0 else 0.0
+
+
+@numba.njit(nogil=True, cache=True)
+def _add_relu(a, b, y):
+    for i in range(a.size):
+        s = a[i] + b[i]
+        y[i] = s if s > 0 else 0.0
+
+
+def _map_chunks(kernel, *inputs):
+    """kernel(flat input chunks..., flat output chunk) over the image chunks; returns the output."""
+    out = np.empty_like(inputs[0])
+    chunks = image_chunks(out.shape[0])
+
+    def run_chunk(index):
+        start, stop = chunks[index]
+        kernel(*[a[start:stop].reshape(-1) for a in (*inputs, out)])
+
+    run_parallel(run_chunk, len(chunks))
+    return out
+
+
 def relu_forward(x):
-    flat = x.ravel()
-    y = np.empty_like(flat)
-    for i in prange(flat.size):
-        y[i] = flat[i] if flat[i] > 0 else 0.0
-    return y.reshape(x.shape)
+    return _map_chunks(_relu, x)
 
 
-@numba.njit(parallel=True, cache=True)
 def relu_backward(dy, y):
     """The ReLU output alone decides where the gradient passes (y > 0)."""
-    dy_flat = dy.ravel()
-    y_flat = y.ravel()
-    dx = np.empty_like(dy_flat)
-    for i in prange(dy_flat.size):
-        dx[i] = dy_flat[i] if y_flat[i] > 0 else 0.0
-    return dx.reshape(dy.shape)
+    return _map_chunks(_relu_grad, dy, y)
 
 
-@numba.njit(parallel=True, cache=True)
 def add_relu_forward(a, b):
     """relu(a + b): the end of a residual block, in one pass over memory."""
-    a_flat = a.ravel()
-    b_flat = b.ravel()
-    y = np.empty_like(a_flat)
-    for i in prange(a_flat.size):
-        s = a_flat[i] + b_flat[i]
-        y[i] = s if s > 0 else 0.0
-    return y.reshape(a.shape)
+    return _map_chunks(_add_relu, a, b)
 
 
 @numba.njit(parallel=True, cache=True)

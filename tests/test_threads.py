@@ -1,0 +1,94 @@
+"""The thread pool: chunking, exceptions, and training that is bit-identical at any thread count.
+
+Thread counts are read when NumPy and Numba load, so each count trains in its own process.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nptwofold.threads import CHUNK_IMAGES, image_chunks, run_parallel, scratch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# 5 Nesterov-SGD steps of ResNet-20 on 20 augmented sample images (chunks of 8, 8 and 4);
+# prints the losses and a digest of every weight, buffer and momentum buffer
+TRAIN_FIVE_STEPS = """
+import hashlib, json, sys
+from nptwofold.threads import configure_threads
+configure_threads(int(sys.argv[1]))
+import numpy as np
+from nptwofold.data import load_sample
+from nptwofold.kernels.augment import crop_flip_to_float
+from nptwofold.model import ResNet20
+from nptwofold.optim import SGD
+from nptwofold.steps import train_step
+rng = np.random.default_rng(7)
+data = load_sample()
+model = ResNet20(rng)
+optimizer = SGD(model, momentum=0.9, weight_decay=5e-4, nesterov=True)
+losses = []
+for step in range(5):
+    index = rng.integers(0, len(data.train_labels), 20)
+    offsets = rng.integers(0, 9, size=(2, 20))
+    images = crop_flip_to_float(data.train_images[index], offsets[0], offsets[1],
+                                rng.random(20) < 0.5)
+    losses.append(float(train_step(model, optimizer, images, data.train_labels[index], 0.1)[0]))
+digest = hashlib.sha256()
+for name, value in model.state_arrays():
+    digest.update(name.encode() + np.ascontiguousarray(value).tobytes())
+for name in sorted(optimizer.velocity):
+    digest.update(optimizer.velocity[name].tobytes())
+print(json.dumps({"losses": losses, "digest": digest.hexdigest()}))
+"""
+
+
+def train_five_steps(threads):
+    result = subprocess.run([sys.executable, "-c", TRAIN_FIVE_STEPS, str(threads)], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_training_is_bit_identical_at_1_2_and_4_threads():
+    runs = {threads: train_five_steps(threads) for threads in (1, 2, 4)}
+    assert all(np.isfinite(runs[1]["losses"]))
+    for threads in (2, 4):
+        assert runs[threads]["losses"] == runs[1]["losses"], threads
+        assert runs[threads]["digest"] == runs[1]["digest"], threads
+
+
+@pytest.mark.parametrize("n_images", [1, CHUNK_IMAGES, CHUNK_IMAGES + 1, 5 * CHUNK_IMAGES - 3])
+def test_image_chunks_cover_the_batch_in_order(n_images):
+    chunks = image_chunks(n_images)
+    assert chunks[0][0] == 0 and chunks[-1][1] == n_images
+    for (start, stop), (next_start, _) in zip(chunks, chunks[1:]):
+        assert stop - start == CHUNK_IMAGES and next_start == stop
+    assert 0 < chunks[-1][1] - chunks[-1][0] <= CHUNK_IMAGES
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_run_parallel_calls_each_index_once_and_reraises(threads, monkeypatch):
+    monkeypatch.setenv("NPTWOFOLD_THREADS", threads)
+    calls = []
+    run_parallel(calls.append, 37)
+    assert sorted(calls) == list(range(37))
+
+    def fail(index):
+        if index == 3:
+            raise ValueError("chunk 3")
+
+    with pytest.raises(ValueError, match="chunk 3"):
+        run_parallel(fail, 5)
+
+
+def test_scratch_reuses_and_grows_its_buffer():
+    small = scratch("test", (2, 3), np.float32)
+    assert small.shape == (2, 3) and small.dtype == np.float32
+    again = scratch("test", (3, 2), np.float32)
+    assert np.shares_memory(small, again)
+    bigger = scratch("test", (4, 5), np.float64)
+    assert bigger.shape == (4, 5) and bigger.dtype == np.float64
