@@ -399,7 +399,10 @@ class CimNetwork:
                 for key, histograms in self.adc_histograms.items():
                     layer_group.create_dataset(key, data=histograms[name])
 
-        store_group(path, "cim", fill)
+        try:
+            store_group(path, "cim", fill)
+        except OSError:  # a read-only filesystem, or a file the user may not replace
+            return False
         return True
 
     # --- forwards ---------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def check_output_locations(paths):
         folder = path.parent
         while not folder.exists():  # atomic_write creates the missing folders
             folder = folder.parent
-        if not os.access(folder, os.W_OK | os.X_OK) or (path.exists()
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK) or (path.exists()
                                                         and not os.access(path, os.W_OK)):
             raise NptwofoldError(f"cannot write {path}: {folder} is not writable")
 
