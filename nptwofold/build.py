@@ -8,7 +8,7 @@ from .checkpoint import load_checkpoint, restore_model
 from .config import TrainConfig
 from .errors import NptwofoldError
 from .model import ResNet20
-from .twofold import Twofold, TwofoldConfig
+from .twofold import Twofold
 
 INIT_STREAM = 0  # random stream (seed, 0) draws the initial weights
 
@@ -20,7 +20,8 @@ def build_model(config, init_content=None):
     (they are quantized from it); a twofold checkpoint is loaded after, into the bit planes.
     """
     model = ResNet20(np.random.default_rng([config.seed, INIT_STREAM]))
-    init_is_twofold = bool(init_content and init_content["config"].get("twofold"))
+    # {} is a twofold config with every default: only None (or no entry) means a float model
+    init_is_twofold = bool(init_content) and init_content["config"].get("twofold") is not None
     if init_content and not init_is_twofold:
         restore_model(model, init_content, config.init)
     if config.twofold is None:
@@ -28,7 +29,7 @@ def build_model(config, init_content=None):
             raise NptwofoldError(f"{config.init} is a twofold checkpoint; a float run cannot "
                                  "start from it")
         return model, None
-    method = Twofold(model, TwofoldConfig(**config.twofold), config.seed)
+    method = Twofold(model, config.twofold, config.seed)
     if init_is_twofold:
         restore_state(model, method, init_content, config.init)
     return model, method

@@ -9,9 +9,12 @@ Layout (documented in README.md, "Checkpoint format"):
   /cim               after a CIM calibration: attrs activation_bits, calibration_images;
                      /cim/<layer> attr activation_clip
 Files are written to a temporary name and renamed, so a crash never leaves half a checkpoint.
+Loading checks every dataset and attribute it reads and refuses anything else in one line that
+names the place in the file, e.g. "/model/conv1.weight" or "/train/@epoch".
 """
 import datetime
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -19,8 +22,10 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .config import TrainConfig
 from .errors import NptwofoldError
 from .files import atomic_write
+from .options import above, at_least, between
 
 FORMAT = "nptwofold-checkpoint"
 FORMAT_VERSION = 1
@@ -72,8 +77,40 @@ def store_group(path, name, fill):
     atomic_write(path, write)
 
 
+# what /train holds: the trainer's position and running sums, by attribute
+TRAIN_ATTRS = dict(
+    epoch=("int", at_least(0)), step=("int", at_least(0)), global_step=("int", at_least(0)),
+    epoch_loss_sum=("float", at_least(0)), epoch_correct=("int", at_least(0)),
+    epoch_seen=("int", at_least(0)), epoch_seconds=("float", at_least(0)),
+    epoch_reg_net=("float", at_least(0)), epoch_reg_bit=("float", at_least(0)),
+    best_accuracy=("float", between(-1, 1)), best_epoch=("int", at_least(-1)),
+    history=("json", list), post_training=("json", dict), twofold_reports=("json", list))
+FLOAT_RUN_TRAIN_DEFAULTS = dict(epoch_reg_net=0.0, epoch_reg_bit=0.0, post_training={},
+                                twofold_reports=[])
+# what each /twofold/<layer> group holds (their agreement is checked by Twofold.load_h5)
+TWOFOLD_DATASETS = dict(levels="iu", bit_planes="u", weight="f", keep_mask="u")
+TWOFOLD_ATTRS = dict(
+    bits=("int", between(2, 16)), scale=("float", at_least(0)), lfsr_width=("int", at_least(1)),
+    lfsr_taps=("ints", at_least(1)), lfsr_seed=("int", at_least(1)), kept=("int", at_least(1)),
+    group=("int", at_least(1)), rows=("int", at_least(1)), cols=("int", at_least(1)),
+    # dropped_planes: absent (= 0) in checkpoints written before plane dropping existed
+    lfsr_steps=("int", at_least(0)), dropped_planes=("int", between(0, 14)))
+CIM_ATTRS = dict(activation_bits=("int", between(1, 16)), weight_bits=("int", between(2, 16)),
+                 calibration_images=("int", at_least(1)))
+# the model buffers whose values have a range beyond being finite
+MODEL_RANGES = {"running_var": at_least(0), "num_batches_tracked": at_least(0),
+                "weight_bits": between(0, 1), "weight_scale": at_least(0)}
+
+
+class _Invalid(Exception):
+    """A checkpoint entry that is not what the format says; the message names its place."""
+
+
 def load_checkpoint(path):
-    """Reads a whole checkpoint into {"model", "optimizer", "train", "config"} dictionaries."""
+    """Reads a whole checkpoint into {"config", "model", "optimizer", "train", "twofold",
+    "cim"} dictionaries, checking every dataset and attribute it reads: its type, dtype,
+    range and finiteness (docs/reliability.md). Shapes and names are checked against the
+    model when the arrays are restored."""
     path = Path(path)
     if not path.is_file():
         raise NptwofoldError(f"checkpoint not found: {path}")
@@ -81,54 +118,148 @@ def load_checkpoint(path):
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != FORMAT:
                 raise NptwofoldError(f"{path} is an HDF5 file but not an nptwofold checkpoint")
-            if f.attrs["format_version"] > FORMAT_VERSION:
-                raise NptwofoldError(f"{path} has checkpoint format {f.attrs['format_version']}; "
-                                     f"this nptwofold reads up to {FORMAT_VERSION}")
-            content = {
-                "config": json.loads(f.attrs["config"]),
-                "model": {name: ds[()] for name, ds in f["model"].items()},
-                "optimizer": None, "train": None,
-            }
+            version = _attr(f, "format_version", "int", at_least(1))
+            if version > FORMAT_VERSION:
+                raise NptwofoldError(f"{path} has checkpoint format {version}; this nptwofold "
+                                     f"reads up to {FORMAT_VERSION}")
+            config = _attr(f, "config", "json", dict)
+            try:
+                TrainConfig.from_dict(config)
+            except NptwofoldError as exc:
+                raise _Invalid(f"/@config: {exc}") from None
+            content = dict(config=config, model=_arrays(_group(f, "model")),
+                           optimizer=None, train=None, twofold=None, cim=None)
             if "optimizer" in f:
-                content["optimizer"] = {name: ds[()] for name, ds in f["optimizer"].items()}
+                content["optimizer"] = _arrays(_group(f, "optimizer"))
             if "train" in f:
-                content["train"] = {key: _attr_value(value) for key, value in f["train"].attrs.items()}
-            content["twofold"] = _read_layer_groups(f["twofold"]) if "twofold" in f else None
-            content["cim"] = None
+                group = _group(f, "train")
+                # float runs written before the twofold method existed lack its entries,
+                # whose values in a float run are known
+                defaults = FLOAT_RUN_TRAIN_DEFAULTS if config.get("twofold") is None else {}
+                content["train"] = {key: defaults[key] if key in defaults and key not in
+                                    group.attrs else _attr(group, key, *kind)
+                                    for key, kind in TRAIN_ATTRS.items()}
+                _check_history(content["train"]["history"], content["train"]["epoch"])
+            if "twofold" in f:
+                content["twofold"] = {
+                    name: dict(attrs={key: 0 if key == "dropped_planes" and key not in
+                                      layer.attrs else _attr(layer, key, *kind)
+                                      for key, kind in TWOFOLD_ATTRS.items()},
+                               **{key: _dataset(layer, key, kinds)
+                                  for key, kinds in TWOFOLD_DATASETS.items()})
+                    for name, layer in _subgroups(_group(f, "twofold"))}
             if "cim" in f:
-                content["cim"] = dict(f["cim"].attrs, layers=_read_layer_groups(f["cim"]))
+                group = _group(f, "cim")
+                content["cim"] = dict(
+                    {key: _attr(group, key, *kind) for key, kind in CIM_ATTRS.items()},
+                    layers={name: dict(attrs=dict(activation_clip=_attr(
+                        layer, "activation_clip", "float", above(0))))
+                        for name, layer in _subgroups(group)})
     except NptwofoldError:
         raise
-    except (OSError, KeyError, ValueError) as exc:
+    except _Invalid as exc:
+        raise NptwofoldError(f"{path}: {exc}") from None
+    except Exception as exc:  # h5py reports a damaged file with many exception types
         raise NptwofoldError(f"cannot read checkpoint {path}: truncated or corrupt "
-                             f"({str(exc).splitlines()[0]})") from None
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     return content
 
 
-def _read_layer_groups(group):
-    """{layer: {"attrs": {...}, dataset name: array}} of a group of per-layer groups."""
-    return {name: {"attrs": dict(sub.attrs), **{key: ds[()] for key, ds in sub.items()}}
-            for name, sub in group.items()}
+def _group(parent, name):
+    node = parent.get(name)
+    if not isinstance(node, h5py.Group):
+        raise _Invalid(f"{parent.name.rstrip('/')}/{name} is missing or not a group")
+    return node
 
 
-def _attr_value(value):
-    if isinstance(value, str) and value[:1] in "[{":
-        return json.loads(value)
-    return value.item() if isinstance(value, np.generic) else value
+def _subgroups(group):
+    for name in group:
+        yield name, _group(group, name)
 
 
-def restore_arrays(target, arrays, what, path):
-    """Copies `arrays` into the same-named arrays of `target`, which must match exactly."""
+def _dataset(group, name, kinds="biuf"):
+    """The array of dataset `name`: numbers of the dtype kinds `kinds`, finite if floats."""
+    node, where = group.get(name), f"{group.name}/{name}"
+    if not isinstance(node, h5py.Dataset):
+        raise _Invalid(f"{where} is missing or not a dataset")
+    if node.dtype.kind not in kinds:
+        raise _Invalid(f"{where} has dtype {node.dtype}, not numbers of kind '{kinds}'")
+    value = node[()]
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        raise _Invalid(f"{where} has non-finite values")
+    return np.asarray(value)
+
+
+def _arrays(group):
+    return {name: _dataset(group, name) for name in group}
+
+
+def _attr(node, key, kind, allowed=None):
+    """Attribute `key` of `node` as an int, float, tuple of ints ("ints") or parsed JSON
+    ("json", whose `allowed` is the Python type), checked against the Bound `allowed`."""
+    where = f"{node.name.rstrip('/')}/@{key}"
+    if key not in node.attrs:
+        raise _Invalid(f"{where} is missing")
+    value = node.attrs[key]
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_))
+    if kind == "json":
+        if not isinstance(value, str):
+            raise _Invalid(f"{where} is not a JSON string")
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise _Invalid(f"{where} is not valid JSON") from None
+        if not isinstance(value, allowed):
+            raise _Invalid(f"{where} is not a JSON {allowed.__name__}")
+        return value
+    if kind == "ints":
+        array = np.asarray(value) if isinstance(value, (np.ndarray, list)) else None
+        if array is None or array.ndim != 1 or array.dtype.kind not in "iu" or not len(array):
+            raise _Invalid(f"{where} is not a list of integers")
+        if not all(int(item) in allowed for item in array):
+            raise _Invalid(f"{where} has items outside {allowed}")
+        return tuple(int(item) for item in array)
+    # the writer stores ints and floats as such: another type is a damaged or crafted file
+    if not number or isinstance(value, (float, np.floating)) != (kind == "float"):
+        raise _Invalid(f"{where} is not {'an integer' if kind == 'int' else 'a float'} "
+                       f"(got {value!r})")
+    value = int(value) if kind == "int" else float(value)
+    if not math.isfinite(value) or (allowed is not None and value not in allowed):
+        raise _Invalid(f"{where} must be {allowed} (got {value})")
+    return value
+
+
+def _check_history(history, epoch):
+    """/train@history: one record per finished epoch, each of finite numbers."""
+    for number, record in enumerate(history, 1):
+        if not (isinstance(record, dict) and record.get("epoch") == number and all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in record.values())):
+            raise _Invalid(f"/train/@history record {number} is not a record of epoch "
+                           f"{number} of finite numbers")
+    if len(history) != epoch:
+        raise _Invalid(f"/train/@history has {len(history)} records for {epoch} finished "
+                       "epochs")
+
+
+def restore_arrays(target, arrays, group, path):
+    """Copies `arrays` into the same-named arrays of `target`, which must match exactly in
+    names, shapes and dtypes, with values in MODEL_RANGES."""
     target = dict(target)
     if set(target) != set(arrays):
         missing = sorted(set(target) - set(arrays))
         extra = sorted(set(arrays) - set(target))
-        raise NptwofoldError(f"{path}: {what} does not match this model "
+        raise NptwofoldError(f"{path}: /{group} does not match this model "
                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
     for name, value in arrays.items():
-        if target[name].shape != value.shape:
-            raise NptwofoldError(f"{path}: {what} {name} has shape {value.shape}, "
-                                 f"the model needs {target[name].shape}")
+        where = f"{path}: /{group}/{name}"
+        if target[name].shape != value.shape or target[name].dtype != value.dtype:
+            raise NptwofoldError(f"{where} is {value.dtype} {value.shape}, the model needs "
+                                 f"{target[name].dtype} {target[name].shape}")
+        allowed = MODEL_RANGES.get(name.rsplit(".", 1)[-1]) if group == "model" else None
+        if allowed is not None and not all(v in allowed for v in (value.min(), value.max())):
+            raise NptwofoldError(f"{where} has values outside {allowed}")
+    for name, value in arrays.items():
         target[name][...] = value
 
 
@@ -139,4 +270,4 @@ def restore_model(model, content, path):
 def restore_optimizer(optimizer, content, path):
     if content["optimizer"] is None:
         raise NptwofoldError(f"{path} holds no optimizer state, so it cannot resume training")
-    restore_arrays(optimizer.velocity.items(), content["optimizer"], "optimizer state", path)
+    restore_arrays(optimizer.velocity.items(), content["optimizer"], "optimizer", path)

@@ -2,6 +2,7 @@
 import dataclasses
 
 from .errors import NptwofoldError
+from .options import above, at_least, between, check_fields, known_fields, option
 from .twofold import TwofoldConfig
 
 PRESETS = {
@@ -28,55 +29,99 @@ TWOFOLD_PHASES = (
 )
 
 
+def _check_milestones(milestones):
+    if milestones != sorted(milestones):
+        raise NptwofoldError("milestones must be in increasing order")
+
 
 @dataclasses.dataclass
 class TrainConfig:
-    preset: str = "quick"
-    data: str = "sample"          # "sample", "cifar10" (default folder or download), or a path
-    epochs: int = 15
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"      # "cosine" (linear warm-up, cosine to 0) or "step"
-    warmup_epochs: float = 1.0
-    milestones: list = dataclasses.field(default_factory=lambda: [91, 136])
-    lr_decay: float = 0.1         # factor applied at each milestone of the step schedule
-    seed: int = 0
-    eval_batch_size: int = 128    # the default training batch: eval reuses its workspaces
-    init: str = None              # checkpoint whose model state the run starts from
-    twofold: dict = None          # TwofoldConfig fields: train under bit representation
-    post_training: bool = False   # hard-prune + re-binarize at the start, then fine-tune
+    """A run's settings. Each field is declared once, with its help and range: the CLI flags,
+    their checks and the checkpoint's JSON config follow from it (`options`). The defaults are
+    the quick preset's; a preset sets several of them at once."""
+    preset: str = option("quick", "preset the run started from", flag=False)
+    data: str = option("sample", "CIFAR-10 tarball or folder (binary or python version); "
+                       "'sample' = embedded slice, 'cifar10' = datasets/ or download")
+    epochs: int = option(15, "training epochs (0 only for post-training: prune, no "
+                         "fine-tune)", at_least(0))
+    batch_size: int = option(128, "training batch size", at_least(1))
+    lr: float = option(0.1, "peak learning rate", above(0))
+    momentum: float = option(0.9, "SGD momentum", between(0, 1, high_open=True))
+    nesterov: bool = option(True, "Nesterov momentum")
+    weight_decay: float = option(5e-4, "L2 weight decay (not on bit planes)", at_least(0))
+    schedule: str = option("cosine", "cosine (linear warm-up, cosine to 0) or step (divide "
+                           "at --milestones)", choices=("cosine", "step"))
+    warmup_epochs: float = option(1.0, "linear warm-up of the cosine schedule, in epochs",
+                                  at_least(0))
+    milestones: list[int] = option([91, 136], "step schedule: epochs at which the learning "
+                                   "rate is multiplied by --lr-decay", at_least(1),
+                                   check=_check_milestones)
+    lr_decay: float = option(0.1, "step schedule: factor applied at each milestone",
+                             between(0, 1, high_open=True))
+    seed: int = option(0, "seed of the weights, data order and augmentation", at_least(0))
+    eval_batch_size: int = option(128, "evaluation batch size", at_least(1))
+    init: str | None = option(None, "start from this checkpoint's model")
+    # None = a float run; a TwofoldConfig (stored as a JSON object, {} = all defaults) = train
+    # under bit representation
+    twofold: TwofoldConfig | None = option(None, "Twofold Sparsity settings", flag=False)
+    post_training: bool = option(False, "hard-prune and re-binarize --init's twofold model, "
+                                 "then fine-tune")
+
+    def __post_init__(self):
+        if isinstance(self.twofold, dict):
+            self.twofold = TwofoldConfig(**known_fields(TwofoldConfig, self.twofold))
 
     @classmethod
     def from_dict(cls, saved):
-        """The config a checkpoint stored (keys this version does not know are ignored)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in saved.items() if k in known})
+        """The config a checkpoint stored, checked (keys this version does not know are
+        ignored)."""
+        if not isinstance(saved, dict):
+            raise NptwofoldError("the config is not a JSON object")
+        twofold = saved.get("twofold")
+        if twofold is not None and not isinstance(twofold, dict):
+            raise NptwofoldError(f"twofold must be a JSON object or null (got {twofold!r})")
+        return cls(**known_fields(cls, saved)).validated()
 
     @classmethod
     def from_preset(cls, preset, **overrides):
         if preset not in PRESETS:
             raise NptwofoldError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-        return cls(preset=preset, **{**PRESETS[preset], **overrides}).validated()
+        from_preset = set(PRESETS[preset]) - set(overrides)
+        return cls(preset=preset, **{**PRESETS[preset], **overrides}).validated(from_preset)
+
+    def validated(self, from_preset=()):
+        """Checks every field, then the ones that depend on each other. `from_preset` names
+        the fields the preset set, so that a message can say where a value came from."""
+        check_fields(self)
+        if self.twofold is not None:
+            self.twofold.validated()
+        if self.post_training and self.twofold is None:
+            raise NptwofoldError("--post-training needs a twofold config: give the Twofold "
+                                 "flags (e.g. --sparsity) of the --init checkpoint's run")
+        # post-training may run 0 fine-tune epochs: it then only prunes and re-binarizes
+        if self.epochs < 1 and not self.post_training:
+            raise NptwofoldError(f"--epochs must be >= 1 (got {self.epochs}); 0 is only for "
+                                 "--post-training")
+        if self.schedule == "cosine" and self.warmup_epochs >= max(self.epochs, 1):
+            if "warmup_epochs" in from_preset:
+                raise NptwofoldError(
+                    f"--epochs {self.epochs} is too short for the {self.preset} preset's "
+                    f"--warmup-epochs {self.warmup_epochs:g}: warm-up must be shorter than "
+                    "training (lower --warmup-epochs too)")
+            raise NptwofoldError(f"--warmup-epochs {self.warmup_epochs:g} must be shorter "
+                                 f"than --epochs {self.epochs}")
+        return self
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """Settings of the twofold preset's phases beyond its baseline's (`TWOFOLD_PHASES`)."""
+    twofold_epochs: int = option(1, "twofold preset: epochs of the twofold phase", at_least(1))
+    finetune_epochs: int = option(1, "twofold preset: epochs of the post-training fine-tune "
+                                  "(0 = prune and re-binarize only)", at_least(0))
+    finetune_beta_bit: float | None = option(
+        None, "twofold preset: Reg_Bit strength of the fine-tune (none = --beta-bit; 0 lets it "
+        "recover accuracy, as BSQ fine-tunes)", at_least(0))
 
     def validated(self):
-        if self.twofold is not None:
-            TwofoldConfig(**self.twofold).validated()
-        if self.post_training and self.twofold is None:
-            raise NptwofoldError("bad training config: post-training needs a twofold config")
-        # post-training may run 0 fine-tune epochs: it then only prunes and re-binarizes
-        checks = [(self.epochs >= (0 if self.post_training else 1), "epochs must be >= 1"),
-                  (self.batch_size >= 1, "batch size must be >= 1"),
-                  (self.lr > 0, "learning rate must be > 0"),
-                  (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
-                  (self.weight_decay >= 0, "weight decay must be >= 0"),
-                  (self.schedule in ("cosine", "step"), "schedule must be 'cosine' or 'step'"),
-                  (0 <= self.warmup_epochs < max(self.epochs, 1),
-                   "warm-up must be shorter than training"),
-                  (self.seed >= 0, "seed must be >= 0")]
-        for ok, message in checks:
-            if not ok:
-                raise NptwofoldError(f"bad training config: {message}")
-        return self
+        return check_fields(self)

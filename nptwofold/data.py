@@ -4,7 +4,9 @@ Images come back as uint8 NHWC arrays (N, 32, 32, 3) with int64 labels. Without 
 loader looks in the default data folder, then downloads the official binary tarball and
 verifies its MD5. A small real sample in the same binary layout ships in `datasets/`.
 """
+import codecs
 import hashlib
+import io
 import lzma
 import pickle
 import re
@@ -51,11 +53,40 @@ def parse_binary_batch(raw, name):
     return _planes_to_nhwc(records[:, 1:]), records[:, 0].astype(np.int64)
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR python batch holds: dicts, lists, bytes, strings, numbers
+    and NumPy arrays. Any other global (a function a crafted file would call) is refused
+    before it runs, so reading a data file never executes code from it."""
+    # the constructors NumPy's array pickles name, under NumPy 1 and 2 and every protocol, and
+    # the one Python 3 uses for bytes at protocol 2
+    ARRAY_GLOBALS = {
+        ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
+        **{(module, "_reconstruct"): np.array(0).__reduce__()[0]
+           for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+        **{(module, "_frombuffer"): np.array(0).__reduce_ex__(5)[0]
+           for module in ("numpy.core.numeric", "numpy._core.numeric")},
+    }
+
+    def __init__(self, raw, name):
+        super().__init__(io.BytesIO(raw), encoding="bytes")
+        self.name = name
+
+    def find_class(self, module, global_name):
+        if (module, global_name) not in self.ARRAY_GLOBALS:
+            raise NptwofoldError(f"refused CIFAR-10 file {self.name}: it would call "
+                                 f"{module}.{global_name}, which no CIFAR batch does (a data "
+                                 "file must not run code)")
+        return self.ARRAY_GLOBALS[module, global_name]
+
+
 def parse_python_batch(raw, name):
     try:
-        batch = pickle.loads(raw, encoding="bytes")
+        batch = _BatchUnpickler(raw, name).load()
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except NptwofoldError:
+        raise
     except Exception as exc:  # any unpickling failure means the file is not a CIFAR batch
         raise NptwofoldError(f"corrupt CIFAR-10 file {name}: not a CIFAR python batch "
                              f"({type(exc).__name__})") from None

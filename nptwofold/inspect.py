@@ -3,12 +3,14 @@
 Prints the file attributes, the run config and every dataset with shape, dtype and a value
 summary, reading the file with plain h5py so it shows exactly what other tools see.
 """
-import argparse
 import json
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
+
+from .options import ScriptParser
 
 
 def describe(path, out=sys.stdout):
@@ -38,13 +40,16 @@ def describe(path, out=sys.stdout):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("checkpoint")
+    parser = ScriptParser(__doc__)
+    parser.add_argument("checkpoint", help="an HDF5 checkpoint")
     args = parser.parse_args(argv)
+    if not Path(args.checkpoint).is_file():
+        sys.exit(f"error: {args.checkpoint} is not a file")
     try:
         describe(args.checkpoint)
-    except OSError as exc:
-        sys.exit(f"error: cannot read {args.checkpoint}: {str(exc).splitlines()[0]}")
+    except Exception as exc:  # h5py reports a damaged file with many exception types
+        sys.exit(f"error: cannot read {args.checkpoint}: truncated, corrupt or not HDF5 "
+                 f"({type(exc).__name__})")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,16 @@
 Every random choice derives from one seed: the initial weights from stream (seed, 0), and the
 data order, crop offsets and flips of epoch e from stream (seed, 1, e). The position inside
 training is just (epoch, step), so a checkpoint taken anywhere resumes bit for bit.
+
+Interruptions: Ctrl-C takes effect at the next step boundary (a step half done has already
+moved the BN statistics), saving last.h5 there. After a kill at any moment, --resume rebuilds
+best.h5, the logs and the summary from the checkpoint's history and removes stale temporary
+files. A non-finite loss or weight stops training before anything is saved.
 """
 import dataclasses
 import math
+import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -16,13 +23,15 @@ from .build import build_model, restore_state
 from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from .config import TrainConfig
 from .errors import NptwofoldError
-from .files import write_csv, write_json
+from .files import TMP_SUFFIX, atomic_write, check_output_dir, write_csv, write_json
 from .kernels.augment import CROP_PAD, crop_flip_to_float
 from .optim import SGD
 from .steps import evaluate, train_step
 from .twofold import start_post_training
 
 EPOCH_STREAM = 1  # random stream (seed, 1, epoch) draws an epoch's order and augmentation
+OUTPUT_FILES = ("last.h5", "best.h5", "log.csv", "log.json", "summary.json",
+                "twofold_report.json", "twofold_report.csv")
 
 def learning_rate(config, global_step, steps_per_epoch):
     """Per-step learning rate of the configured schedule."""
@@ -46,6 +55,31 @@ def epoch_plan(seed, epoch, n_images):
     return order, offsets, flips
 
 
+class DeferredInterrupt:
+    """While active, a first Ctrl-C only sets `requested`, which the trainer checks between
+    steps; a second one interrupts at once (then nothing is saved, and last.h5 stays at its
+    previous, consistent position)."""
+
+    def __enter__(self):
+        self.requested = False
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread, which alone receives Ctrl-C
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("interrupt: stopping after this step (Ctrl-C again to stop at once, "
+                   "without saving)")
+
+    def __exit__(self, *exc_info):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 class Trainer:
     """Owns model, optimizer and position; `run` trains to the end, saving every epoch."""
 
@@ -54,6 +88,9 @@ class Trainer:
         self.data = dataset
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
+        if self.out_dir is not None:
+            check_output_dir(self.out_dir)
+        self.interrupt = None  # a DeferredInterrupt while `run` trains
         init_content = load_checkpoint(config.init) if config.init and not _resuming else None
         self.model, self.method = build_model(config, init_content)
         bit_names = self.method.bit_parameter_names() if self.method else set()
@@ -82,9 +119,36 @@ class Trainer:
         restore_state(trainer.model, trainer.method, content, path)
         restore_optimizer(trainer.optimizer, content, path)
         trainer.state.update(content["train"])
+        state = trainer.state
+        if not (state["epoch"] <= config.epochs and state["step"] < trainer.steps_per_epoch
+                and (state["step"] == 0 or state["epoch"] < config.epochs)
+                and len(state["history"]) == state["epoch"]):
+            raise NptwofoldError(
+                f"{path}: /train position epoch {state['epoch']}, step {state['step']} with "
+                f"{len(state['history'])} history rows does not fit a run of {config.epochs} "
+                f"epochs of {trainer.steps_per_epoch} steps on this data")
         if config.post_training:
             trainer.method.hard_prune()  # a no-op on the stored bits; re-arms the mask per step
+        if out_dir is not None:
+            trainer.repair_outputs(path)
         return trainer
+
+    def repair_outputs(self, resumed_from):
+        """Makes best.h5, the logs and the summary agree with the resumed position, whatever
+        moment a kill struck, and removes the temporary files a kill leaves."""
+        for name in OUTPUT_FILES:
+            (self.out_dir / (name + TMP_SUFFIX)).unlink(missing_ok=True)
+        best_epoch, best = self.state["best_epoch"], self.out_dir / "best.h5"
+        if best_epoch >= 1 and _stored_epoch(best) != best_epoch:
+            if (self.state["epoch"], self.state["step"]) != (best_epoch, 0):
+                raise NptwofoldError(f"{best} does not hold epoch {best_epoch}, the best one, "
+                                     f"and {resumed_from} cannot rebuild it (it is at a later "
+                                     "position)")
+            # the kill came between the two checkpoint writes of the best epoch's end, so the
+            # checkpoint resumed from holds exactly the model best.h5 should
+            atomic_write(best, lambda tmp: shutil.copyfile(resumed_from, tmp))
+            tqdm.write(f"rebuilt {best} (epoch {best_epoch}) from {resumed_from}")
+        self.write_logs()
 
     def save(self, path):
         save_checkpoint(path, self.model, self.optimizer, self.state,
@@ -94,18 +158,18 @@ class Trainer:
     def run(self, max_steps=None):
         """Trains until the last epoch ends, or `max_steps` steps (then saves last.h5)."""
         steps_left = math.inf if max_steps is None else max_steps
-        try:
-            while self.state["epoch"] < self.config.epochs:
+        with DeferredInterrupt() as self.interrupt:
+            while self.state["epoch"] < self.config.epochs and not self.interrupt.requested:
                 steps_left -= self._train_epoch(steps_left)
                 if self.state["step"] < self.steps_per_epoch:
                     break  # stopped inside the epoch
                 self._end_epoch()
-        except KeyboardInterrupt:
-            if self.out_dir is not None:
-                self.save(self.out_dir / "last.h5")
-                tqdm.write(f"interrupted; position saved to {self.out_dir / 'last.h5'}, "
-                           "continue with --resume")
-            raise
+            if self.interrupt.requested:
+                if self.out_dir is not None:
+                    self.save(self.out_dir / "last.h5")
+                    tqdm.write(f"interrupted; position saved to {self.out_dir / 'last.h5'}, "
+                               "continue with --resume")
+                raise KeyboardInterrupt
         stopped_early = self.state["epoch"] < self.config.epochs
         no_epochs = self.config.epochs == 0  # post-training without a fine-tune
         if self.out_dir is not None and (stopped_early or no_epochs):
@@ -122,13 +186,15 @@ class Trainer:
                    desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="step")
         done = 0
         started = time.perf_counter() - state["epoch_seconds"]
-        while state["step"] < self.steps_per_epoch and done < steps_left:
+        while (state["step"] < self.steps_per_epoch and done < steps_left
+               and not self.interrupt.requested):
             batch = slice(state["step"] * config.batch_size, (state["step"] + 1) * config.batch_size)
             index = order[batch]
             inputs = crop_flip_to_float(images[index], offsets[0, batch], offsets[1, batch], flips[batch])
             lr = learning_rate(config, state["global_step"], self.steps_per_epoch)
             loss, correct, regularizers = train_step(
                 self.model, self.optimizer, inputs, labels[index], lr, self.method)
+            self._check_finite(loss, bar)
             state["epoch_reg_net"] += regularizers.get("reg_net", 0.0)
             state["epoch_reg_bit"] += regularizers.get("reg_bit", 0.0)
             state["epoch_loss_sum"] += float(loss) * len(index)
@@ -145,6 +211,19 @@ class Trainer:
                             lr=f"{lr:.4f}")
         bar.close()
         return done
+
+    def _check_finite(self, loss, bar):
+        """Stops a diverged run before it saves: last.h5 and best.h5 keep the last good epoch."""
+        bad = None if math.isfinite(loss) else f"the loss is {loss}"
+        for name, value in self.model.state_arrays():
+            if bad is None and not np.isfinite(value).all():
+                bad = f"{name} has non-finite values"
+        if bad is not None:
+            bar.close()
+            raise NptwofoldError(
+                f"training diverged at epoch {self.state['epoch'] + 1}, step "
+                f"{self.state['step'] + 1}: {bad} (learning rate {self.config.lr:g} too high?); "
+                "the checkpoints keep the last good epoch")
 
     def _end_epoch(self):
         state = self.state
@@ -183,15 +262,18 @@ class Trainer:
         rows = self.method.layer_report()
         tqdm.write(self.method.format_report(rows))
         self.state["twofold_reports"].append(dict(epoch=epoch, layers=rows))
-        if self.out_dir is None:
-            return
+        if self.out_dir is not None:
+            self._write_reports()
+
+    def _write_reports(self):
         reports = self.state["twofold_reports"]
         flat = [dict(epoch=r["epoch"], **row) for r in reports for row in r["layers"]]
         write_json(self.out_dir / "twofold_report.json", reports)
         write_csv(self.out_dir / "twofold_report.csv", flat)
 
     def write_logs(self):
-        """log.csv and log.json (one row per epoch) and summary.json, each written atomically."""
+        """log.csv and log.json (one row per epoch), the twofold reports and summary.json, each
+        written atomically."""
         history = self.state["history"]
         summary = dict(preset=self.config.preset, epochs_done=len(history),
                        post_training=self.state["post_training"] or None,
@@ -203,4 +285,16 @@ class Trainer:
         if history:
             write_csv(self.out_dir / "log.csv", history)
             write_json(self.out_dir / "log.json", history)
+        if self.state["twofold_reports"]:
+            self._write_reports()
         write_json(self.out_dir / "summary.json", summary)
+
+
+def _stored_epoch(path):
+    """The epoch of the training position a checkpoint holds; None if it is absent or
+    unreadable."""
+    try:
+        train = load_checkpoint(path)["train"]
+    except NptwofoldError:
+        return None
+    return train["epoch"] if train else None

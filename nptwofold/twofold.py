@@ -23,6 +23,7 @@ from .kernels.regularizers import reg_bit, reg_bit_plane_lasso, reg_net
 from .kernels.augment import to_float
 from .kernels.loss import softmax_cross_entropy
 from .layers import WeightLayer
+from .options import at_least, between, check_fields, option
 from .steps import evaluate
 
 BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
@@ -34,54 +35,35 @@ REG_BIT_FORMS = {"poster": reg_bit, "plane_lasso": reg_bit_plane_lasso}
 class TwofoldConfig:
     """Parameters of the method; the defaults marked [assumption] are not given by the poster.
 
-    sparsity: network sparsity p of every mapped layer, in [0, 1).
-    bits: weight precision b, even, 2..16 (SPEC 2: 8 [assumption]).
-    lambda_net: Reg_Net strength lambda [assumption].
-    beta_bit: Reg_Bit strength beta [assumption].
-    reg_bit_form: "poster" (||sum_n B(n)||_2) or "plane_lasso" (BSQ, sum_n ||B(n)||_2).
-    plane_drop_tolerance: precision adjustment (after BSQ) [deviation, see the README]: in
-        post-training, after hard pruning, layers in turn drop their lowest kept bit plane
-        (held at 0 from then on, levels rounded to multiples of 2^dropped, at most b - 2
-        planes) as long as the cross-entropy on the check images stays within this many nats
-        of its value before the first drop. 0 = never drop.
-    plane_drop_images: how many training images (the first ones, not augmented) that check
-        uses.
-    mask_group: output columns sharing one LFSR index set (1 = per output channel).
-    lfsr_seed: 0 = derive each layer's LFSR seed from the training seed; else a base seed.
-    rebinarize_epochs: epochs (1-based) after which the bits are re-binarized (always after
-        the last epoch too).
+    Each field is declared once, with its help and range: the CLI flags, their checks and the
+    checkpoint's config follow from it (`options`).
     """
-    sparsity: float = 0.5
-    bits: int = 8
-    lambda_net: float = 10.0
-    beta_bit: float = 20.0
-    reg_bit_form: str = "poster"
-    plane_drop_tolerance: float = 0.0
-    plane_drop_images: int = 500
-    mask_group: int = 1
-    lfsr_seed: int = 0
-    rebinarize_epochs: list = dataclasses.field(default_factory=list)
+    sparsity: float = option(0.5, "network sparsity p of every mapped layer",
+                             between(0, 1, high_open=True))
+    bits: int = option(8, "weight precision b, even, 2..16 (SPEC 2: 8 [assumption])",
+                       check=check_bits)
+    lambda_net: float = option(10.0, "Reg_Net strength lambda [assumption]", at_least(0))
+    beta_bit: float = option(20.0, "Reg_Bit strength beta [assumption]", at_least(0))
+    reg_bit_form: str = option("poster", "Reg_Bit form: poster = ||sum_n B(n)||_2, plane_lasso "
+                               "= BSQ's sum_n ||B(n)||_2", choices=tuple(REG_BIT_FORMS))
+    plane_drop_tolerance: float = option(
+        0.0, "post-training precision adjustment [deviation, see the README]: after hard "
+        "pruning, layers in turn drop their lowest kept bit plane (levels rounded to multiples "
+        "of 2^dropped, at most b - 2 planes) while the cross-entropy on the check images stays "
+        "within this many nats of its value before the first drop; 0 = never drop",
+        at_least(0))
+    plane_drop_images: int = option(500, "training images (the first ones, not augmented) "
+                                    "the plane-drop check uses", at_least(1))
+    mask_group: int = option(1, "output columns sharing one LFSR index set (1 = per output "
+                             "channel)", at_least(1))
+    lfsr_seed: int = option(0, "base LFSR seed; 0 = derive each layer's from the training seed",
+                            at_least(0))
+    rebinarize_epochs: list[int] = option([], "epochs (1-based) after which the bits are "
+                                          "re-binarized (always after the last one too)",
+                                          at_least(1))
 
     def validated(self):
-        if not 0.0 <= self.sparsity < 1.0:  # also false for NaN
-            raise NptwofoldError(f"network sparsity must be in [0, 1), got {self.sparsity}")
-        check_bits(self.bits)
-        if not self.plane_drop_tolerance >= 0:
-            raise NptwofoldError("plane_drop_tolerance must be >= 0 nats, got "
-                                 f"{self.plane_drop_tolerance}")
-        if self.plane_drop_images < 1:
-            raise NptwofoldError(f"plane_drop_images must be >= 1, got {self.plane_drop_images}")
-        if self.reg_bit_form not in REG_BIT_FORMS:
-            raise NptwofoldError(f"reg_bit_form must be one of {sorted(REG_BIT_FORMS)}, "
-                                 f"got {self.reg_bit_form!r}")
-        for name in ("lambda_net", "beta_bit"):
-            if not getattr(self, name) >= 0:
-                raise NptwofoldError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.mask_group < 1:
-            raise NptwofoldError(f"mask group must be >= 1 column, got {self.mask_group}")
-        if self.lfsr_seed < 0:
-            raise NptwofoldError(f"LFSR seed must be >= 0 (0 = derive), got {self.lfsr_seed}")
-        return self
+        return check_fields(self)
 
 
 def layer_matrix_shape(weight_shape):
@@ -275,26 +257,56 @@ class Twofold:
                              lfsr_steps=mask.steps, dropped_planes=layer.dropped_planes)
 
     def load_h5(self, stored, path):
-        """Takes each layer's dropped planes from a stored /twofold group and regenerates each
-        stored mask from its stored LFSR parameters; both masks must agree."""
+        """Takes each layer's dropped planes from a stored /twofold group (read and type-checked
+        by `load_checkpoint`), after the model's weight_bits were restored. Everything stored
+        must agree exactly: the keep-mask with the one its LFSR parameters generate and with
+        this run's config, the levels with weight_bits, the bit planes and the weight with the
+        levels."""
         if set(stored) != set(self.layers):
-            raise NptwofoldError(f"{path}: twofold layers {sorted(stored)[:3]}... do not match "
-                                 "the model's mapped layers")
+            raise NptwofoldError(f"{path}: /twofold layers {sorted(stored)[:3]}... do not "
+                                 "match the model's mapped layers")
+        b = self.config.bits
         for name, entry in stored.items():
-            attrs = entry["attrs"]
-            # checkpoints written before plane dropping existed have none dropped
-            self.layers[name].dropped_planes = int(attrs.get("dropped_planes", 0))
-            regenerated = lfsr_keep_mask_for_kept(
-                int(attrs["rows"]), int(attrs["cols"]), int(attrs["kept"]), int(attrs["lfsr_seed"]),
-                int(attrs["group"]), int(attrs["lfsr_width"]),
-                tuple(int(t) for t in attrs["lfsr_taps"]))
-            if not np.array_equal(weight_mask(regenerated.mask, entry["keep_mask"].shape),
-                                  entry["keep_mask"]):
-                raise NptwofoldError(f"{path}: the stored keep-mask of {name} differs from the "
-                                     "one its LFSR parameters generate")
+            attrs, layer, where = entry["attrs"], self.layers[name], f"{path}: /twofold/{name}"
+            shape = layer.params["weight_bits"].shape[1:]
+            if attrs["bits"] != b:
+                raise NptwofoldError(f"{where}/@bits is {attrs['bits']}, the config says {b}")
+            if not attrs["dropped_planes"] <= b - 2:
+                raise NptwofoldError(f"{where}/@dropped_planes {attrs['dropped_planes']} is "
+                                     f"more than b - 2 = {b - 2}")
+            if (attrs["rows"], attrs["cols"]) != layer_matrix_shape(shape):
+                raise NptwofoldError(f"{where}/@rows, @cols are {attrs['rows']} x "
+                                     f"{attrs['cols']}, the layer is "
+                                     f"{layer_matrix_shape(shape)}")
+            for key in ("levels", "weight", "keep_mask"):
+                if entry[key].shape != shape:
+                    raise NptwofoldError(f"{where}/{key} has shape {entry[key].shape}, the layer "
+                                         f"needs {shape}")
+            try:
+                regenerated = lfsr_keep_mask_for_kept(
+                    attrs["rows"], attrs["cols"], attrs["kept"], attrs["lfsr_seed"],
+                    attrs["group"], attrs["lfsr_width"], attrs["lfsr_taps"])
+            except NptwofoldError as exc:
+                raise NptwofoldError(f"{where}: bad LFSR parameters: {exc}") from None
+            if attrs["lfsr_steps"] != regenerated.steps or not np.array_equal(
+                    weight_mask(regenerated.mask, shape), entry["keep_mask"]):
+                raise NptwofoldError(f"{where}: the stored keep-mask (or @lfsr_steps) differs "
+                                     "from the one its LFSR parameters generate")
             if not np.array_equal(regenerated.mask, self.masks[name].mask):
-                raise NptwofoldError(f"{path}: the keep-mask of {name} does not match this run's "
+                raise NptwofoldError(f"{where}: the keep-mask does not match this run's "
                                      "twofold config (sparsity, group or seed)")
+            layer.dropped_planes = attrs["dropped_planes"]
+            levels = self.levels(name)
+            scale = float(layer.buffers["weight_scale"][0])
+            expected = dict(levels=levels, bit_planes=decompose(levels, b),
+                            weight=(scale * levels / max_level(b)).astype(np.float32))
+            for key, value in expected.items():
+                if entry[key].dtype != value.dtype or not np.array_equal(entry[key], value):
+                    raise NptwofoldError(f"{where}/{key} does not agree with the model's "
+                                         "weight_bits (it must be exactly what they give)")
+            if attrs["scale"] != scale:
+                raise NptwofoldError(f"{where}/@scale {attrs['scale']} is not the model's "
+                                     f"weight_scale {scale}")
 
 
 def start_post_training(method, model, data, eval_batch_size):

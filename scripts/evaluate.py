@@ -1,25 +1,27 @@
 """Test accuracy and loss of a checkpoint: `python scripts/evaluate.py CKPT [--data PATH] [--json]`."""
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
+from nptwofold.options import ScriptParser, threads_flag  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("checkpoint")
+    configure_threads(threads_flag(argv))
+    parser = ScriptParser(__doc__)
+    parser.add_argument("checkpoint", help="an nptwofold HDF5 checkpoint")
     parser.add_argument("--data", help="CIFAR-10 tarball or folder, 'sample' or 'cifar10' "
                         "(default: the data the checkpoint was trained on)")
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--threads", type=int, default=2, help="BLAS threads")
+    parser.add_argument("--batch-size", type=int, default=500,
+                        help="evaluation batch size (default: 500)")
+    parser.add_argument("--threads", type=int, default=2, help="BLAS threads (default: 2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    if args.threads < 1 or args.batch_size < 1:
-        parser.error("--threads and --batch-size must be >= 1")
-    configure_threads(args.threads)
+    for name in ("threads", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     from nptwofold.data import load_dataset
     from nptwofold.errors import NptwofoldError
     from nptwofold.build import load_model

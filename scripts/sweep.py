@@ -3,15 +3,16 @@
     python scripts/sweep.py --init BASELINE.h5 --data PATH --out results/sweep
         [--sparsity 0 0.5 0.7 0.9] [--beta-bit 20] [--finetune-beta-bit B]
         [--plane-drop-tolerance NATS]
-        [--twofold-epochs 1] [--finetune-epochs 1]
+        [--twofold-epochs 1] [--finetune-epochs 1] [any other Twofold flag of train_cifar.py]
         [--jobs 2] [--collect-only] [--energy-images N] [--baseline CKPT] [--seed S]
 
 Runs: for every sparsity p, one run with Reg_Bit off (beta 0) and one with it on (--beta-bit
 in the twofold phase, --finetune-beta-bit, by default the same, in the fine-tune, and
 --plane-drop-tolerance for the precision adjustment in post-training, after hard pruning),
 each `scripts/train_cifar.py --preset twofold --init BASELINE` (twofold phase, then
-post-training) in OUT/p<100p>-bitreg-<on|off>, always started with --resume, so a stopped
-sweep continues where it stopped and finished runs are skipped. `--jobs` runs go side by side,
+post-training) in OUT/p<100p>-bitreg-<on|off>, with --resume once a phase of it exists, so a
+stopped sweep continues where it stopped and finished runs are skipped. The other Twofold flags
+(--bits, --mask-group, ...) go to every run. `--jobs` runs go side by side,
 each on one BLAS thread (on 2 cores, two 1-thread runs train more images per second than one
 2-thread run). Each run's output goes to its train.log.
 
@@ -25,7 +26,6 @@ Collection, for every finished run:
 Writes OUT/sweep.md, sweep.csv and sweep.json, and with matplotlib the plots
 energy_vs_sparsity.png, accuracy_vs_sparsity.png and layer_energy.png.
 """
-import argparse
 import json
 import subprocess
 import sys
@@ -35,46 +35,65 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
+from nptwofold.options import (ScriptParser, add_flags, flag_name, given_values,  # noqa: E402
+                               threads_flag, to_argv)
 
 # The poster's energy claims for ResNet-20 on CIFAR-10 (SPEC 5), drawn beside our ratios.
 POSTER_MAX_RATIO = 5.0                               # "up to 5x lower energy"
 TALK_RATIOS = {0.1: 2.2, 0.9: 14.0}                  # overall sparsity -> ratio, talk version
 
 
+# options that shape the bit-level regularization: only the runs with Reg_Bit on get them
+BIT_REG_ONLY = ("plane_drop_tolerance", "finetune_beta_bit")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from nptwofold.config import PipelineConfig
+    from nptwofold.errors import NptwofoldError
+    from nptwofold.twofold import TwofoldConfig
+
+    parser = ScriptParser(__doc__)
     parser.add_argument("--out", required=True, help="folder of the runs and the table")
     parser.add_argument("--init", help="trained baseline checkpoint the runs start from")
     parser.add_argument("--data", help="CIFAR-10 tarball or folder (or 'sample')")
-    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.9])
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.9],
+                        help="network sparsities, one pair of runs each (default: 0 0.5 0.7 0.9)")
     parser.add_argument("--beta-bit", type=float, default=20.0,
-                        help="Reg_Bit strength of the 'on' runs (default 20)")
-    parser.add_argument("--finetune-beta-bit", type=float,
-                        help="Reg_Bit strength of the 'on' runs' fine-tune (default --beta-bit)")
-    parser.add_argument("--plane-drop-tolerance", type=float,
-                        help="precision adjustment of the 'on' runs (train_cifar.py flag)")
-    parser.add_argument("--twofold-epochs", type=int, default=1)
-    parser.add_argument("--finetune-epochs", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2)")
+                        help="Reg_Bit strength of the 'on' runs (default: 20)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side (default: 2)")
     parser.add_argument("--collect-only", action="store_true", help="no training, only the table")
     parser.add_argument("--energy-images", type=int, default=10000,
-                        help="test images the energy is counted on (default all)")
-    parser.add_argument("--calib-images", type=int, default=500)
+                        help="test images the energy is counted on (default: 10000, all)")
+    parser.add_argument("--calib-images", type=int, default=500,
+                        help="images the activation clips are calibrated on (default: 500)")
     parser.add_argument("--baseline", metavar="CKPT",
                         help="dense 8-bit baseline (default: the p = 0 run without Reg_Bit)")
-    parser.add_argument("--threads", type=int, default=2, help="BLAS threads of the collection")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="BLAS threads of the collection (default: 2)")
+    passed = parser.add_argument_group(
+        "train_cifar.py flags passed to the runs (" + ", ".join(map(flag_name, BIT_REG_ONLY))
+        + " only to the runs with Reg_Bit on)")
+    add_flags(passed, TwofoldConfig, skip=("sparsity", "beta_bit"))
+    add_flags(passed, PipelineConfig)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     args = parser.parse_args(argv)
     if not args.collect_only and not (args.init and args.data):
         parser.error("training the runs needs --init and --data (or pass --collect-only)")
-    for name in ("jobs", "energy_images", "calib_images", "threads", "twofold_epochs"):
+    for name in ("jobs", "energy_images", "calib_images", "threads"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.beta_bit <= 0:
-        parser.error("--beta-bit must be > 0: it is the strength of the 'on' runs")
-    if args.finetune_beta_bit is not None and args.finetune_beta_bit < 0:
-        parser.error("--finetune-beta-bit must be >= 0")
+            parser.error(f"{flag_name(name)} must be >= 1 (got {getattr(args, name)})")
+    if not args.beta_bit > 0:
+        parser.error(f"--beta-bit must be > 0 (got {args.beta_bit}): it is the strength of "
+                     "the 'on' runs")
+    if any(not 0 <= p < 1 for p in args.sparsity):
+        parser.error(f"--sparsity must be in [0, 1) (got {args.sparsity})")
+    args.passed = {**given_values(args, TwofoldConfig, skip=("sparsity", "beta_bit")),
+                   **given_values(args, PipelineConfig)}
+    try:
+        TwofoldConfig(**given_values(args, TwofoldConfig, skip=("sparsity",))).validated()
+        args.pipeline = PipelineConfig(**given_values(args, PipelineConfig)).validated()
+    except NptwofoldError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -89,16 +108,14 @@ def planned_runs(args):
 
 
 def train_command(args, sparsity, beta, out):
-    on_flags = {"--finetune-beta-bit": args.finetune_beta_bit,
-                "--plane-drop-tolerance": args.plane_drop_tolerance}
-    bit_reg = [str(item) for flag, value in on_flags.items()
-               if beta and value is not None for item in (flag, value)]
+    """The run's train_cifar.py command; --resume where an earlier call left a phase."""
+    passed = {name: value for name, value in args.passed.items()
+              if beta or name not in BIT_REG_ONLY}
+    resume = ["--resume"] if any(out.glob("*/last.h5")) else []
     return [sys.executable, str(REPO / "scripts/train_cifar.py"), "--preset", "twofold",
             "--init", args.init, "--data", args.data, "--seed", str(args.seed),
-            "--sparsity", str(sparsity), "--beta-bit", str(beta), *bit_reg,
-            "--twofold-epochs", str(args.twofold_epochs),
-            "--finetune-epochs", str(args.finetune_epochs),
-            "--threads", "1", "--no-progress", "--resume", "--out", str(out)]
+            "--sparsity", str(sparsity), "--beta-bit", str(beta), *to_argv(passed),
+            "--threads", "1", "--no-progress", *resume, "--out", str(out)]
 
 
 def train_all(args, out_dir):
@@ -147,7 +164,7 @@ def collect(args, out_dir):
         post = out_dir / label / "post"
         summary = post / "summary.json"
         finished = summary.exists() and (
-            json.loads(summary.read_text())["epochs_done"] >= args.finetune_epochs)
+            json.loads(summary.read_text())["epochs_done"] >= args.pipeline.finetune_epochs)
         if not finished:
             print(f"{label}: not finished, left out of the table")
             continue
@@ -262,8 +279,8 @@ def draw_plots(rows, layer_energy, out_dir):
 
 
 def main(argv=None):
+    configure_threads(threads_flag(argv))
     args = parse_args(argv)
-    configure_threads(args.threads)
     from nptwofold.errors import NptwofoldError
     from nptwofold.files import atomic_write, write_csv, write_json
 

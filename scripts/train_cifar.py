@@ -7,7 +7,6 @@ OUT/last.h5 (and best.h5), log.csv, log.json and summary.json; --resume continue
 Any Twofold flag (--sparsity, --bits, ...) turns a run into Twofold training; start it from a
 trained baseline with --init CKPT.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -15,95 +14,67 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
 
-TRAIN_FLAGS = ("data", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
-               "schedule", "warmup_epochs", "seed", "init", "post_training")
-TWOFOLD_FLAGS = ("sparsity", "bits", "lambda_net", "beta_bit", "reg_bit_form",
-                 "plane_drop_tolerance", "plane_drop_images", "mask_group", "lfsr_seed",
-                 "rebinarize_epochs")
-PIPELINE_FLAGS = ("data", "seed", "init", "twofold_epochs", "finetune_epochs",
-                  "finetune_beta_bit")
+from nptwofold.options import (ScriptParser, add_flags, flag_name, given_values,  # noqa: E402
+                               threads_flag)
+
+# the twofold preset sets its phases' schedules: of the training flags it takes only these
+PIPELINE_TRAIN_FLAGS = ("data", "seed", "init")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="quick", choices=["quick", "short", "paper", "twofold"])
-    parser.add_argument("--data", help="CIFAR-10 tarball or folder (binary or python version); "
-                        "'sample' = embedded slice, 'cifar10' = datasets/ or download")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float, help="peak learning rate")
-    parser.add_argument("--momentum", type=float)
-    parser.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--weight-decay", type=float)
-    parser.add_argument("--schedule", choices=["cosine", "step"])
-    parser.add_argument("--warmup-epochs", type=float)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--threads", type=int, default=2, help="BLAS threads (default 2)")
-    parser.add_argument("--out", help="output folder (default runs/<preset>-seed<seed>)")
+    from nptwofold.config import PRESETS, PipelineConfig, TrainConfig
+    from nptwofold.twofold import TwofoldConfig
+
+    parser = ScriptParser(__doc__)
+    parser.add_argument("--preset", default="quick", choices=[*PRESETS, "twofold"],
+                        help="settings the flags below override (default: quick)")
+    parser.add_argument("--threads", type=int, default=2, help="BLAS threads (default: 2)")
+    parser.add_argument("--out", help="output folder (default: runs/<preset>-seed<seed>)")
     parser.add_argument("--resume", nargs="?", const="last", metavar="CKPT",
-                        help="continue OUT/last.h5, or the given checkpoint")
+                        help="continue OUT/last.h5, or the given checkpoint (default: start a "
+                        "new run)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    method = parser.add_argument_group("Twofold Sparsity (SPEC sections 3-4)")
-    method.add_argument("--init", metavar="CKPT", help="start from this checkpoint's model")
-    method.add_argument("--sparsity", type=float, help="network sparsity p in [0, 1)")
-    method.add_argument("--bits", type=int, help="weight bits b (even, 2..16; default 8)")
-    method.add_argument("--lambda-net", type=float, help="Reg_Net strength")
-    method.add_argument("--beta-bit", type=float, help="Reg_Bit strength")
-    method.add_argument("--reg-bit-form", choices=["poster", "plane_lasso"])
-    method.add_argument("--plane-drop-tolerance", type=float, metavar="NATS",
-                        help="post-training: after hard pruning, drop low bit planes while "
-                             "the loss on the check images rises by at most NATS (default 0 = "
-                             "never)")
-    method.add_argument("--plane-drop-images", type=int, help="check images (default 500)")
-    method.add_argument("--mask-group", type=int, help="columns sharing one LFSR index set")
-    method.add_argument("--lfsr-seed", type=int, help="base LFSR seed (0 = from --seed)")
-    method.add_argument("--rebinarize-epochs", type=int, nargs="+", metavar="E")
-    method.add_argument("--post-training", action="store_true", default=None,
-                        help="hard-prune and re-binarize --init's twofold model, then fine-tune")
-    method.add_argument("--twofold-epochs", type=int, help="twofold preset: twofold phase epochs")
-    method.add_argument("--finetune-epochs", type=int, help="twofold preset: post-training epochs")
-    method.add_argument("--finetune-beta-bit", type=float,
-                        help="twofold preset: Reg_Bit strength of the fine-tune (default "
-                             "--beta-bit; 0 lets it recover accuracy, as BSQ fine-tunes)")
+    training = parser.add_argument_group("training (the default shown is the quick preset's)")
+    add_flags(training, TrainConfig)
+    method = parser.add_argument_group(
+        "Twofold Sparsity (SPEC sections 3-4); any of these makes the run a twofold one")
+    add_flags(method, TwofoldConfig)
+    add_flags(method, PipelineConfig)
     args = parser.parse_args(argv)
     if args.threads < 1:
-        parser.error("--threads must be >= 1")
-    given = {name for name, value in vars(args).items() if value is not None}
+        parser.error(f"--threads must be >= 1 (got {args.threads})")
+    pipeline_given = given_values(args, PipelineConfig)
     if args.preset == "twofold":
-        refused = given & (set(TRAIN_FLAGS) - set(PIPELINE_FLAGS))
+        refused = set(given_values(args, TrainConfig)) - set(PIPELINE_TRAIN_FLAGS)
         if refused:
             parser.error("the twofold preset sets its phases' schedules; drop "
-                         + ", ".join("--" + f.replace("_", "-") for f in sorted(refused)))
-    elif given & {"twofold_epochs", "finetune_epochs", "finetune_beta_bit"}:
-        parser.error("--twofold-epochs, --finetune-epochs and --finetune-beta-bit belong to "
-                     "--preset twofold")
+                         + ", ".join(flag_name(name) for name in sorted(refused)))
+    elif pipeline_given:
+        parser.error(", ".join(map(flag_name, pipeline_given)) + " belong to --preset twofold")
     return args
 
 
 def phase_configs(args, out_dir):
     """[(phase folder, TrainConfig)]: one run, or the three phases of the twofold preset."""
-    from nptwofold.config import TWOFOLD_PHASES, TrainConfig
+    from nptwofold.config import TWOFOLD_PHASES, PipelineConfig, TrainConfig
+    from nptwofold.twofold import TwofoldConfig
 
-    def chosen(names):
-        return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-
-    twofold = chosen(TWOFOLD_FLAGS) or None
+    twofold = given_values(args, TwofoldConfig)
     if args.preset != "twofold":
-        return [(out_dir, TrainConfig.from_preset(args.preset, **chosen(TRAIN_FLAGS),
-                                                  twofold=twofold))]
-    phase_epochs = {"twofold": args.twofold_epochs, "post": args.finetune_epochs}
+        return [(out_dir, TrainConfig.from_preset(args.preset, **given_values(args, TrainConfig),
+                                                  twofold=twofold or None))]
+    pipeline = PipelineConfig(**given_values(args, PipelineConfig)).validated()
+    phase_epochs = {"twofold": pipeline.twofold_epochs, "post": pipeline.finetune_epochs}
     phases, init = [], args.init
     for name, preset, settings in TWOFOLD_PHASES:
         if name == "baseline" and args.init:
             continue  # --init is the trained baseline
-        settings = {**settings, **chosen(("data", "seed")), "init": init}
+        settings = {**settings, **given_values(args, TrainConfig), "init": init}
         if name != "baseline":
-            settings["twofold"] = twofold or {}
-        if name == "post" and args.finetune_beta_bit is not None:
-            settings["twofold"] = {**settings["twofold"], "beta_bit": args.finetune_beta_bit}
-        if phase_epochs.get(name) is not None:
+            settings["twofold"] = twofold  # {} = twofold with every default
             settings["epochs"] = phase_epochs[name]
+        if name == "post" and pipeline.finetune_beta_bit is not None:
+            settings["twofold"] = {**twofold, "beta_bit": pipeline.finetune_beta_bit}
         phases.append((out_dir / name, TrainConfig.from_preset(preset, **settings)))
         init = str(out_dir / name / "last.h5")
     return phases
@@ -138,17 +109,27 @@ def phase_finished(phase_dir, config):
 
 
 def main(argv=None):
+    configure_threads(threads_flag(argv))
     args = parse_args(argv)
-    configure_threads(args.threads)
+    from nptwofold.config import PipelineConfig, TrainConfig
     from nptwofold.errors import NptwofoldError
+    from nptwofold.files import check_output_dir
+    from nptwofold.twofold import TwofoldConfig
 
     try:
         out_dir = Path(args.out or f"runs/{args.preset}-seed{args.seed or 0}")
-        overrides = [f for f in TRAIN_FLAGS + TWOFOLD_FLAGS if getattr(args, f) is not None]
+        overrides = [name for cls in (TrainConfig, TwofoldConfig, PipelineConfig)
+                     for name in given_values(args, cls)]
         if args.resume and args.preset != "twofold" and overrides:
             raise NptwofoldError("--resume continues the saved run's config; drop "
-                                 + ", ".join("--" + f.replace("_", "-") for f in overrides))
+                                 + ", ".join(map(flag_name, overrides)))
         phases = phase_configs(args, out_dir)
+        if args.resume and len(phases) > 1 and not any(
+                (phase_dir / "last.h5").exists() for phase_dir, _ in phases):
+            raise NptwofoldError(f"nothing to resume in {out_dir}: no phase has a last.h5 "
+                                 "(drop --resume to start the pipeline)")
+        for phase_dir, _ in phases:
+            check_output_dir(phase_dir)
         for phase_dir, config in phases:
             resume_from = None
             if args.resume and len(phases) > 1:  # the pipeline: skip, continue or start a phase

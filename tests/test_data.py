@@ -27,11 +27,17 @@ def write_binary(folder, splits):
         (folder / f"{name}.bin").write_bytes(records.tobytes())
 
 
-def write_python(folder, splits):
+def write_python(folder, splits, protocol=pickle.DEFAULT_PROTOCOL):
     folder.mkdir(parents=True)
     for name, (images, labels) in splits.items():
-        batch = {b"data": planes(images), b"labels": labels.tolist(), b"batch_label": name.encode()}
-        (folder / name).write_bytes(pickle.dumps(batch))
+        batch = {b"data": planes(images), b"labels": labels.tolist(), b"batch_label": name.encode(),
+                 b"filenames": [b"x.png"] * len(labels)}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+
+
+def write_python_2(folder, splits):
+    """Protocol 2, as the official (Python 2) files are pickled."""
+    write_python(folder, splits, protocol=2)
 
 
 def make_splits(rng):
@@ -46,7 +52,8 @@ def expected(splits):
 
 
 @pytest.mark.parametrize("writer,folder_name", [(write_binary, "cifar-10-batches-bin"),
-                                                (write_python, "cifar-10-batches-py")])
+                                                (write_python, "cifar-10-batches-py"),
+                                                (write_python_2, "cifar-10-batches-py")])
 @pytest.mark.parametrize("as_tarball", [False, True])
 def test_both_layouts_from_folder_and_tarball(tmp_path, rng, writer, folder_name, as_tarball):
     splits = make_splits(rng)
@@ -112,6 +119,28 @@ def test_garbage_python_batch_is_a_clear_error(tmp_path, rng):
     (tmp_path / "py" / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(NptwofoldError, match="test_batch: not a CIFAR python batch"):
         load_cifar10(tmp_path / "py")
+
+
+class CodePayload:
+    """Unpickles by calling eval: it creates `marker`, then returns valid-looking image data."""
+
+    def __init__(self, marker, n):
+        self.marker, self.n = marker, n
+
+    def __reduce__(self):
+        return eval, (f"[open({str(self.marker)!r}, 'w').close(), "
+                      f"__import__('numpy').zeros(({self.n}, 3072), 'uint8')][1]",)
+
+
+def test_a_crafted_python_batch_never_runs_its_code(tmp_path, rng):
+    splits = make_splits(rng)
+    write_python(tmp_path / "py", splits)
+    marker = tmp_path / "payload-ran"
+    crafted = {b"data": CodePayload(marker, 4), b"labels": splits["test_batch"][1].tolist()}
+    (tmp_path / "py" / "test_batch").write_bytes(pickle.dumps(crafted))
+    with pytest.raises(NptwofoldError, match="test_batch: it would call builtins.eval"):
+        load_cifar10(tmp_path / "py")
+    assert not marker.exists()
 
 
 def test_download_verifies_md5_and_loads(tmp_path, rng):
