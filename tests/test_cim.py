@@ -80,6 +80,25 @@ def reference_simulation(levels, keep, bits, encoding, rows_per_tile, cols, x, a
     return y, state_counts, conversions
 
 
+def reference_histograms(levels, keep, bits, encoding, rows_per_tile, cols, x,
+                         activation_bits):
+    """(ADC channels, 3T + 1) counts of every partial sum converted (the calibration
+    histograms), one conversion at a time from the mapped cells."""
+    crossbar = cim.map_layer(levels, bits, rows_per_tile, cols, encoding, keep)
+    histograms = np.zeros((len(cim.adc_channels(encoding, bits)),
+                           3 * rows_per_tile + 1), np.int64)
+    row_tile = crossbar.row_tile
+    for k in range(crossbar.n_columns):
+        tile = crossbar.column_tile[k]
+        for inputs in x.tolist():
+            for j in range(activation_bits):
+                for t in range(crossbar.n_row_tiles[tile]):
+                    partial_sum = sum(int(crossbar.cells[k, r]) for r in range(len(inputs))
+                                      if row_tile[tile, r] == t and inputs[r] >> j & 1)
+                    histograms[crossbar.channel[k], partial_sum] += 1
+    return histograms
+
+
 def random_layer(rng, n_rows, n_cols, bits, kept, group):
     """Levels over the b-bit range and an LFSR keep mask (matrix (R, C) bool)."""
     qmax = 2 ** (bits - 1) - 1
@@ -125,10 +144,34 @@ def test_simulation_packed_and_counting_agree_with_the_reference(encoding, case)
             assert counts.adc_conversions == expected[2] and counts.lfsr_steps == 7 * len(x)
             packed = cim.cim_matmul_packed(crossbar, x, activation_bits, steps, skip_zero_tiles)
             np.testing.assert_array_equal(packed[0], y)  # bit for bit
+            np.testing.assert_array_equal(  # every partial sum, counted by channel
+                cim.PackedCrossbar(crossbar).partial_sum_histograms(x, activation_bits),
+                reference_histograms(levels, keep, bits, encoding, rows_per_tile, cols, x,
+                                     activation_bits))
             counted = cim.count_events(crossbar, x, activation_bits, skip_zero_tiles)
             for found in (packed[1], counted):
                 np.testing.assert_array_equal(found.cell_state_counts, counts.cell_state_counts)
                 assert found[1:] == counts[1:]
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_an_adc_reading_every_reachable_sum_exactly_is_ideal(encoding):
+    """Top code at each column's largest reachable partial sum: the packed kernel may merge the
+    crossbars (exact); one code less and the all-ones input is clipped on some column."""
+    rng = np.random.default_rng(3)
+    levels, keep = random_layer(rng, 40, 7, 8, 17, 1)
+    crossbar = cim.map_layer(levels, 8, 8, 20, encoding, keep)
+    largest = crossbar.largest_partial_sums
+    x = np.ones((1, 40), np.int64)
+    exact, _ = cim.cim_matmul(crossbar, x, 1)
+    reading_all = cim.AdcSteps(np.ones(crossbar.n_columns), largest)
+    assert reading_all.is_ideal(crossbar, largest)
+    np.testing.assert_array_equal(cim.cim_matmul_packed(crossbar, x, 1, reading_all)[0], exact)
+    clipping = cim.AdcSteps(np.ones(crossbar.n_columns), largest - (largest == largest.max()))
+    assert not clipping.is_ideal(crossbar, largest)
+    clipped = cim.cim_matmul_packed(crossbar, x, 1, clipping)[0]
+    np.testing.assert_array_equal(clipped, cim.cim_matmul(crossbar, x, 1, clipping)[0])
+    assert not np.array_equal(clipped, exact)
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)

@@ -119,6 +119,17 @@ class Crossbar(NamedTuple):
         return -(-self.kept_rows_per_tile // self.rows_per_tile)
 
     @property
+    def largest_partial_sums(self):
+        """(K,) int64: the largest partial sum each column can produce (every stored row of
+        its fullest row tile driven), at most 3T."""
+        row_tile = self.row_tile[self.column_tile]  # (K, R), -1 where not stored
+        largest = np.zeros(self.n_columns, np.int64)
+        for tile in range(int(self.n_row_tiles.max(initial=0))):
+            largest = np.maximum(largest, np.where(row_tile == tile, self.cells, 0).sum(
+                axis=1, dtype=np.int64))
+        return largest
+
+    @property
     def row_tile(self):
         """(column tiles, R) int64: row tile of each stored row, -1 where not stored."""
         rank = np.cumsum(self.stored, axis=1) - 1
@@ -130,9 +141,11 @@ class AdcSteps(NamedTuple):
     step: np.ndarray  # (K,) float64
     top: np.ndarray   # (K,) int64
 
-    def is_ideal(self, crossbar):
-        """True if every possible partial sum is read exactly."""
-        largest = MAX_CELL_STATE * crossbar.rows_per_tile
+    def is_ideal(self, crossbar, largest_sums=None):
+        """True if every partial sum the crossbar can produce is read exactly: steps of 1 and
+        top codes at or above 3T, or above each column's `largest_sums` when given."""
+        largest = MAX_CELL_STATE * crossbar.rows_per_tile if largest_sums is None else \
+            largest_sums
         return bool(np.all(self.step == 1.0) and np.all(self.top >= largest))
 
 
@@ -511,16 +524,19 @@ def count_events(crossbar, x, activation_bits, skip_zero_tiles=False, validate=T
 def _pack_input_bits(x, activation_bits, n_words):
     """(P, a, W) uint64 words: bit r % 64 of word r // 64 of plane j is bit j of x[p, r]."""
     n_positions, n_rows = x.shape
-    words = np.zeros((n_positions, activation_bits, n_words), np.uint64)
+    words = np.empty((n_positions, activation_bits, n_words), np.uint64)
     for p in prange(n_positions):
-        for r in range(n_rows):
-            value = np.int64(x[p, r])
-            if value == 0:  # common: ReLU zeros
-                continue
-            bit = np.uint64(1) << np.uint64(r % WORD_BITS)
-            for j in range(activation_bits):
-                if (value >> j) & 1:
-                    words[p, j, r // WORD_BITS] |= bit
+        planes = np.zeros(activation_bits, np.uint64)  # one word of every bit plane
+        for w in range(n_words):
+            planes[:] = 0
+            for r in range(w * WORD_BITS, min((w + 1) * WORD_BITS, n_rows)):
+                value = np.uint64(np.int64(x[p, r]))
+                if value == 0:  # common: ReLU zeros
+                    continue
+                shift = np.uint64(r % WORD_BITS)
+                for j in range(activation_bits):  # no branch per bit
+                    planes[j] |= ((value >> np.uint64(j)) & np.uint64(1)) << shift
+            words[p, :, w] = planes
     return words
 
 
@@ -582,13 +598,20 @@ def _packed_kernel(input_words, masks, spans, offsets, block_first, block_column
                     n_columns = block_columns[b]
                     block_counts = counts[:2 * n_columns]
                     block_counts[:] = 0
+                    driven = False
                     for w in range(spans[b, 0], spans[b, 1]):
                         word = input_words[p, j, w]
                         if word == 0:  # common: high input bits and ReLU zeros
                             continue
+                        driven = True
                         base = offsets[b] + (w - spans[b, 0]) * 2 * n_columns
                         _add_popcounts(word, masks[base:base + 2 * n_columns], block_counts)
                     first = block_first[b]
+                    if not driven:  # every S is 0, read as the code 0 by any ADC
+                        if record:
+                            for k in range(n_columns):
+                                histograms[chunk, channel[first + k], 0] += 1
+                        continue
                     if ideal:
                         for k in range(n_columns):
                             codes[p, first + k] += (2 * block_counts[k]
@@ -603,12 +626,15 @@ def _packed_kernel(input_words, masks, spans, offsets, block_first, block_column
 
 
 class PackedCrossbar:
-    """A Crossbar's cell masks, packed once for `matmul` (merged into one block when the ADC is
-    ideal) and for `partial_sum_histograms` (always per physical crossbar)."""
+    """A Crossbar's cell masks, packed once for `matmul` (merged into one block when the ADC
+    reads every partial sum this crossbar can produce exactly, e.g. an 8-bit ADC of step 1 on
+    columns whose sums stay below 256) and for `partial_sum_histograms` (always per physical
+    crossbar)."""
 
     def __init__(self, crossbar):
         self.crossbar = crossbar
         self.n_words = -(-crossbar.n_rows // WORD_BITS)
+        self.largest_sums = crossbar.largest_partial_sums
         self._packs = {}
 
     def _pack(self, merged):
@@ -621,7 +647,7 @@ class PackedCrossbar:
 
     def _run(self, x, activation_bits, adc, histograms):
         crossbar = self.crossbar
-        ideal = adc.is_ideal(crossbar) and not histograms.shape[0]
+        ideal = adc.is_ideal(crossbar, self.largest_sums) and not histograms.shape[0]
         codes = np.empty((x.shape[0], crossbar.n_columns), np.int64)
         _packed_kernel(_pack_input_bits(x, activation_bits, self.n_words), *self._pack(ideal),
                        adc.step, adc.top, ideal, crossbar.channel, histograms, codes)
