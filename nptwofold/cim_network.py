@@ -9,9 +9,9 @@ arrays.
 
 The hook: every mapped layer is a `WeightLayer`, whose `forward(x)` goes through the op set by
 its own `use_forward_op` method. A run sets one op on every mapped layer for its duration
-(`_routed`) and clears it afterwards; the op finds the layer's `MappedLayer` by identity. So
+(`routed`) and clears it afterwards; the op finds the layer's `MappedLayer` by identity. So
 the path from `HardwareConfig.adc_bits` to the kernel is: `CimNetwork.cim_logits` ->
-`_routed(self._on_array)` -> `MappedLayer.array_output` -> `PackedCrossbar.matmul(adc=
+`routed(self._on_array)` -> `MappedLayer.array_output` -> `PackedCrossbar.matmul(adc=
 HardwareConfig.adc_for(crossbar, full scales))`.
 
 Quantization of a mapped layer (SPEC 2):
@@ -252,6 +252,10 @@ class CimNetwork:
             layer.map(self.hardware)
         self.reset_energy()
 
+    def layer_of(self, module):
+        """The MappedLayer of a mapped WeightLayer (found by identity)."""
+        return self._by_module[id(module)]
+
     @property
     def activation_bits(self):
         return self.hardware.activation_bits
@@ -307,7 +311,7 @@ class CimNetwork:
             maxima[layer.name] = max(maxima[layer.name], float(x.max()))
             return self.dequantized_layer(layer, x)
 
-        with self._routed(observe):
+        with self.routed(observe):
             for start in range(0, len(images), batch_size):
                 self.model.forward(self._network_input(images[start:start + batch_size]))
         for name, layer in self.layers.items():
@@ -334,7 +338,7 @@ class CimNetwork:
                 inputs, bits, validate=False)
             return layer.float_output(inputs @ layer.exact_matrix, x, bits)
 
-        with self._routed(count):
+        with self.routed(count):
             for start in range(0, len(images), batch_size):
                 self.model.forward(self._network_input(images[start:start + batch_size]))
         self.adc_histograms = {**self.adc_histograms, self._histogram_key(): histograms}
@@ -416,7 +420,7 @@ class CimNetwork:
         return to_float(images)
 
     @contextlib.contextmanager
-    def _routed(self, op):
+    def routed(self, op):
         """Every mapped layer's forward goes through op(module, x) inside the block."""
         for layer in self.layers.values():
             layer.module.use_forward_op(op)
@@ -428,7 +432,7 @@ class CimNetwork:
 
     def _run(self, images, op):
         self._check_calibrated()
-        with self._routed(op):
+        with self.routed(op):
             return self.model.forward(self._network_input(images))
 
     @staticmethod
