@@ -182,3 +182,19 @@ def test_cim_eval_script(tmp_path):
         failed = run(REPO / "scripts/cim_eval.py", *args, check=False)
         lines = [line for line in failed.stderr.splitlines() if line.strip()]
         assert failed.returncode and lines == [lines[-1]] and message in lines[-1], failed.stderr
+
+
+def test_mask_group_script_stores_the_union_of_a_tiles_masks(tmp_path):
+    """Sign-magnitude tiles hold 16 channels: masks of 16 columns store only the kept rows;
+    per-column masks at p = 0.5 store (nearly) every row, saving no crossbar."""
+    checkpoint = tmp_path / "float.h5"
+    save_checkpoint(checkpoint, ResNet20(np.random.default_rng(1)),
+                    config=dataclasses.asdict(TrainConfig(data="sample")))
+    out = tmp_path / "groups.json"
+    run("scripts/cim_mask_groups.py", checkpoint, "--groups", 1, 16, "--images", 2,
+        "--calib-images", 2, "--json", out)
+    per_column, per_tile = json.loads(out.read_text())["rows"]
+    assert per_tile["stored_rows_share"] == per_tile["kept_rows_share"]
+    assert per_column["kept_rows_share"] == pytest.approx(0.5, abs=1e-3)
+    assert per_column["stored_rows_share"] > 0.95
+    assert per_tile["energy_ratio"] > per_column["energy_ratio"]
