@@ -6,8 +6,9 @@ Layout (documented in README.md, "Checkpoint format"):
   /optimizer/<name>  SGD momentum buffer of each parameter; attrs momentum, weight_decay, nesterov
   /train             attrs epoch, step, global_step, running sums, best_accuracy, history (JSON)
   /twofold/<layer>   twofold runs only: levels, bit_planes, weight, keep_mask; LFSR attrs
-  /cim               after a CIM calibration: attrs activation_bits, calibration_images;
-                     /cim/<layer> attr activation_clip
+  /cim               after a CIM calibration: attrs activation_bits, weight_bits,
+                     calibration_images; /cim/<layer> attr activation_clip and datasets
+                     adc_histogram.<encoding>.<rows>x<cols> (partial-sum counts per ADC channel)
 Files are written to a temporary name and renamed, so a crash never leaves half a checkpoint.
 Loading checks every dataset and attribute it reads and refuses anything else in one line that
 names the place in the file, e.g. "/model/conv1.weight" or "/train/@epoch".
@@ -95,6 +96,8 @@ TWOFOLD_ATTRS = dict(
     group=("int", at_least(1)), rows=("int", at_least(1)), cols=("int", at_least(1)),
     # dropped_planes: absent (= 0) in checkpoints written before plane dropping existed
     lfsr_steps=("int", at_least(0)), dropped_planes=("int", between(0, 14)))
+# /cim/<layer>/adc_histogram.<encoding>.<rows>x<cols>: counts of partial sums per ADC channel
+CIM_HISTOGRAM_PREFIX = "adc_histogram."
 CIM_ATTRS = dict(activation_bits=("int", between(1, 16)), weight_bits=("int", between(2, 16)),
                  calibration_images=("int", at_least(1)))
 # the model buffers whose values have a range beyond being finite
@@ -153,7 +156,9 @@ def load_checkpoint(path):
                 content["cim"] = dict(
                     {key: _attr(group, key, *kind) for key, kind in CIM_ATTRS.items()},
                     layers={name: dict(attrs=dict(activation_clip=_attr(
-                        layer, "activation_clip", "float", above(0))))
+                        layer, "activation_clip", "float", above(0))),
+                        **{key: _adc_histogram(layer, key) for key in layer
+                           if key.startswith(CIM_HISTOGRAM_PREFIX)})
                         for name, layer in _subgroups(group)})
     except NptwofoldError:
         raise
@@ -188,6 +193,14 @@ def _dataset(group, name, kinds="biuf"):
     if value.dtype.kind == "f" and not np.isfinite(value).all():
         raise _Invalid(f"{where} has non-finite values")
     return np.asarray(value)
+
+
+def _adc_histogram(group, name):
+    """A cached ADC calibration histogram: (ADC channels, partial-sum values) counts >= 0."""
+    value = _dataset(group, name, "iu")
+    if value.ndim != 2 or not value.size or value.min() < 0:
+        raise _Invalid(f"{group.name}/{name} is not a 2-D array of counts >= 0")
+    return value
 
 
 def _arrays(group):

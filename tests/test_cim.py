@@ -1,71 +1,110 @@
-"""CIM array simulation, energy event counting and hardware config against SPEC 5 and 6.
+"""CIM array simulation, energy event counting and hardware config against SPEC 5 to 7.
 
-References are slow plain Python / NumPy written from the SPEC and from the ADC model and
-conventions documented in nptwofold.kernels.cim, not from the kernels.
+References are slow plain Python written from the SPEC and from the mapping, encodings and ADC
+model documented in nptwofold.kernels.cim, not from the kernels.
 """
 import json
 
+import numba
 import numpy as np
 import pytest
 
 from nptwofold.errors import NptwofoldError
 from nptwofold.hardware import HardwareConfig, layer_energy_report
 from nptwofold.kernels import cim
-from nptwofold.kernels.lfsr import lfsr_keep_mask_for_kept
+from nptwofold.kernels.lfsr import lfsr_keep_mask_for_kept, weight_mask
 
-EVEN_BITS = list(range(2, 17, 2))
-
-
-def reference_cell_states(level, bits):
-    """States of a weight's cells, cell m = bits (2m+1, 2m) of its two's complement string."""
-    plane = [int(bit) for bit in reversed(format(level & (2**bits - 1), f"0{bits}b"))]
-    return [2 * plane[2 * m + 1] + plane[2 * m] for m in range(bits // 2)]
+ENCODINGS = cim.ENCODINGS
 
 
-def reference_adc(partial_sum, adc_bits, rows_per_tile):
-    """Documented model: range 0..3T; else round to a power-of-two step (ties to the even
-    code, as Python's round does), clip at the top code."""
-    range_bits = len(format(3 * rows_per_tile, "b"))
-    if adc_bits == 0 or adc_bits >= range_bits:
-        return partial_sum
-    step = 2 ** (range_bits - adc_bits)
-    code = min(round(partial_sum / step), 2**adc_bits - 1)
+def reference_columns(level, bits, encoding):
+    """[(states of one column on this weight's row, coefficient)] of a weight, by the docs."""
+    cells = bits // 2
+
+    def states(code):
+        return [(code >> (2 * m)) & 3 for m in range(cells)]
+
+    if encoding == "twos_complement":
+        code = states(level % 2**bits)
+        return [(code[m], 4**m) for m in range(cells)] + [(int(level < 0), -2**bits)]
+    if encoding == "offset_binary":
+        code = states(level + 2 ** (bits - 1))
+        return [(code[m], 4**m) for m in range(cells)]
+    positive, negative = states(max(level, 0)), states(max(-level, 0))
+    return ([(positive[m], 4**m) for m in range(cells)]
+            + [(negative[m], -4**m) for m in range(cells)])
+
+
+def reference_adc(partial_sum, step, top):
+    code = min(round(partial_sum / step), top)  # Python's round: ties to even
     return code * step
 
 
-def reference_simulation(levels, kept_rows, group, bits, rows_per_tile, x, activation_bits,
-                         adc_bits=0, skip_zero_tiles=False):
-    """Event by event: returns (y, activated cells per state, ADC conversions)."""
-    levels, kept_rows, x = levels.tolist(), kept_rows.tolist(), x.tolist()
-    n_cols = len(levels[0])
-    y = [[0] * n_cols for _ in x]
+def reference_simulation(levels, keep, bits, encoding, rows_per_tile, cols, x, activation_bits,
+                         adc=None, skip_zero_tiles=False):
+    """Word line by word line on the physical mapping: (y, cells per state, conversions).
+    adc: (step, top) applied to every column, or None for ideal."""
+    n_rows, n_outputs = levels.shape
+    per_output = len(reference_columns(0, bits, encoding))
+    shared = 1 if encoding == "offset_binary" else 0
+    per_tile = (cols - shared) // per_output
+    y = np.zeros((len(x), n_outputs))
     state_counts, conversions = [0, 0, 0, 0], 0
-    for p, inputs in enumerate(x):
-        for j in range(activation_bits):
-            for c in range(n_cols):
-                rows = kept_rows[c // group]
-                column_sum = 0
-                for start in range(0, len(rows), rows_per_tile):
-                    driven = [r for r in rows[start:start + rows_per_tile] if inputs[r] >> j & 1]
-                    if driven or not skip_zero_tiles:
-                        conversions += bits // 2
-                    for m in range(bits // 2):
-                        states = [reference_cell_states(levels[r][c], bits)[m] for r in driven]
-                        for state in states:
-                            state_counts[state] += 1
-                        column_sum += 4**m * reference_adc(sum(states), adc_bits, rows_per_tile)
-                # Cells read as unsigned give q + 2^b for a negative q: subtract it per driven row.
-                negative = sum(1 for r in rows if inputs[r] >> j & 1 and levels[r][c] < 0)
-                y[p][c] += 2**j * (column_sum - 2**bits * negative)
-    return np.array(y, np.int64), state_counts, conversions
+    for first in range(0, n_outputs, per_tile):
+        outputs = list(range(first, min(first + per_tile, n_outputs)))
+        stored = [r for r in range(n_rows) if any(keep[r, c] for c in outputs)]
+        row_tiles = [stored[i:i + rows_per_tile] for i in range(0, len(stored), rows_per_tile)]
+        # every column of the tile: (output or None, coefficient, state per row)
+        columns = []
+        for c in outputs:
+            per_row = {r: reference_columns(int(levels[r, c]) if keep[r, c] else 0, bits,
+                                            encoding) for r in stored}
+            for k in range(per_output):
+                columns.append(([c], per_row[stored[0]][k][1] if stored else 0,
+                                 {r: per_row[r][k][0] for r in stored}))
+        if shared:
+            columns.append((outputs, -4 ** (bits // 2 - 1), {r: 2 for r in stored}))
+        for p, inputs in enumerate(x.tolist()):
+            for j in range(activation_bits):
+                for targets, coefficient, states in columns:
+                    for tile in row_tiles:
+                        driven = [r for r in tile if inputs[r] >> j & 1]
+                        if driven or not skip_zero_tiles:
+                            conversions += 1
+                        for r in driven:
+                            state_counts[states[r]] += 1
+                        partial_sum = sum(states[r] for r in driven)
+                        reading = partial_sum if adc is None else reference_adc(partial_sum, *adc)
+                        for c in targets:
+                            y[p, c] += coefficient * reading * 2**j
+    return y, state_counts, conversions
 
 
-def random_layer(rng, n_rows, n_cols, bits, kept, group, rows_per_tile, seed=5):
-    """Levels over the full b-bit two's complement range, an LFSR mask and the crossbar view."""
-    levels = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (n_rows, n_cols))
-    mask = lfsr_keep_mask_for_kept(n_rows, n_cols, kept, seed, group)
-    layer = cim.map_layer(levels, bits, rows_per_tile, mask.kept_rows, group, mask.steps)
-    return levels, mask, layer
+def reference_histograms(levels, keep, bits, encoding, rows_per_tile, cols, x,
+                         activation_bits):
+    """(ADC channels, 3T + 1) counts of every partial sum converted (the calibration
+    histograms), one conversion at a time from the mapped cells."""
+    crossbar = cim.map_layer(levels, bits, rows_per_tile, cols, encoding, keep)
+    histograms = np.zeros((len(cim.adc_channels(encoding, bits)),
+                           3 * rows_per_tile + 1), np.int64)
+    row_tile = crossbar.row_tile
+    for k in range(crossbar.n_columns):
+        tile = crossbar.column_tile[k]
+        for inputs in x.tolist():
+            for j in range(activation_bits):
+                for t in range(crossbar.n_row_tiles[tile]):
+                    partial_sum = sum(int(crossbar.cells[k, r]) for r in range(len(inputs))
+                                      if row_tile[tile, r] == t and inputs[r] >> j & 1)
+                    histograms[crossbar.channel[k], partial_sum] += 1
+    return histograms
+
+
+def random_layer(rng, n_rows, n_cols, bits, kept, group):
+    """Levels over the b-bit range and an LFSR keep mask (matrix (R, C) bool)."""
+    qmax = 2 ** (bits - 1) - 1
+    levels = rng.integers(-qmax, qmax + 1, (n_rows, n_cols))
+    mask = lfsr_keep_mask_for_kept(n_rows, n_cols, kept, 5, group)
+    return levels, mask.mask.astype(bool)
 
 
 def random_inputs(rng, n_positions, n_rows, activation_bits, density=1.0):
@@ -73,156 +112,159 @@ def random_inputs(rng, n_positions, n_rows, activation_bits, density=1.0):
     return x * (rng.random(x.shape) < density)
 
 
-@pytest.mark.parametrize("bits", EVEN_BITS)
-def test_ideal_adc_equals_integer_matmul(bits):
+def uniform_adc(crossbar, step, top):
+    return cim.AdcSteps(np.full(crossbar.n_columns, float(step)),
+                        np.full(crossbar.n_columns, top))
+
+
+# (bits, rows, outputs, kept rows, group, rows per tile, crossbar columns, input bits)
+CASES = [
+    (8, 40, 7, 17, 1, 8, 20, 8),    # several column and row tiles, per-column masks
+    (4, 30, 6, 12, 3, 16, 16, 5),   # grouped masks
+    (2, 25, 5, 25, 1, 7, 12, 3),    # dense
+]
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("case", CASES)
+def test_simulation_packed_and_counting_agree_with_the_reference(encoding, case):
+    bits, n_rows, n_outputs, kept, group, rows_per_tile, cols, activation_bits = case
+    rng = np.random.default_rng(n_rows)
+    levels, keep = random_layer(rng, n_rows, n_outputs, bits, kept, group)
+    crossbar = cim.map_layer(levels, bits, rows_per_tile, cols, encoding, keep, lfsr_steps=7)
+    x = random_inputs(rng, 3, n_rows, activation_bits, 0.6)
+    for adc in (None, (1.0, 5), (2.0, 7), (1.5, 3)):
+        for skip_zero_tiles in (False, True):
+            expected = reference_simulation(levels, keep, bits, encoding, rows_per_tile, cols, x,
+                                            activation_bits, adc, skip_zero_tiles)
+            steps = None if adc is None else uniform_adc(crossbar, *adc)
+            y, counts = cim.cim_matmul(crossbar, x, activation_bits, steps, skip_zero_tiles)
+            np.testing.assert_allclose(y, expected[0], rtol=1e-12)
+            assert counts.cell_state_counts.tolist() == expected[1]
+            assert counts.adc_conversions == expected[2] and counts.lfsr_steps == 7 * len(x)
+            packed = cim.cim_matmul_packed(crossbar, x, activation_bits, steps, skip_zero_tiles)
+            np.testing.assert_array_equal(packed[0], y)  # bit for bit
+            np.testing.assert_array_equal(  # every partial sum, counted by channel
+                cim.PackedCrossbar(crossbar).partial_sum_histograms(x, activation_bits),
+                reference_histograms(levels, keep, bits, encoding, rows_per_tile, cols, x,
+                                     activation_bits))
+            counted = cim.count_events(crossbar, x, activation_bits, skip_zero_tiles)
+            for found in (packed[1], counted):
+                np.testing.assert_array_equal(found.cell_state_counts, counts.cell_state_counts)
+                assert found[1:] == counts[1:]
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_an_adc_reading_every_reachable_sum_exactly_is_ideal(encoding):
+    """Top code at each column's largest reachable partial sum: the packed kernel may merge the
+    crossbars (exact); one code less and the all-ones input is clipped on some column."""
+    rng = np.random.default_rng(3)
+    levels, keep = random_layer(rng, 40, 7, 8, 17, 1)
+    crossbar = cim.map_layer(levels, 8, 8, 20, encoding, keep)
+    largest = crossbar.largest_partial_sums
+    x = np.ones((1, 40), np.int64)
+    exact, _ = cim.cim_matmul(crossbar, x, 1)
+    reading_all = cim.AdcSteps(np.ones(crossbar.n_columns), largest)
+    assert reading_all.is_ideal(crossbar, largest)
+    np.testing.assert_array_equal(cim.cim_matmul_packed(crossbar, x, 1, reading_all)[0], exact)
+    clipping = cim.AdcSteps(np.ones(crossbar.n_columns), largest - (largest == largest.max()))
+    assert not clipping.is_ideal(crossbar, largest)
+    clipped = cim.cim_matmul_packed(crossbar, x, 1, clipping)[0]
+    np.testing.assert_array_equal(clipped, cim.cim_matmul(crossbar, x, 1, clipping)[0])
+    assert not np.array_equal(clipped, exact)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("bits", [2, 8, 16])
+def test_ideal_adc_equals_integer_matmul(encoding, bits):
     rng = np.random.default_rng(bits)
-    n_rows, n_cols, kept = 23, 10, 17  # 17 rows: remainders 1, 2, 3 in tiles of 4, 5, 7
-    # (activation bits, mask group, rows per tile); group 3 leaves a partial last group.
-    for activation_bits, group, rows_per_tile in [(1, 1, 4), (3, 3, 5), (8, 2, 7), (5, 4, 128),
-                                                  (16, 1, 6)]:
-        levels, mask, layer = random_layer(rng, n_rows, n_cols, bits, kept, group, rows_per_tile)
-        x = random_inputs(rng, 6, n_rows, activation_bits, density=0.7)
-        y, _ = cim.cim_matmul(layer, x, activation_bits)
-        expected = x @ (levels * mask.mask)
-        assert np.any(expected != x @ levels)  # the mask matters
-        np.testing.assert_array_equal(y, expected)
-        # An ADC with as many bits as the partial-sum range is exact too.
-        y, _ = cim.cim_matmul(layer, x, activation_bits, cim.adc_range_bits(rows_per_tile))
-        np.testing.assert_array_equal(y, expected)
+    levels, keep = random_layer(rng, 150, 9, bits, 70, 2)
+    crossbar = cim.map_layer(levels, bits, 64, 128, encoding, keep)
+    x = random_inputs(rng, 11, 150, 8, 0.7)
+    y, _ = cim.cim_matmul_packed(crossbar, x, 8)
+    np.testing.assert_array_equal(y, x @ (levels * keep))
+    np.testing.assert_array_equal(y, cim.cim_matmul(crossbar, x, 8)[0])
 
 
-def test_dense_layer_and_layer_matrix():
-    rng = np.random.default_rng(0)
-    weights = rng.integers(-127, 128, (6, 3, 3, 3))  # OIHW conv: R = 27 rows, C = 6 columns
-    matrix = cim.layer_matrix(weights)
-    assert matrix.shape == (27, 6) and matrix[1 * 9 + 2 * 3 + 0, 4] == weights[4, 1, 2, 0]
-    layer = cim.map_layer(matrix, 8, 10)
-    assert layer.n_tiles == 3 and layer.lfsr_steps == 0
-    x = random_inputs(rng, 5, 27, 8)
-    y, counts = cim.cim_matmul(layer, x, 8)
-    np.testing.assert_array_equal(y, x @ matrix)
-    assert counts.lfsr_steps == 0
+def test_union_mapping_stores_every_row_a_tile_needs():
+    levels, keep = random_layer(np.random.default_rng(0), 64, 8, 8, 32, 1)
+    crossbar = cim.map_layer(levels, 8, 128, 20, "twos_complement", keep)  # 4 outputs per tile
+    for tile in range(2):
+        union = keep[:, 4 * tile:4 * tile + 4].any(axis=1)
+        np.testing.assert_array_equal(crossbar.stored[tile], union)
+    assert crossbar.kept_rows_per_tile.tolist() == [int(keep[:, :4].any(1).sum()),
+                                                    int(keep[:, 4:].any(1).sum())]
+    grouped = lfsr_keep_mask_for_kept(64, 8, 32, 5, 4).mask.astype(bool)
+    assert cim.map_layer(levels, 8, 128, 20, "twos_complement",
+                         grouped).kept_rows_per_tile.tolist() == [32, 32]
 
 
-@pytest.mark.parametrize("skip_zero_tiles", [False, True])
-@pytest.mark.parametrize("bits, group, rows_per_tile", [(4, 1, 3), (8, 4, 5), (2, 2, 13)])
-def test_counted_events_equal_simulated_and_reference(skip_zero_tiles, bits, group,
-                                                      rows_per_tile):
-    rng = np.random.default_rng(bits + group)
-    n_positions, n_rows, n_cols, kept, activation_bits = 4, 19, 7, 13, 6
-    levels, mask, layer = random_layer(rng, n_rows, n_cols, bits, kept, group, rows_per_tile)
-    x = random_inputs(rng, n_positions, n_rows, activation_bits, density=0.3)
-    y, simulated = cim.cim_matmul(layer, x, activation_bits, skip_zero_tiles=skip_zero_tiles)
-    counted = cim.count_events(layer, x, activation_bits, skip_zero_tiles)
-    ref_y, ref_states, ref_conversions = reference_simulation(
-        levels, mask.kept_rows, group, bits, rows_per_tile, x, activation_bits,
-        skip_zero_tiles=skip_zero_tiles)
-
-    np.testing.assert_array_equal(y, ref_y)
-    for counts in (simulated, counted):
-        assert counts.cell_state_counts.tolist() == ref_states
-        assert counts.adc_conversions == ref_conversions
-        assert counts.lfsr_steps == mask.steps * n_positions
-    all_conversions = n_positions * activation_bits * n_cols * (bits // 2) * layer.n_tiles
-    assert (ref_conversions < all_conversions) == skip_zero_tiles
-    assert min(ref_states) > 0
-    config = HardwareConfig()
-    assert layer_energy_report(simulated, config) == layer_energy_report(counted, config)
+def test_matrix_rows_follow_the_conv_matrix():
+    weight = np.arange(2 * 3 * 3 * 3).reshape(2, 3, 3, 3)
+    matrix = cim.layer_matrix(weight)
+    pytorch = weight.reshape(2, -1).T  # rows (ci, ky, kx), the LFSR order
+    rows = cim.matrix_rows(np.arange(27), weight.shape)
+    np.testing.assert_array_equal(matrix[rows], pytorch)
+    mask = np.zeros((27, 2), np.uint8)
+    mask[[4, 20], 0] = 1
+    weight_mask_rows = np.nonzero(layer_matrix_of_mask(mask, weight.shape)[:, 0])[0]
+    assert sorted(weight_mask_rows) == sorted(cim.matrix_rows([4, 20], weight.shape))
 
 
-def hand_worked_layer():
-    """2x2 crossbar (T = 2 rows, 2 cells = one 4-bit weight per row), one output column.
-
-    q = (-3, 5, 2, 7); row 3 is pruned (kept rows 0, 1, 2 in that order), so tile 0 holds rows
-    0, 1 and tile 1 holds row 2. Two's complement, cell 1 | cell 0 (bits 3,2 | bits 1,0):
-      -3 = 11|01 -> states (cell0 1, cell1 3);  5 = 01|01 -> (1, 1);  2 = 00|10 -> (2, 0).
-    """
-    levels = np.array([[-3], [5], [2], [7]])
-    return levels, cim.map_layer(levels, 4, 2, np.array([[0, 1, 2]]), 1, lfsr_steps=4)
+def layer_matrix_of_mask(mask, shape):
+    return cim.layer_matrix(weight_mask(mask, shape))
 
 
-def test_hand_worked_crossbar_energy():
-    levels, layer = hand_worked_layer()
-    np.testing.assert_array_equal(layer.cells[0], [[1, 3], [1, 1], [2, 0]])
-    # x = (1, 3, 2, 3) with a = 2 bits: bit 0 drives rows 0, 1 (and pruned 3); bit 1 drives
-    # rows 1, 2 (and 3). y = -3*1 + 5*3 + 2*2 = 16.
-    x = np.array([[1, 3, 2, 3]])
-    y, counts = cim.cim_matmul(layer, x, 2)
-    assert y.tolist() == [[16]]
-    # Activated cells: bit 0 rows 0, 1 -> states 1, 3, 1, 1; bit 1 rows 1, 2 -> 1, 1, 2, 0.
-    # 00: 1, 01: 5, 10: 1, 11: 1.
-    assert counts.cell_state_counts.tolist() == [1, 5, 1, 1]
-    # ADC: 1 position * 2 bits * 1 column * 2 cells * 2 tiles = 8 conversions.
-    assert counts.adc_conversions == 8
-    # LFSR: 4 steps per position * 1 position.
-    assert counts.lfsr_steps == 4
-    report = layer_energy_report(counts, HardwareConfig())
-    # cells: 1*0.079 + 5*0.36 + 1*0.73 + 1*1.49 = 4.099 pJ; ADC: 8*0.208 = 1.664 pJ;
-    # LFSR: 4*0.02 = 0.08 pJ; total 5.843 pJ.
-    assert report["cells_pj"] == pytest.approx(4.099, rel=1e-12)
-    assert report["adc_pj"] == pytest.approx(1.664, rel=1e-12)
-    assert report["lfsr_pj"] == pytest.approx(0.08, rel=1e-12)
-    assert report["total_pj"] == pytest.approx(5.843, rel=1e-12)
-    assert report["cell_state_share"] == {"00": 0.125, "01": 0.625, "10": 0.125, "11": 0.125}
-    # Skipping zero tiles: tile 1 (row 2) has no driven row for bit 0, so 2 conversions fewer:
-    # 6 * 0.208 = 1.248 pJ, total 4.099 + 1.248 + 0.08 = 5.427 pJ.
-    _, counts = cim.cim_matmul(layer, x, 2, skip_zero_tiles=True)
-    assert counts.adc_conversions == 6
-    assert layer_energy_report(counts, HardwareConfig())["total_pj"] == pytest.approx(5.427,
-                                                                                      rel=1e-12)
+def test_full_scale_at_percentile():
+    histogram = np.array([[5, 0, 3, 2], [0, 0, 0, 10], [0, 0, 0, 0]])
+    assert cim.full_scale_at_percentile(histogram, 50).tolist() == [1, 3, 1]  # at least 1
+    assert cim.full_scale_at_percentile(histogram, 80).tolist() == [2, 3, 1]
+    assert cim.full_scale_at_percentile(histogram, 100).tolist() == [3, 3, 1]
+    crossbar = cim.map_layer(np.ones((4, 1), np.int64), 4, 4, 8, "sign_magnitude")
+    adc = cim.calibrated_adc(crossbar, 2, [30.0, 1.0, 6.0, 1.0])
+    # 4 ADC channels: positive0, positive1, negative0, negative1; top code 3
+    assert adc.step.tolist() == [10.0, 1.0, 2.0, 1.0] and adc.top.tolist() == [3] * 4
+    assert not adc.is_ideal(crossbar) and cim.ideal_adc(crossbar).is_ideal(crossbar)
 
 
-def test_hand_worked_adc():
-    levels, layer = hand_worked_layer()
-    # T = 2: partial sums 0..6 need 3 bits. adc_bits = 1: step 4, top code 1 (reads 0 or 4).
-    # Bit 0: tile 0 sums cell0 1+1 = 2 -> 0 (tie 0.5, to the even code 0), cell1 3+1 = 4 -> 4;
-    #   tile 1 undriven; row 0 is negative, so y_0 = 0 + 4*4 - 16*1 = 0 (exact: 2).
-    # Bit 1: tile 0 (row 1) cell0 1 -> 0, cell1 1 -> 0; tile 1 (row 2) cell0 2 -> 0 (tie),
-    #   cell1 0; y_1 = 0 (exact: 7). y = 0 + 2*0 = 0.
-    y, _ = cim.cim_matmul(layer, np.array([[1, 3, 2, 3]]), 2, adc_bits=1)
-    assert y.tolist() == [[0]]
-    # Clipping: b = 2, two rows of q = -1 (state 3) driven: sum 6 = 1.5 steps rounds to the even
-    # code 2, clipped to code 1 -> 4, y = 4 - 4*2 = -4 (exact: -2). With 2 ADC bits (step 2,
-    # top code 3) 6 is exact.
-    clip_layer = cim.map_layer(np.array([[-1], [-1]]), 2, 2)
-    assert cim.cim_matmul(clip_layer, np.array([[1, 1]]), 1, adc_bits=1)[0].tolist() == [[-4]]
-    assert cim.cim_matmul(clip_layer, np.array([[1, 1]]), 1, adc_bits=2)[0].tolist() == [[-2]]
-
-
-@pytest.mark.parametrize("rows_per_tile", [5, 8])
-def test_finite_adc_follows_documented_model(rows_per_tile):
-    rng = np.random.default_rng(rows_per_tile)
-    bits, activation_bits = 6, 4
-    levels, mask, layer = random_layer(rng, 20, 6, bits, 16, 2, rows_per_tile)
-    x = random_inputs(rng, 3, 20, activation_bits)
-    ideal, ideal_counts = cim.cim_matmul(layer, x, activation_bits)
-    range_bits = cim.adc_range_bits(rows_per_tile)
-    for adc_bits in range(1, range_bits):
-        y, counts = cim.cim_matmul(layer, x, activation_bits, adc_bits)
-        ref_y, _, _ = reference_simulation(levels, mask.kept_rows, 2, bits, rows_per_tile, x,
-                                           activation_bits, adc_bits)
-        np.testing.assert_array_equal(y, ref_y)
-        assert np.any(y != ideal)
-        # The ADC changes values, not events.
-        np.testing.assert_array_equal(counts.cell_state_counts, ideal_counts.cell_state_counts)
-        assert counts[1:] == ideal_counts[1:]
+def test_results_do_not_depend_on_the_thread_count():
+    rng = np.random.default_rng(3)
+    levels, keep = random_layer(rng, 300, 20, 8, 150, 1)
+    crossbar = cim.map_layer(levels, 8, 64, 128, "sign_magnitude", keep)
+    x = random_inputs(rng, 700, 300, 8, 0.5)
+    adc = uniform_adc(crossbar, 3.0, 15)
+    threads = numba.get_num_threads()
+    try:
+        results = []
+        for count in sorted({1, threads}):
+            numba.set_num_threads(count)
+            y, events = cim.cim_matmul_packed(crossbar, x, 8, adc, True)
+            histogram = cim.PackedCrossbar(crossbar).partial_sum_histograms(x, 8)
+            results.append((y, events.cell_state_counts, events.adc_conversions, histogram))
+    finally:
+        numba.set_num_threads(threads)
+    for found in results[1:]:
+        for a, b in zip(found, results[0]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_bad_layers_and_inputs_raise():
     levels = np.zeros((4, 2), np.int64)
-    with pytest.raises(NptwofoldError, match="0..3"):
-        cim.map_layer(levels, 4, 2, np.array([[0, 4]]), 2)
-    with pytest.raises(NptwofoldError, match="repeat"):
-        cim.map_layer(levels, 4, 2, np.array([[1, 1]]), 2)
-    with pytest.raises(NptwofoldError, match="shape"):
-        cim.map_layer(levels, 4, 2, np.array([[0, 1]]), 1)
-    with pytest.raises(NptwofoldError):
-        cim.map_layer(np.full((4, 2), 8), 4, 2)  # 8 is outside 4-bit two's complement
-    layer = cim.map_layer(levels, 4, 2)
+    with pytest.raises(NptwofoldError, match="keep mask"):
+        cim.map_layer(levels, 4, 2, 16, keep=np.ones((4, 3), bool))
+    with pytest.raises(NptwofoldError, match="-7..7"):
+        cim.map_layer(np.full((4, 2), 8), 4, 2, 16)
+    with pytest.raises(NptwofoldError, match="unknown weight encoding"):
+        cim.map_layer(levels, 4, 2, 16, "gray")
+    layer = cim.map_layer(levels, 4, 2, 16)
     with pytest.raises(NptwofoldError, match="unsigned 3-bit"):
         cim.cim_matmul(layer, np.array([[0, 8, 0, 0]]), 3)
     with pytest.raises(NptwofoldError, match="rows"):
         cim.count_events(layer, np.zeros((1, 3), np.int64), 3)
+    with pytest.raises(NptwofoldError, match="ADC bits"):
+        cim.fixed_adc(layer, -1)
+    with pytest.raises(NptwofoldError, match="ADC channels"):
+        cim.calibrated_adc(layer, 4, [1.0])
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -241,6 +283,11 @@ def test_bad_layers_and_inputs_raise():
     (dict(adc_bits=-1), "adc_bits"),
     (dict(activation_bits=17), "activation_bits"),
     (dict(skip_zero_tiles="yes"), "skip_zero_tiles"),
+    (dict(weight_encoding="ones_complement"), "weight_encoding"),
+    (dict(adc_range="auto"), "adc_range"),
+    (dict(adc_percentile=0), "adc_percentile"),
+    (dict(adc_energy_per_bit=0), "positive"),
+    (dict(adc_reference_bits=0), "adc_reference_bits"),
 ])
 def test_bad_hardware_configs_raise(overrides, message):
     with pytest.raises(NptwofoldError, match=message):
@@ -249,13 +296,26 @@ def test_bad_hardware_configs_raise(overrides, message):
         HardwareConfig.from_json(json.loads(json.dumps(overrides)))
 
 
-def test_crossbar_smaller_than_one_weight_raises():
-    config = HardwareConfig(crossbar_cols=3)
-    assert config.cells_per_weight(6) == 3
-    with pytest.raises(NptwofoldError, match="needs 4 cells"):
-        config.cells_per_weight(8)
+def test_outputs_per_tile_and_crossbar_smaller_than_one_weight():
+    # 8-bit weights, 2-bit cells, 128 columns: 4 cells per magnitude
+    assert HardwareConfig(weight_encoding="offset_binary").outputs_per_tile(8) == 31  # + reference
+    assert HardwareConfig(weight_encoding="twos_complement").outputs_per_tile(8) == 25  # + sign
+    assert HardwareConfig(weight_encoding="sign_magnitude").outputs_per_tile(8) == 16
+    with pytest.raises(NptwofoldError, match="needs 5 columns"):
+        HardwareConfig(crossbar_cols=4).outputs_per_tile(8)
     with pytest.raises(NptwofoldError, match="odd"):
-        config.cells_per_weight(5)
+        HardwareConfig().outputs_per_tile(5)
+
+
+def test_adc_energy_doubles_per_bit_from_the_reference():
+    reference = HardwareConfig(adc_bits=8).adc_conversion_energy_pj
+    assert reference == 0.208 == HardwareConfig().adc_conversion_energy_pj  # ideal: reference
+    assert HardwareConfig(adc_bits=5).adc_conversion_energy_pj == pytest.approx(0.208 / 8)
+    assert HardwareConfig(adc_bits=4, adc_energy_per_bit=3.0, adc_reference_bits=6
+                          ).adc_conversion_energy_pj == pytest.approx(0.208 / 9)
+    counts = cim.EnergyCounts(np.zeros(4, np.int64), 10, 0)
+    assert layer_energy_report(counts, HardwareConfig(adc_bits=4))["adc_pj"] == pytest.approx(
+        10 * 0.208 / 16)
 
 
 def test_hardware_json(tmp_path):

@@ -1,0 +1,113 @@
+"""ADC-aware fine-tuning of a float checkpoint (`nptwofold.adc_finetune`): every conv and the FC
+run on the simulated array with a finite ADC in the forward, with the float layer's gradient
+(straight-through), so the model adapts to that ADC width and encoding.
+
+    python scripts/adc_finetune.py CKPT --adc-bits 4 --encoding sign_magnitude --epochs 1
+        --out DIR [--lr 0.002] [--train-images N] [--calib-images 500] [--batch-size 128]
+        [--data PATH|sample] [--seed 0] [--threads 2]
+
+Writes DIR/last.h5 (a normal checkpoint: the model, its config with an "adc_finetune" entry,
+and the /cim calibration the ADC ranges came from, so scripts/cim_eval.py evaluates it with
+them) and DIR/log.json (settings, loss and accuracy of every step). The clips and ADC ranges are
+calibrated on CKPT's weights first (cached in CKPT when it is writable, as cim_eval does).
+"""
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
+
+ENCODINGS = ("twos_complement", "offset_binary", "sign_magnitude")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--out", required=True, help="output folder (must not hold last.h5)")
+    parser.add_argument("--adc-bits", type=int, required=True, help="ADC width to adapt to")
+    parser.add_argument("--encoding", choices=ENCODINGS, default="sign_magnitude")
+    parser.add_argument("--adc-range", choices=("fixed", "calibrated"), default="calibrated")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=0.002, help="constant SGD learning rate")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--train-images", type=int,
+                        help="first N training images (default: all 50,000)")
+    parser.add_argument("--calib-images", type=int, default=500)
+    parser.add_argument("--data", help="CIFAR-10 tarball or folder, 'sample' or 'cifar10' "
+                        "(default: the checkpoint's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="threads of the CIM kernels")
+    args = parser.parse_args(argv)
+    for name in ("adc_bits", "epochs", "batch_size", "train_images", "calib_images", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.lr > 0:
+        parser.error(f"--lr must be > 0 (got {args.lr})")
+    return args
+
+
+def run(args):
+    from nptwofold.adc_finetune import finetune
+    from nptwofold.checkpoint import save_checkpoint
+    from nptwofold.cim_network import CimNetwork
+    from nptwofold.data import load_dataset
+    from nptwofold.errors import NptwofoldError
+    from nptwofold.files import write_json
+    from nptwofold.hardware import HardwareConfig
+
+    out = Path(args.out)
+    if (out / "last.h5").exists():
+        raise NptwofoldError(f"{out / 'last.h5'} exists; choose another --out")
+    hardware = HardwareConfig(weight_encoding=args.encoding, adc_bits=args.adc_bits,
+                              adc_range=args.adc_range)
+    network, content = CimNetwork.from_checkpoint(args.checkpoint, hardware)
+    if network.method is not None:
+        raise NptwofoldError("ADC-aware fine-tuning takes a float checkpoint; "
+                             f"{args.checkpoint} is a twofold model")
+    dataset = load_dataset(args.data or content["config"].get("data", "cifar10"))
+    calibration = dataset.train_images[:args.calib_images]
+    network.calibrate_checkpoint(args.checkpoint, content, calibration)
+    network.ensure_adc_calibration(args.checkpoint, calibration)
+
+    settings = {key: value for key, value in vars(args).items() if key not in ("out", "threads")}
+    steps = []
+    started = time.perf_counter()
+
+    def on_step(epoch, step, loss, correct, n):
+        steps.append(dict(epoch=epoch + 1, step=step + 1, loss=float(loss),
+                          accuracy=correct / n, seconds=time.perf_counter() - started))
+        print(f"epoch {epoch + 1} step {step + 1}: loss {loss:.4f}, batch accuracy "
+              f"{correct / n:.3f}", flush=True)
+
+    images = dataset.train_images[:args.train_images]
+    labels = dataset.train_labels[:args.train_images]
+    finetune(network, images, labels, args.epochs, args.lr, args.batch_size, seed=args.seed,
+             on_step=on_step)
+    config = dict(content["config"], adc_finetune=dict(
+        settings, hardware=dataclasses.asdict(hardware), train_images_used=len(images)))
+    save_checkpoint(out / "last.h5", network.model, config=config)
+    network.store_calibration(out / "last.h5", len(calibration))
+    write_json(out / "log.json", dict(settings=settings, steps=steps))
+    print(f"wrote {out / 'last.h5'} after {time.perf_counter() - started:.0f} s")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    configure_threads(1)  # the CIM kernels are nearly all the work (see cim_eval.py)
+    os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+    from nptwofold.errors import NptwofoldError
+
+    try:
+        run(args)
+    except NptwofoldError as exc:
+        sys.exit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    main()
