@@ -24,10 +24,6 @@ def tiny_dataset(sample):
                    sample.test_images[:20], sample.test_labels[:20], source="sample[:40]")
 
 
-def state_of(model):
-    return {name: value.copy() for name, value in model.state_arrays()}
-
-
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -17,7 +17,7 @@ from nptwofold.kernels.augment import to_float
 from nptwofold.kernels.quant import quantize
 from nptwofold.model import ResNet20
 
-from test_scripts import run
+from helpers import run
 
 ADC = HardwareConfig(weight_encoding="sign_magnitude", adc_bits=3, adc_range="calibrated")
 

@@ -10,7 +10,7 @@ from nptwofold.model import ResNet20
 from nptwofold.optim import SGD
 from nptwofold.steps import train_step
 
-from conftest import state_of
+from helpers import state_of
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ its float matmul, the energy of a run against a direct simulation, the calibrati
 scripts/cim_eval.py end to end."""
 import dataclasses
 import json
-import os
 
 import h5py
 import numpy as np
@@ -18,7 +17,7 @@ from nptwofold.kernels import cim
 from nptwofold.model import ResNet20
 from nptwofold.twofold import Twofold, TwofoldConfig
 
-from test_scripts import REPO, run
+from helpers import REPO, run
 
 N_IMAGES = 3
 PROBED = "layer2.0.conv1"  # a strided conv in the middle of the network

@@ -29,8 +29,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 MAX_README_BYTES = 12 * 1024
 

@@ -1,28 +1,9 @@
 """Command-line scripts end to end: a real (tiny) run, evaluation, inspection, bad input."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def run(*args, check=True):
-    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
-    if check and result.returncode:
-        raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def assert_one_line_error(result, fragment):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert fragment in lines[0], result.stderr
+from helpers import REPO, assert_one_line_error, run
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,13 @@ Thread counts are read when NumPy and Numba load, so each count trains in its ow
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO
 
 from nptwofold.threads import CHUNK_IMAGES, image_chunks, run_parallel, scratch
 
-REPO = Path(__file__).resolve().parent.parent
 
 # 5 Nesterov-SGD steps of ResNet-20 on 20 augmented sample images (chunks of 8, 8 and 4);
 # prints the losses and a digest of every weight, buffer and momentum buffer

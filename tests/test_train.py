@@ -8,7 +8,7 @@ from nptwofold.errors import NptwofoldError
 from nptwofold.config import TrainConfig
 from nptwofold.train import Trainer, epoch_plan, learning_rate
 
-from conftest import state_of
+from helpers import state_of
 
 
 def tiny_config(**overrides):

@@ -18,7 +18,7 @@ from nptwofold.config import TrainConfig
 from nptwofold.train import Trainer
 from nptwofold.twofold import Twofold, TwofoldConfig, plane_check_loss
 
-from conftest import state_of
+from helpers import state_of
 
 
 def twofold_model(seed=0, **settings):

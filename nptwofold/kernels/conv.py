@@ -87,12 +87,8 @@ def _blocks(start, stop):
     return [(first, min(first + BLOCK_IMAGES, stop)) for first in range(start, stop, BLOCK_IMAGES)]
 
 
-def conv3x3_forward(x, weight_oihw, stride, cols=None):
-    """NHWC output of the convolution.
-
-    `cols` is not used: it was the caller's batch-sized im2col buffer before the patches
-    moved to per-thread scratch, and is still accepted from the callers written then.
-    """
+def conv3x3_forward(x, weight_oihw, stride):
+    """NHWC output of the convolution; the patches live in per-thread scratch arrays."""
     n_img, height, width, in_ch = x.shape
     out_h, out_w = conv_output_size(height, stride), conv_output_size(width, stride)
     matrix = weight_as_matrix(weight_oihw)

@@ -1,0 +1,29 @@
+"""Code the tests share: the repository root, running a script as a user would, the one-line
+error every bad input must end in, and a copy of a model's arrays. Test modules import from
+here, never from each other."""
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args, check=True):
+    """Runs `python ARGS...` from the repository root; raises with its output if it fails."""
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    if check and result.returncode:
+        raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def assert_one_line_error(result, fragment):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0], result.stderr
+
+
+def state_of(model):
+    return {name: value.copy() for name, value in model.state_arrays()}
