@@ -1,57 +1,70 @@
-"""A whole trained ResNet-20 on the simulated CIM array (SPEC sections 2, 5 and 6).
+"""A whole trained ResNet-20 on the simulated CIM array (SPEC sections 2, 5, 6 and 7).
 
-`CimNetwork` maps every conv and the FC of a model onto crossbars and runs the test set three
-ways: float (the model as trained), fake-quant (quantized weights and activations, each
-mapped layer's integer matmul done exactly by BLAS in float32 or float64) and CIM (the same
-integer matmul bit by bit on the simulated array, through `cim_matmul_packed`). BN, ReLU,
-the residual adds and pooling stay digital, in float, between the arrays: the runs reuse the
-model's own forward and replace only the mapped layers' forward while they run. The CIM run
-accumulates every layer's energy events, and those of a dense baseline, into per-image
-reports in pJ.
+`CimNetwork` maps every conv and the FC of a model onto crossbars (`kernels.cim.map_layer`,
+with the encoding, crossbar size and ADC of its `HardwareConfig`) and runs images three ways:
+float (the model as trained), fake-quant (quantized weights and activations, each mapped layer's
+integer matmul done exactly by BLAS in float32 or float64) and CIM (the same matmul on the
+simulated array). BN, ReLU, the residual adds and pooling stay digital, in float, between the
+arrays.
+
+The hook: every mapped layer is a `WeightLayer`, whose `forward(x)` goes through the op set by
+its own `use_forward_op` method. A run sets one op on every mapped layer for its duration
+(`_routed`) and clears it afterwards; the op finds the layer's `MappedLayer` by identity. So
+the path from `HardwareConfig.adc_bits` to the kernel is: `CimNetwork.cim_logits` ->
+`_routed(self._on_array)` -> `MappedLayer.array_output` -> `PackedCrossbar.matmul(adc=
+HardwareConfig.adc_for(crossbar, full scales))`.
 
 Quantization of a mapped layer (SPEC 2):
 - weights: integer levels q with W = s q / qmax, qmax = 2^(b-1) - 1. A twofold model gives its
   trained levels, scale buffer and LFSR keep-mask; a float model is quantized per layer to b
-  bits (`quant.quantize`) and mapped dense. Pruned weights are not stored on the array, so the
-  fake-quant weights are s (q K) / qmax, K the keep-mask.
+  bits (`quant.quantize`) and mapped dense, or pruned with fresh LFSR masks (`prune`). Pruned
+  weights are stored as the level 0 where their column tile stores the row, so the fake-quant
+  weights are s (q K) / qmax, K the keep-mask.
 - inputs: unsigned a-bit levels x_int = round(clip(x, 0, clip) / clip * (2^a - 1)), rounded
-  half to even like the weights, standing for x_int * clip / (2^a - 1). The stem's input is
-  pixel / 255, so its clip is 1 and, for a = 8, x_int is the pixel itself.
+  half to even like the weights. The stem's input is pixel / 255, so its clip is 1 and, for
+  a = 8, x_int is the pixel itself.
 - **[assumption]** The clip of every other layer is the running max of its input over the
-  calibration images, in the network with quantized (masked) weights and float activations:
-  SPEC 2's "calibrated running max". Nothing is clipped on the calibration images. The clips
-  are stored in the checkpoint (`store_clips`, group /cim) and taken back by `calibrate_checkpoint`.
-- a CIM layer's float output is its integer matmul times (s / qmax) (clip / (2^a - 1)), plus
-  the FC bias.
+  calibration images, in the network with quantized (masked) weights and float activations.
+- a layer's float output is its integer matmul times (s / qmax) (clip / (2^a - 1)), plus the FC
+  bias.
 
-A twofold layer whose mask keeps every row (sparsity 0) is mapped dense: nothing needs
-routing, so it costs no LFSR steps **[assumption]**.
+ADC calibration (SPEC 7): with `adc_range = "calibrated"`, each layer's partial sums on the
+calibration images (fake-quant forward, every physical crossbar converted separately) are
+counted per ADC channel; the full scale of a channel is their `adc_percentile`-th percentile.
+The histograms are stored in the checkpoint next to the clips (/cim/<layer>, one dataset per
+encoding and crossbar size), so any percentile and ADC width can be taken from them later.
 
-Energy (SPEC 5), per image: each layer's cells / ADC / LFSR pJ and activated cell-state
-histogram from `hardware.layer_energy_report`, and their sum over layers. **[assumption]** The
-dense baseline stores the same masked levels q K on every row (pruned weights as 00 cells), so
-it computes exactly the same outputs, has no LFSR, and is counted on the same inputs; for a
-float model it is the model itself. The baseline of SPEC 3 (a separately trained dense 8-bit
-network) is that network's own report on the same images, passed to `energy_report`.
+LFSR steps on the physical mapping **[assumption]**: a column tile routes the rows of every mask
+group it holds, so it walks those groups' stretches of the layer's LFSR sequence, once per output
+position; a group split over two tiles is walked by both. A dense layer, or a mask keeping every
+row, routes nothing.
+
+Energy (SPEC 5 and 7), per image, per layer and in total: cells / ADC / LFSR pJ and activated
+cell-state histogram (`hardware.layer_energy_report`). **[assumption]** The dense baseline stores
+the same levels q K on every row of every tile, in the same encoding, and is counted on the same
+inputs; the baseline of SPEC 3 (a separately trained dense 8-bit network) is that network's own
+report, passed to `energy_report`.
 """
+import contextlib
 import dataclasses
 import functools
+import os
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .errors import NptwofoldError
+from .build import load_model
 from .checkpoint import store_group
+from .errors import NptwofoldError
 from .hardware import CELL_STATES, HardwareConfig, layer_energy_report
 from .kernels.augment import to_float
-from .kernels.cim import (EnergyCounts, N_CELL_STATES, cim_matmul_packed, count_events,
-                          layer_matrix, map_layer)
-from .kernels.conv import conv3x3_forward, conv_output_size, im2col_3x3, im2col_rows
-from .kernels.linear import linear_forward
-from .kernels.lfsr import weight_mask
-from .kernels.quant import dequantize, max_level, quantize
-from .layers import Conv3x3, WeightLayer
-from .build import load_model
+from .kernels.cim import (EnergyCounts, N_CELL_STATES, PackedCrossbar, count_events,
+                          full_scale_at_percentile, layer_matrix, map_layer, matrix_rows)
+from .kernels.conv import conv_output_size, im2col_3x3, im2col_rows
+from .kernels.lfsr import feedback_mask, lfsr_in_range_rows, lfsr_keep_mask, weight_mask
+from .kernels.quant import decompose, dequantize, max_level, quantize
+from .layers import WeightLayer
 
 DEFAULT_WEIGHT_BITS = 8  # b of a float model's layers (SPEC 2 [assumption])
 STEM = "conv1"           # the layer fed by the image, pixel / 255 in [0, 1]
@@ -63,32 +76,25 @@ def quantize_activations(x, clip, activation_bits):
     return np.rint(np.clip(x, 0, clip) / clip * ((1 << activation_bits) - 1)).astype(x.dtype)
 
 
-def input_matrix(module, x_levels):
-    """The (P, R) int64 inputs of a mapped layer: rows in the PyTorch flatten (ci, ky, kx) of the
-    array and the LFSR masks, positions in NHWC order (for the FC, P = images)."""
-    if not isinstance(module, Conv3x3):
-        return x_levels.astype(np.int64)
-    n_positions, n_rows = im2col_rows(x_levels.shape, module.stride)
-    cols = im2col_3x3(x_levels, module.stride, np.empty((n_positions, n_rows), x_levels.dtype))
-    # im2col rows run (ky, kx, ci)
-    in_channels = x_levels.shape[-1]
-    return (cols.reshape(n_positions, 3, 3, in_channels).transpose(0, 3, 1, 2)
-            .astype(np.int64, order="C").reshape(n_positions, n_rows))
-
-
-def _add_counts(total, counts):
-    return EnergyCounts(total.cell_state_counts + counts.cell_state_counts,
-                        total.adc_conversions + counts.adc_conversions,
-                        total.lfsr_steps + counts.lfsr_steps)
-
-
-def _no_counts():
-    return EnergyCounts(np.zeros(N_CELL_STATES, np.int64), 0, 0)
+def lfsr_steps_per_position(mask, outputs_per_tile):
+    """LFSR steps a layer needs per output position on the physical mapping (module docstring):
+    the stretches of the sequence of every group a column tile holds, summed over tiles."""
+    n_rows, n_cols = mask.mask.shape
+    n_groups = mask.kept_rows.shape[0]
+    walked = [0]  # steps of the walk up to the end of each group's stretch
+    for group in range(n_groups):
+        walked.append(lfsr_in_range_rows(mask.seed, mask.width, feedback_mask(mask.taps), n_rows,
+                                         (group + 1) * mask.kept)[1])
+    steps = 0
+    for first in range(0, n_cols, outputs_per_tile):
+        last = min(first + outputs_per_tile, n_cols) - 1
+        steps += walked[last // mask.group + 1] - walked[first // mask.group]
+    return steps
 
 
 @dataclasses.dataclass
 class MappedLayer:
-    """One conv or the FC as the array holds it, and its activation clip."""
+    """One conv or the FC: its levels, mask, activation clip, crossbars and ADC ranges."""
     name: str
     module: WeightLayer
     levels: np.ndarray  # q, integer weights in the weight's shape (pruned ones not yet zeroed)
@@ -96,6 +102,7 @@ class MappedLayer:
     bits: int
     mask: object        # the LfsrKeepMask, or None for a dense layer
     clip: float = None  # activation clip; None until calibrated
+    adc_histogram: np.ndarray = None  # (ADC channels, 3T + 1) partial sums on calibration images
 
     @property
     def kept_levels(self):
@@ -106,19 +113,74 @@ class MappedLayer:
 
     @property
     def prunes(self):
-        """False for a dense layer and for a mask that keeps every row (sparsity 0): the array
-        then needs no routing, so the layer is mapped dense, without LFSR steps."""
-        return self.mask is not None and self.mask.kept_rows.shape[1] < self.mask.mask.shape[0]
+        """False for a dense layer and for a mask that keeps every row (sparsity 0)."""
+        return self.mask is not None and self.mask.kept < self.mask.mask.shape[0]
 
-    def crossbar(self, rows_per_tile):
-        if not self.prunes:
-            return map_layer(layer_matrix(self.levels), self.bits, rows_per_tile)
-        return map_layer(layer_matrix(self.levels), self.bits, rows_per_tile,
-                         self.mask.kept_rows, self.mask.group, self.mask.steps)
+    @property
+    def is_conv(self):
+        return self.levels.ndim == 4
 
-    def output_scale(self, activation_bits):
-        """Float value of one unit of the integer matmul: (s / qmax) (clip / (2^a - 1))."""
-        return self.scale / max_level(self.bits) * self.clip / ((1 << activation_bits) - 1)
+    def map(self, hardware):
+        """Sets the crossbar, its dense baseline (every row stored) and the exact matmul
+        weights of this layer for `hardware`."""
+        matrix = layer_matrix(self.kept_levels)
+        arguments = (self.bits, hardware.crossbar_rows, hardware.crossbar_cols,
+                     hardware.weight_encoding)
+        self.dense_crossbar = map_layer(matrix, *arguments)
+        self.crossbar = self.dense_crossbar
+        if self.prunes:
+            keep = np.zeros(matrix.shape, bool)
+            pytorch_rows = self.mask.kept_rows[np.arange(matrix.shape[1]) // self.mask.group]
+            keep[matrix_rows(pytorch_rows, self.levels.shape).T, np.arange(matrix.shape[1])] = True
+            self.crossbar = map_layer(matrix, *arguments, keep, lfsr_steps_per_position(
+                self.mask, self.crossbar.outputs_per_tile))
+        self.packed = PackedCrossbar(self.crossbar)
+        # float32 holds every partial sum of x_int @ (q K) exactly when no column's sum of
+        # |x_int q| can reach 2^24; otherwise the fake-quant matmul runs in float64
+        largest_sum = ((1 << hardware.activation_bits) - 1) * np.abs(matrix).sum(axis=0).max()
+        self.exact_matrix = matrix.astype(np.float32 if largest_sum < 2 ** 24 else np.float64)
+        self.quantized_weight = dequantize(self.kept_levels, self.scale, self.bits)
+
+    def input_levels(self, x, activation_bits):
+        """(P, R) integer inputs (as floats) of the array: im2col patches of a conv (rows in the
+        matrix order, positions NHWC) or the FC's inputs."""
+        levels = quantize_activations(x, self.clip, activation_bits).astype(
+            self.exact_matrix.dtype)
+        if not self.is_conv:
+            return levels
+        stride = self.module.stride
+        return im2col_3x3(levels, stride, np.empty(im2col_rows(levels.shape, stride),
+                                                   levels.dtype))
+
+    def float_output(self, y, x, activation_bits):
+        """The layer's float output (x's dtype and layout) from its integer matmul y (P, C)."""
+        scale = self.scale / max_level(self.bits) * self.clip / ((1 << activation_bits) - 1)
+        # scaled in float64 whatever y's type, so the CIM and fake-quant runs round alike
+        out = np.multiply(y, scale, dtype=np.float64).astype(x.dtype)
+        if not self.is_conv:
+            return out + self.module.params["bias"]
+        n_images, height, width, _ = x.shape
+        stride = self.module.stride
+        return out.reshape(n_images, conv_output_size(height, stride),
+                           conv_output_size(width, stride), -1)
+
+    def full_scale(self, percentile):
+        if self.adc_histogram is None:
+            return None
+        return full_scale_at_percentile(self.adc_histogram, percentile)
+
+
+class EnergyLedger:
+    """Energy events of the runs so far, per layer, of the design and its dense baseline."""
+
+    def __init__(self, names):
+        self.n_images = 0
+        self.design = {name: EnergyCounts.zero() for name in names}
+        self.baseline = {name: EnergyCounts.zero() for name in names}
+
+    def add(self, name, design, baseline):
+        self.design[name] += design
+        self.baseline[name] += baseline
 
 
 def mapped_layers(model, method=None, weight_bits=None):
@@ -151,30 +213,19 @@ def mapped_layers(model, method=None, weight_bits=None):
 class CimNetwork:
     """A model mapped onto the array: float, fake-quant and CIM forwards, and energy reports.
 
-    `calibrate` must run before the quantized forwards. `cim_logits` adds each batch's energy
-    events to the totals that `energy_report` turns into per-image pJ.
+    `calibrate` (or `calibrate_checkpoint`) must run before the quantized forwards. The CIM
+    and counting runs add their energy events to `ledger`, which `energy_report` turns into
+    per-image pJ.
     """
 
-    def __init__(self, model, method=None, hardware=None, weight_bits=None):
+    def __init__(self, model, method=None, hardware=None, weight_bits=None, layers=None):
         self.model = model.eval()
+        self.method = method
         self.hardware = hardware if hardware is not None else HardwareConfig()
-        self.layers = mapped_layers(model, method, weight_bits)
-        rows_per_tile = self.hardware.crossbar_rows
-        self.crossbars, self.dense_crossbars, self.quantized_weights = {}, {}, {}
-        self.integer_weights = {}
-        for name, layer in self.layers.items():
-            self.hardware.cells_per_weight(layer.bits)  # the weight must fit a crossbar row
-            self.crossbars[name] = layer.crossbar(rows_per_tile)
-            self.dense_crossbars[name] = (
-                self.crossbars[name] if not layer.prunes else
-                map_layer(layer_matrix(layer.kept_levels), layer.bits, rows_per_tile))
-            self.quantized_weights[name] = dequantize(layer.kept_levels, layer.scale, layer.bits)
-            # float32 holds every partial sum of x_int @ (q K) exactly when no column's sum
-            # of |x_int q| can reach 2^24; otherwise the fake-quant matmul runs in float64
-            largest_sum = (((1 << self.activation_bits) - 1)
-                           * np.abs(layer_matrix(layer.kept_levels)).sum(axis=0).max())
-            exact_dtype = np.float32 if largest_sum < 2 ** 24 else np.float64
-            self.integer_weights[name] = layer.kept_levels.astype(exact_dtype)
+        self.layers = layers if layers is not None else mapped_layers(model, method, weight_bits)
+        self._by_module = {id(layer.module): layer for layer in self.layers.values()}
+        for layer in self.layers.values():
+            layer.map(self.hardware)
         self.reset_energy()
 
     @classmethod
@@ -183,54 +234,173 @@ class CimNetwork:
         model, method, content = load_model(path)
         return cls(model, method, hardware, weight_bits), content
 
-    def calibrate_checkpoint(self, path, content, images, batch_size=100, recalibrate=False):
-        """Clips of the network loaded from checkpoint `path`: the ones stored in it if they
-        were calibrated on as many images for the same activation and weight bits, else
-        `calibrate` on `images`, then stored in the checkpoint. Returns whether it calibrated."""
-        if not recalibrate and self._restore_clips(content, len(images)):
-            return False
-        self.calibrate(images, batch_size)
-        self.store_clips(path, len(images))
-        return True
+    def with_hardware(self, hardware):
+        """This network (same model, clips and stored ADC histograms) on other hardware."""
+        layers = {name: dataclasses.replace(layer) for name, layer in self.layers.items()}
+        other = CimNetwork(self.model, self.method, hardware, layers=layers)
+        other.adc_histograms = {key: dict(value) for key, value in self.adc_histograms.items()}
+        other.select_adc_histograms()
+        return other
 
-    def _restore_clips(self, content, calibration_images):
-        stored = content.get("cim")
-        if not stored or stored["layers"].keys() != self.layers.keys() or (
-                stored["activation_bits"], stored["weight_bits"], stored["calibration_images"]
-        ) != (*self._clip_key(), calibration_images):
-            return False
-        for name, layer in self.layers.items():
-            layer.clip = float(stored["layers"][name]["attrs"]["activation_clip"])
-        return True
-
-    def _clip_key(self):
-        return self.activation_bits, self.layers[STEM].bits
-
-    @property
-    def calibrated(self):
-        return all(layer.clip is not None for layer in self.layers.values())
-
-    def store_clips(self, path, calibration_images):
-        """Saves the activation clips in checkpoint `path` (group /cim), atomically."""
-        self._check_calibrated()
-
-        def fill(group):
-            activation_bits, weight_bits = self._clip_key()
-            group.attrs.update(activation_bits=activation_bits, weight_bits=weight_bits,
-                               calibration_images=calibration_images)
-            for name, layer in self.layers.items():
-                group.create_group(name).attrs["activation_clip"] = layer.clip
-
-        store_group(path, "cim", fill)
+    def prune(self, sparsity, group, seed=1):
+        """Cuts every layer with fresh LFSR keep-masks (sparsity p, `group` columns per mask),
+        weights unchanged: to study a mapping's energy on a float model's activations."""
+        for index, layer in enumerate(self.layers.values()):
+            out_channels = layer.levels.shape[0]
+            rows = layer.levels.size // out_channels
+            layer.mask = lfsr_keep_mask(rows, out_channels, sparsity, seed + index, group)
+            layer.map(self.hardware)
+        self.reset_energy()
 
     @property
     def activation_bits(self):
         return self.hardware.activation_bits
 
     def reset_energy(self):
-        self.n_images = 0
-        self.energy = {name: _no_counts() for name in self.layers}
-        self.baseline_energy = {name: _no_counts() for name in self.layers}
+        self.ledger = EnergyLedger(self.layers)
+
+    # --- calibration ---------------------------------------------------------------------
+
+    adc_histograms = {}  # {histogram key: {layer: histogram}}, set by calibration or a checkpoint
+
+    def _histogram_key(self):
+        hardware = self.hardware
+        return (f"adc_histogram.{hardware.weight_encoding}.{hardware.crossbar_rows}x"
+                f"{hardware.crossbar_cols}")
+
+    def select_adc_histograms(self):
+        found = self.adc_histograms.get(self._histogram_key(), {})
+        for name, layer in self.layers.items():
+            layer.adc_histogram = found.get(name)
+
+    @property
+    def calibrated(self):
+        return all(layer.clip is not None for layer in self.layers.values())
+
+    @property
+    def adc_calibrated(self):
+        return all(layer.adc_histogram is not None for layer in self.layers.values())
+
+    @property
+    def needs_adc_calibration(self):
+        hardware = self.hardware
+        return hardware.adc_bits and hardware.adc_range == "calibrated"
+
+    def _check_calibrated(self):
+        if not self.calibrated:
+            missing = [name for name, layer in self.layers.items() if layer.clip is None]
+            raise NptwofoldError(f"activation clips of {missing[0]} and {len(missing) - 1} more "
+                                 "layers are not calibrated; call calibrate first")
+        if self.needs_adc_calibration and not self.adc_calibrated:
+            raise NptwofoldError("the ADC ranges of this encoding and crossbar size are not "
+                                 "calibrated; call calibrate first")
+
+    def calibrate(self, images, batch_size=100):
+        """Sets each layer's clip (the stem's stays 1) to the max of its inputs on `images`,
+        then counts the partial sums the ADC ranges are taken from. Returns the clips."""
+        if len(images) == 0:
+            raise NptwofoldError("calibration needs at least one image")
+        maxima = dict.fromkeys(self.layers, 0.0)
+
+        def observe(module, x):
+            layer = self._by_module[id(module)]
+            maxima[layer.name] = max(maxima[layer.name], float(x.max()))
+            return self.dequantized_layer(layer, x)
+
+        with self._routed(observe):
+            for start in range(0, len(images), batch_size):
+                self.model.forward(self._network_input(images[start:start + batch_size]))
+        for name, layer in self.layers.items():
+            if name == STEM:
+                continue
+            if not maxima[name] > 0:
+                raise NptwofoldError(f"the inputs of {name} were all 0 on the {len(images)} "
+                                     "calibration images; calibrate with more images")
+            layer.clip = maxima[name]
+        self.adc_histograms = {}
+        self.calibrate_adc(images, batch_size)
+        return {name: layer.clip for name, layer in self.layers.items()}
+
+    def calibrate_adc(self, images, batch_size=100):
+        """Counts each layer's partial sums per ADC channel on `images` (fake-quant forward)
+        for this network's encoding and crossbar size."""
+        histograms = {name: 0 for name in self.layers}
+        bits = self.activation_bits
+
+        def count(module, x):
+            layer = self._by_module[id(module)]
+            inputs = layer.input_levels(x, bits)
+            histograms[layer.name] = histograms[layer.name] + layer.packed.partial_sum_histograms(
+                inputs, bits, validate=False)
+            return layer.float_output(inputs @ layer.exact_matrix, x, bits)
+
+        with self._routed(count):
+            for start in range(0, len(images), batch_size):
+                self.model.forward(self._network_input(images[start:start + batch_size]))
+        self.adc_histograms = {**self.adc_histograms, self._histogram_key(): histograms}
+        self.select_adc_histograms()
+
+    def calibrate_checkpoint(self, path, content, images, batch_size=100, recalibrate=False):
+        """Clips and ADC histograms of the network loaded from checkpoint `path`: those stored
+        in it if calibrated on as many images for the same activation and weight bits, else
+        calibrated on `images`; what was calibrated is stored in the checkpoint if it is
+        writable. Returns (calibrated now, stored in the file)."""
+        restored = not recalibrate and self._restore_calibration(content, len(images))
+        if restored and (self.adc_calibrated or not self.needs_adc_calibration):
+            return False, False
+        if restored:
+            self.calibrate_adc(images, batch_size)
+        else:
+            self.calibrate(images, batch_size)
+        return True, self.store_calibration(path, len(images))
+
+    def ensure_adc_calibration(self, path, images, batch_size=100):
+        """calibrate_adc if this hardware needs ranges not yet counted; stores them in `path`
+        if writable. Returns (calibrated now, stored in the file)."""
+        if not self.needs_adc_calibration or self.adc_calibrated:
+            return False, False
+        self.calibrate_adc(images, batch_size)
+        return True, self.store_calibration(path, len(images))
+
+    def _restore_calibration(self, content, calibration_images):
+        stored = content.get("cim")
+        if not stored or stored["layers"].keys() != self.layers.keys() or (
+                stored.get("activation_bits"), stored.get("weight_bits"),
+                stored.get("calibration_images")) != (*self._clip_key(), calibration_images):
+            return False
+        self.adc_histograms = {}
+        for name, layer in self.layers.items():
+            group = stored["layers"][name]
+            layer.clip = float(group["attrs"]["activation_clip"])
+            for key, histogram in group.items():
+                if key.startswith("adc_histogram."):
+                    self.adc_histograms.setdefault(key, {})[name] = np.asarray(histogram)
+        self.select_adc_histograms()
+        return True
+
+    def _clip_key(self):
+        return self.activation_bits, self.layers[STEM].bits
+
+    def store_calibration(self, path, calibration_images):
+        """Saves the clips and ADC histograms in checkpoint `path` (group /cim), atomically.
+        Returns False, storing nothing, if the file or its folder is not writable."""
+        self._check_calibrated()
+        path = Path(path)
+        if not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
+            return False
+
+        def fill(group):
+            activation_bits, weight_bits = self._clip_key()
+            group.attrs.update(activation_bits=activation_bits, weight_bits=weight_bits,
+                               calibration_images=calibration_images)
+            for name, layer in self.layers.items():
+                layer_group = group.create_group(name)
+                layer_group.attrs["activation_clip"] = layer.clip
+                for key, histograms in self.adc_histograms.items():
+                    layer_group.create_dataset(key, data=histograms[name])
+
+        store_group(path, "cim", fill)
+        return True
 
     # --- forwards ---------------------------------------------------------------------------
 
@@ -242,81 +412,59 @@ class CimNetwork:
                                  f"{images.shape}")
         return to_float(images)
 
-    def _forward_with(self, images, layer_forward):
-        """Logits of the model on uint8 images, each mapped layer's forward replaced by
-        layer_forward(layer, x): BN, ReLU, shortcuts and pooling are the model's own."""
-        x = self._network_input(images)
+    @contextlib.contextmanager
+    def _routed(self, op):
+        """Every mapped layer's forward goes through op(module, x) inside the block."""
         for layer in self.layers.values():
-            # an instance attribute shadows the class's method, so the model calls this one
-            layer.module.forward = functools.partial(layer_forward, layer)
+            layer.module.use_forward_op(op)
         try:
-            return self.model.forward(x)
+            yield
         finally:
             for layer in self.layers.values():
-                del layer.module.forward
+                layer.module.use_forward_op(None)
 
-    def _float_layer(self, layer, x, weight):
-        """The engine's own conv or FC of float inputs x with `weight`."""
-        module = layer.module
-        if isinstance(module, Conv3x3):
-            return conv3x3_forward(x, weight, module.stride,
-                                   np.empty(im2col_rows(x.shape, module.stride), x.dtype))
-        return linear_forward(x, weight, module.params["bias"])
+    def _run(self, images, op):
+        self._check_calibrated()
+        with self._routed(op):
+            return self.model.forward(self._network_input(images))
 
-    def _check_calibrated(self):
-        if not self.calibrated:
-            missing = [name for name, layer in self.layers.items() if layer.clip is None]
-            raise NptwofoldError(f"activation clips of {missing[0]} and {len(missing) - 1} more "
-                                 "layers are not calibrated; call calibrate first")
+    @staticmethod
+    def dequantized_layer(layer, x):
+        """The float layer of float x with the quantized (masked) weights s (q K) / qmax."""
+        weight = layer.quantized_weight.astype(x.dtype)
+        if layer.is_conv:
+            stride = layer.module.stride
+            cols = im2col_3x3(x, stride, np.empty(im2col_rows(x.shape, stride), x.dtype))
+            n_images, height, width, _ = x.shape
+            return (cols @ layer_matrix(weight)).reshape(
+                n_images, conv_output_size(height, stride), conv_output_size(width, stride), -1)
+        return x @ weight.T + layer.module.params["bias"]
 
     def float_logits(self, images):
         """The model as trained: its own weights (unmasked), float activations."""
         return self.model.forward(self._network_input(images))
 
-    def calibrate(self, images, batch_size=100):
-        """Sets each layer's clip (the stem's stays 1) to the max of its inputs on `images`."""
-        if len(images) == 0:
-            raise NptwofoldError("calibration needs at least one image")
-        maxima = dict.fromkeys(self.layers, 0.0)
-
-        def observe(layer, x):
-            maxima[layer.name] = max(maxima[layer.name], float(x.max()))
-            return self._float_layer(layer, x, self.quantized_weights[layer.name])
-
-        for start in range(0, len(images), batch_size):
-            self._forward_with(images[start:start + batch_size], observe)
-        for name, layer in self.layers.items():
-            if name == STEM:
-                continue
-            if not maxima[name] > 0:
-                raise NptwofoldError(f"the inputs of {name} were all 0 on the {len(images)} "
-                                     "calibration images; calibrate with more images")
-            layer.clip = maxima[name]
-        return {name: layer.clip for name, layer in self.layers.items()}
-
     def fake_quant_logits(self, images, count_energy=False):
         """Forward with weights s (q K) / qmax and inputs x_int clip / (2^a - 1).
 
         Each mapped layer multiplies the integers x_int and q K in a float dtype that holds their
-        sums exactly, and scales the result in float64 as `cim_logits` does: so the ideal-ADC
-        CIM run must give these logits bit for bit, and a difference can only be the array's.
-
-        With `count_energy`, each mapped layer's energy events are also counted from its
-        integer inputs (SPEC 5's energy by counting, `count_events`) and added to the totals:
-        the fast path to a network's energy, equal to what `cim_logits` accumulates.
+        sums exactly and scales the result in float64 as `cim_logits` does: so the ideal-ADC CIM
+        run gives these logits bit for bit, and a difference can only be the array's.
+        With `count_energy`, each layer's energy events are counted from its integer inputs
+        (SPEC 5's counting path) and added to the ledger: equal to what `cim_logits` adds.
         """
-        self._check_calibrated()
         bits = self.activation_bits
 
-        def fake_quant(layer, x):
-            x_levels = quantize_activations(x, layer.clip, bits)
+        def fake_quant(module, x):
+            layer = self._by_module[id(module)]
+            inputs = layer.input_levels(x, bits)
             if count_energy:
-                self._add_energy(layer, input_matrix(layer.module, x_levels))
-            return self._layer_output(layer, self._exact_matmul(layer, x_levels), x)
+                self._count(layer, inputs)
+            return layer.float_output(inputs @ layer.exact_matrix, x, bits)
 
-        logits = self._forward_with(images, fake_quant)
+        logits = self._run(images, fake_quant)
         if count_energy:
-            self.n_images += len(images)
+            self.ledger.n_images += len(images)
         return logits
 
     def count_energy(self, images, batch_size=100, progress=None):
@@ -329,80 +477,62 @@ class CimNetwork:
             predictions.append(self.fake_quant_logits(batch, count_energy=True).argmax(axis=1))
         return np.concatenate(predictions)
 
+    def array_output(self, layer, x, count=True, trace=None):
+        """A mapped layer's float output with its matmul on the array; adds its events to the
+        ledger if `count`, and (integer inputs, integer outputs) to `trace` if a dict."""
+        bits, hardware = self.activation_bits, self.hardware
+        inputs = layer.input_levels(x, bits)
+        adc = hardware.adc_for(layer.crossbar, layer.full_scale(hardware.adc_percentile))
+        y, counts = layer.packed.matmul(inputs, bits, adc, hardware.skip_zero_tiles,
+                                        validate=False, count=count)
+        if count:
+            self._count(layer, inputs, counts)
+        if trace is not None:
+            trace[layer.name] = (inputs.astype(np.int64), y)
+        return layer.float_output(y, x, bits)
+
     def cim_logits(self, images, trace=None):
-        """Logits with every mapped layer's matmul on the array (integers, bit-serial).
+        """Logits with every mapped layer's matmul on the array (bit-serial, through the ADC).
 
-        Adds the batch's energy events to the totals. `trace`, if a dict, receives per layer
-        (integer inputs (P, R), integer outputs (P, C)) of this batch.
+        Adds the batch's energy events to the ledger. `trace`, if a dict, receives per layer
+        (integer inputs (P, R), outputs (P, C)) of this batch.
         """
-        self._check_calibrated()
-        hardware, bits = self.hardware, self.activation_bits
-
-        def on_array(layer, x):
-            inputs = input_matrix(layer.module, quantize_activations(x, layer.clip, bits))
-            y, counts = cim_matmul_packed(self.crossbars[layer.name], inputs, bits,
-                                          hardware.adc_bits, hardware.skip_zero_tiles)
-            self._add_energy(layer, inputs, counts)
-            if trace is not None:
-                trace[layer.name] = (inputs, y)
-            return self._layer_output(layer, y, x)
-
-        logits = self._forward_with(images, on_array)
-        self.n_images += len(images)
+        logits = self._run(images, lambda module, x: self.array_output(
+            self._by_module[id(module)], x, trace=trace))
+        self.ledger.n_images += len(images)
         return logits
 
-    def _exact_matmul(self, layer, x_levels):
-        """x_int @ (q K) of a layer in a float dtype that holds every partial sum exactly
-        (an integer below 2^24 in float32, else float64), whatever the summation order."""
-        weight = self.integer_weights[layer.name]
-        x_levels = x_levels.astype(weight.dtype)
-        if isinstance(layer.module, Conv3x3):
-            stride = layer.module.stride
-            return conv3x3_forward(x_levels, weight, stride,
-                                   np.empty(im2col_rows(x_levels.shape, stride), weight.dtype))
-        return x_levels @ weight.T
-
-    def _layer_output(self, layer, y, x):
-        """A mapped layer's float output (x's dtype and layout) from its integer matmul y."""
-        # scaled in float64 whatever y's type, so the CIM and fake-quant runs round alike
-        out = np.multiply(y, layer.output_scale(self.activation_bits),
-                          dtype=np.float64).astype(x.dtype)
-        if isinstance(layer.module, Conv3x3):
-            n_images, height, width, _ = x.shape
-            stride = layer.module.stride
-            return out.reshape(n_images, conv_output_size(height, stride),
-                               conv_output_size(width, stride), -1)
-        return out + layer.module.params["bias"]
-
-    def _add_energy(self, layer, inputs, counts=None):
-        """Adds a layer's events on integer `inputs` (counted unless the run gives them) and
-        those of its dense baseline to the totals."""
-        name, skip = layer.name, self.hardware.skip_zero_tiles
-        crossbar, dense = self.crossbars[name], self.dense_crossbars[name]
+    def _count(self, layer, inputs, counts=None):
+        """Adds a layer's events on `inputs` (counted unless given) and its dense baseline's."""
+        bits, skip = self.activation_bits, self.hardware.skip_zero_tiles
         if counts is None:
-            counts = count_events(crossbar, inputs, self.activation_bits, skip)
-        self.energy[name] = _add_counts(self.energy[name], counts)
-        if dense is not crossbar:
-            counts = count_events(dense, inputs, self.activation_bits, skip)
-        self.baseline_energy[name] = _add_counts(self.baseline_energy[name], counts)
+            counts = count_events(layer.crossbar, inputs, bits, skip, validate=False)
+        baseline = counts if layer.dense_crossbar is layer.crossbar else count_events(
+            layer.dense_crossbar, inputs, bits, skip, validate=False)
+        self.ledger.add(layer.name, counts, baseline)
 
     # --- reports ----------------------------------------------------------------------------
 
     def layer_summary(self):
-        """Per layer: rows, kept rows per column, row tiles, network sparsity, share of zero
-        bits and the stored cell-state histogram (what the array holds, not what it reads)."""
+        """Per layer: rows, kept rows per column, column tiles, stored rows per tile (mean and
+        max), network sparsity, share of zero bits of the kept weights, the stored cell-state
+        histogram (what the array holds, sign / reference / idle columns included), clip."""
         rows = []
-        for name, crossbar in self.crossbars.items():
-            cells = crossbar.cells
-            stored = np.bincount(cells.ravel(), minlength=N_CELL_STATES)
-            ones = sum(bin(state).count("1") * int(n) for state, n in enumerate(stored))
-            kept = crossbar.kept_rows.shape[1]
-            rows.append(dict(layer=name, rows=crossbar.n_rows, kept=kept,
-                             tiles=crossbar.n_tiles, network_sparsity=1 - kept / crossbar.n_rows,
-                             zero_bit_share=1 - ones / (cells.size * 2),
-                             clip=self.layers[name].clip,
-                             **{f"stored_{s}": int(n) / cells.size
-                                for s, n in zip(CELL_STATES, stored)}))
+        for name, layer in self.layers.items():
+            crossbar = layer.crossbar
+            kept = layer.mask.kept if layer.prunes else crossbar.n_rows
+            exists = crossbar.stored[crossbar.column_tile]
+            stored = np.bincount(crossbar.cells[exists], minlength=N_CELL_STATES)
+            per_tile = crossbar.kept_rows_per_tile
+            rows.append(dict(
+                layer=name, rows=crossbar.n_rows, kept=kept, column_tiles=crossbar.n_column_tiles,
+                rows_per_tile_mean=float(per_tile.mean()), rows_per_tile_max=int(per_tile.max()),
+                crossbars=int(crossbar.n_row_tiles.sum()),
+                network_sparsity=1 - kept / crossbar.n_rows,
+                zero_bit_share=1 - float(decompose(layer.kept_levels, layer.bits).mean()),
+                clip=layer.clip,
+                **{f"stored_{s}": int(n) / max(int(exists.sum()), 1)
+                   for s, n in zip(CELL_STATES, stored)}))
         return rows
 
     def energy_report(self, baseline=None):
@@ -414,27 +544,28 @@ class CimNetwork:
         mapping of the same weights, or `baseline`: the energy_report of another network (a
         separately trained dense 8-bit model) on the same images, matched layer by layer.
         """
-        if not self.n_images:
+        ledger = self.ledger
+        if not ledger.n_images:
             raise NptwofoldError("no energy counted yet: call cim_logits or "
                                  "fake_quant_logits(count_energy=True) first")
         if baseline is None:
             baseline_rows = {name: self._pj_per_image(counts)
-                             for name, counts in self.baseline_energy.items()}
+                             for name, counts in ledger.baseline.items()}
             baseline_rows["total"] = self._pj_per_image(
-                functools.reduce(_add_counts, self.baseline_energy.values(), _no_counts()))
+                functools.reduce(EnergyCounts.__add__, ledger.baseline.values()))
         else:
             baseline_rows = {row["layer"]: row for row in baseline["layers"] + [baseline["total"]]}
             if set(baseline_rows) != set(self.layers) | {"total"}:
                 raise NptwofoldError("the baseline network maps other layers than this one")
-        rows = [self._energy_row(name, self.energy[name], baseline_rows[name])
+        rows = [self._energy_row(name, ledger.design[name], baseline_rows[name])
                 for name in self.layers]
-        total = functools.reduce(_add_counts, self.energy.values(), _no_counts())
-        return dict(n_images=self.n_images, layers=rows,
+        total = functools.reduce(EnergyCounts.__add__, ledger.design.values())
+        return dict(n_images=ledger.n_images, layers=rows,
                     total=self._energy_row("total", total, baseline_rows["total"]))
 
     def _pj_per_image(self, counts):
         report = layer_energy_report(counts, self.hardware)
-        per_image = {key: report[key] / self.n_images
+        per_image = {key: report[key] / self.ledger.n_images
                      for key in ("cells_pj", "adc_pj", "lfsr_pj", "total_pj", "adc_conversions",
                                  "lfsr_steps")}
         return dict(per_image, cell_state_share=report["cell_state_share"])

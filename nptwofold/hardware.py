@@ -1,9 +1,10 @@
-"""CIM hardware parameters (SPEC section 5) and per-layer energy reports in picojoules.
+"""CIM hardware parameters (SPEC sections 5 and 7) and per-layer energy reports in picojoules.
 
-`HardwareConfig` is the one object that names every hardware number, the poster's and the
-assumed ones; it validates itself and round-trips through JSON. `layer_energy_report` turns the
-integer event counts of `nptwofold.kernels.cim` into pJ: counts times table entries, so equal
-counts always give equal energies.
+`HardwareConfig` is the one object that names every hardware knob, the poster's numbers and the
+assumed ones; it validates itself, round-trips through JSON, and turns itself into the ADC of a
+crossbar (`adc_for`). `layer_energy_report` turns the integer event counts of
+`nptwofold.kernels.cim` into pJ: counts times table entries, so equal counts always give equal
+energies. docs/cim-model.md explains each assumption.
 """
 import dataclasses
 import json
@@ -12,15 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import check_integer
 from .errors import NptwofoldError
-from .kernels.cim import CELL_BITS, MAX_ACTIVATION_BITS, N_CELL_STATES
-from .kernels.quant import check_bits
+from .kernels.cim import (CELL_BITS, CELL_STATES, ENCODINGS, MAX_ACTIVATION_BITS, N_CELL_STATES,
+                          calibrated_adc, fixed_adc, ideal_adc, outputs_per_tile)
 
-CELL_STATES = ("00", "01", "10", "11")
-
-
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+ADC_RANGES = ("fixed", "calibrated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,10 +26,23 @@ class HardwareConfig:
     """The CIM array and its energy table.
 
     cell_energy_pj: pJ per activated cell in state 00, 01, 10, 11 (poster).
-    adc_energy_pj: pJ per ADC conversion (poster).
-    adc_bits: ADC resolution; 0 = ideal. The model is in `nptwofold.kernels.cim` **[option]**.
-    crossbar_rows, crossbar_cols: cells per crossbar column and row; a column's kept rows are
-        split into row tiles of crossbar_rows, each converted separately **[assumption]**.
+    adc_energy_pj: pJ per ADC conversion of an adc_reference_bits-bit ADC (poster: 0.208).
+    adc_reference_bits: the width that costs adc_energy_pj **[assumption: 8]**; an ideal ADC
+        (adc_bits = 0) is charged at this width.
+    adc_energy_per_bit: factor of the conversion energy per added bit **[assumption: 2, a
+        SAR/flash ADC's energy roughly doubles per bit]**: E(n) = adc_energy_pj *
+        adc_energy_per_bit ** (n - adc_reference_bits).
+    adc_bits: ADC resolution; 0 = ideal **[option]**.
+    adc_range: "fixed": full scale 0..3 x crossbar_rows for every column (the ADC does not know
+        a layer's ranges); "calibrated": per layer and ADC channel (cell significance and kind of
+        column), the adc_percentile-th percentile of the partial sums on calibration images.
+    adc_percentile: percentile of the calibrated ranges **[assumption: 99.99]**.
+    weight_encoding: how signed weights are stored: twos_complement (with a sign column),
+        offset_binary (reference column, offset removed digitally) or sign_magnitude
+        (differential positive and negative columns); see `nptwofold.kernels.cim`.
+    crossbar_rows, crossbar_cols: word lines and bit lines of one crossbar **[assumption:
+        128 x 128]**; a column tile stores the union of its channels' kept rows, in row tiles of
+        crossbar_rows, each converted separately.
     cell_bits: bits per cell; the kernels support 2 only.
     lfsr_step_energy_pj: pJ per LFSR step, a ~10-flip-flop register **[assumption]**.
     skip_zero_tiles: no conversion for a row tile whose inputs are all 0 for that bit **[option]**.
@@ -39,7 +50,12 @@ class HardwareConfig:
     """
     cell_energy_pj: tuple = (0.079, 0.36, 0.73, 1.49)
     adc_energy_pj: float = 0.208
+    adc_reference_bits: int = 8
+    adc_energy_per_bit: float = 2.0
     adc_bits: int = 0
+    adc_range: str = "fixed"
+    adc_percentile: float = 99.99
+    weight_encoding: str = "twos_complement"
     crossbar_rows: int = 128
     crossbar_cols: int = 128
     cell_bits: int = 2
@@ -48,22 +64,25 @@ class HardwareConfig:
     activation_bits: int = 8
 
     def __post_init__(self):
-        if not _is_int(self.cell_bits):
-            raise NptwofoldError(f"cell_bits must be an integer, got {self.cell_bits!r}")
-        if self.cell_bits != CELL_BITS:
+        if check_integer("cell_bits", self.cell_bits, 1) != CELL_BITS:
             kind = "odd" if self.cell_bits % 2 else "unsupported"
             raise NptwofoldError(f"cell_bits={self.cell_bits} is {kind}: the CIM kernels support "
                                  f"only {CELL_BITS}-bit cells")
-        for name, minimum, maximum in (("adc_bits", 0, None), ("crossbar_rows", 1, None),
-                                       ("crossbar_cols", 1, None),
+        for name, minimum, maximum in (("adc_bits", 0, 30), ("adc_reference_bits", 1, 30),
+                                       ("crossbar_rows", 1, None), ("crossbar_cols", 1, None),
                                        ("activation_bits", 1, MAX_ACTIVATION_BITS)):
-            value = getattr(self, name)
-            if not _is_int(value):
-                raise NptwofoldError(f"{name} must be an integer, got {value!r}")
-            if value < minimum or (maximum is not None and value > maximum):
-                upper = "" if maximum is None else f"..{maximum}"
-                raise NptwofoldError(f"{name} must be in {minimum}{upper}, got {value}")
-            object.__setattr__(self, name, int(value))  # NumPy integers would not reach JSON
+            # NumPy integers would not reach JSON
+            object.__setattr__(self, name, check_integer(name, getattr(self, name), minimum,
+                                                         maximum))
+        for name, known in (("weight_encoding", ENCODINGS), ("adc_range", ADC_RANGES)):
+            if getattr(self, name) not in known:
+                raise NptwofoldError(f"{name} must be one of {', '.join(known)}, "
+                                     f"got {getattr(self, name)!r}")
+        percentile = self.adc_percentile
+        if (isinstance(percentile, (bool, np.bool_)) or not isinstance(
+                percentile, (int, float, np.integer, np.floating)) or not 0 < percentile <= 100):
+            raise NptwofoldError(f"adc_percentile must be a number in (0, 100], got {percentile!r}")
+        object.__setattr__(self, "adc_percentile", float(percentile))
         if not isinstance(self.skip_zero_tiles, (bool, np.bool_)):
             raise NptwofoldError(f"skip_zero_tiles must be true or false, "
                                  f"got {self.skip_zero_tiles!r}")
@@ -76,6 +95,7 @@ class HardwareConfig:
         energies = [(f"cell_energy_pj[{state}]", e)
                     for state, e in zip(CELL_STATES, self.cell_energy_pj)]
         energies += [("adc_energy_pj", self.adc_energy_pj),
+                     ("adc_energy_per_bit", self.adc_energy_per_bit),
                      ("lfsr_step_energy_pj", self.lfsr_step_energy_pj)]
         for name, energy in energies:
             real = isinstance(energy, (int, float, np.integer, np.floating))
@@ -85,16 +105,30 @@ class HardwareConfig:
         # Frozen, so normalise through object.__setattr__: a JSON list then equals the tuple.
         object.__setattr__(self, "skip_zero_tiles", bool(self.skip_zero_tiles))
         object.__setattr__(self, "cell_energy_pj", tuple(float(e) for e in self.cell_energy_pj))
-        for name in ("adc_energy_pj", "lfsr_step_energy_pj"):
+        for name in ("adc_energy_pj", "adc_energy_per_bit", "lfsr_step_energy_pj"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
-    def cells_per_weight(self, weight_bits):
-        """Cells of one b-bit weight; raises if b is invalid or a crossbar row cannot hold it."""
-        cells = check_bits(weight_bits) // self.cell_bits
-        if self.crossbar_cols < cells:
-            raise NptwofoldError(f"a {weight_bits}-bit weight needs {cells} cells, more than "
-                                 f"the crossbar's {self.crossbar_cols} columns")
-        return cells
+    def outputs_per_tile(self, weight_bits):
+        """Output channels of b-bit weights one column tile holds in this encoding: the mask
+        group that makes masks cost nothing beyond their kept rows; raises if none fits."""
+        return outputs_per_tile(self.weight_encoding, weight_bits, self.crossbar_cols)
+
+    @property
+    def adc_conversion_energy_pj(self):
+        """pJ of one conversion at adc_bits (the reference width for an ideal ADC)."""
+        bits = self.adc_bits or self.adc_reference_bits
+        return self.adc_energy_pj * self.adc_energy_per_bit ** (bits - self.adc_reference_bits)
+
+    def adc_for(self, crossbar, full_scale=None):
+        """The `AdcSteps` of a crossbar: ideal, fixed full scale, or calibrated from
+        `full_scale` (per ADC channel, `calibrated_full_scale`)."""
+        if not self.adc_bits:
+            return ideal_adc(crossbar)
+        if self.adc_range == "fixed":
+            return fixed_adc(crossbar, self.adc_bits)
+        if full_scale is None:
+            raise NptwofoldError("a calibrated ADC needs the partial-sum ranges; calibrate first")
+        return calibrated_adc(crossbar, self.adc_bits, full_scale)
 
     def to_dict(self):
         return {**dataclasses.asdict(self), "cell_energy_pj": list(self.cell_energy_pj)}
@@ -131,7 +165,7 @@ def layer_energy_report(counts, config):
     cell-state histogram (counts and shares of 00, 01, 10, 11) and the raw event counts."""
     cell_counts = [int(n) for n in counts.cell_state_counts]
     cells_pj = sum(n * energy for n, energy in zip(cell_counts, config.cell_energy_pj))
-    adc_pj = counts.adc_conversions * config.adc_energy_pj
+    adc_pj = counts.adc_conversions * config.adc_conversion_energy_pj
     lfsr_pj = counts.lfsr_steps * config.lfsr_step_energy_pj
     activated = sum(cell_counts)
     return {

@@ -88,6 +88,22 @@ class WeightLayer(Module):
 
     bit_width = 0  # 0: the float weight is trained directly
     dropped_planes = 0
+    forward_op = None  # set by use_forward_op
+
+    def use_forward_op(self, op):
+        """Route `forward(x)` through `op(layer, x)`; None restores the layer's own forward.
+
+        The hook of a simulator that runs the layer's matmul elsewhere (the CIM array,
+        `nptwofold.cim_network`). op may call `layer.own_forward(x)` first, which fills the cache
+        `backward` uses: a straight-through fine-tune returns its own output and trains with the
+        layer's plain gradient.
+        """
+        self.forward_op = op
+
+    def forward(self, x):
+        if self.forward_op is None:
+            return self.own_forward(x)
+        return self.forward_op(self, x)
 
     def use_bit_weights(self, b):
         weight = self.params.pop("weight")
@@ -108,7 +124,7 @@ class WeightLayer(Module):
         if not self.bit_width:
             self.grads["weight"][...] = dweight
             return
-        self.grads["weight_bits"][...], _ = bits_backward(
+        self.grads["weight_bits"][...] = bits_backward(
             self.params["weight_bits"], self.buffers["weight_scale"][0], dweight,
             self.dropped_planes)
 
@@ -127,7 +143,7 @@ class Conv3x3(WeightLayer):
         self.grads["weight"] = np.zeros_like(self.params["weight"])
         self.workspace = np.empty(0, dtype)  # im2col patches, grown once and reused
 
-    def forward(self, x):
+    def own_forward(self, x):
         rows, width = im2col_rows(x.shape, self.stride)
         if self.workspace.size < rows * width:
             self.workspace = np.empty(rows * width, x.dtype)
@@ -228,7 +244,7 @@ class Linear(WeightLayer):
         self.params["bias"] = rng.uniform(-bound, bound, out_features).astype(dtype)
         self.grads = {name: np.zeros_like(value) for name, value in self.params.items()}
 
-    def forward(self, x):
+    def own_forward(self, x):
         self.x = x
         self.weight = self.effective_weight()
         return linear_forward(x, self.weight, self.params["bias"])

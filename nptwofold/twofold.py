@@ -116,7 +116,7 @@ class Twofold:
                 value, dweight = reg_net(layer.weight, self.keep_mask(name), self.config.lambda_net)
                 # Reg_Net acts on W = s q / qmax, so its gradient reaches the bits the STE way
                 layer.grads["weight_bits"] += bits_backward(bits, scale, dweight,
-                                                            layer.dropped_planes)[0]
+                                                            layer.dropped_planes)
                 totals["reg_net"] += value
             if self.config.beta_bit:
                 value, dbits = reg_bit_of(bits, self.config.beta_bit, self.param_share[name])

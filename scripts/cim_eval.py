@@ -1,12 +1,17 @@
 """Run a checkpoint on the simulated CIM array: test accuracy of the float, fake-quant and CIM
-runs, and energy per image per layer (cells / ADC / LFSR, cell-state histogram) with its ratio
-to a dense 8-bit baseline (`nptwofold.cim_network`): by default the same weights mapped dense,
-with `--baseline CKPT` a separately trained dense model run on the same images (its energy
-counted from its own activations, SPEC 5's counting path).
+runs, for a list of ADC widths and weight encodings in one go, and energy per image (cells / ADC
+/ LFSR, cell-state histogram) with its ratio to a dense baseline (`nptwofold.cim_network`): by
+default the same weights on every row, with `--baseline CKPT` a separately trained dense model
+run on the same images (its energy counted from its own activations).
 
     python scripts/cim_eval.py CKPT [--baseline CKPT] [--data PATH|sample] [--images N]
-        [--adc-bits N] [--hw-config JSON] [--hw KEY=VALUE ...] [--calib-images N]
-        [--json OUT] [--csv OUT] [--threads N]
+        [--adc-bits N [N ...]] [--encoding E [E ...]] [--adc-range fixed|calibrated]
+        [--hw-config JSON] [--hw KEY=VALUE ...] [--calib-images N] [--json OUT] [--csv OUT]
+        [--plot OUT.png] [--threads N]
+
+The activation clips and the ADC partial-sum histograms are calibrated on training images and
+cached in the checkpoint (/cim) when it is writable; a read-only checkpoint is evaluated all the
+same and the report says the calibration was not cached.
 """
 import argparse
 import json
@@ -18,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
 
-NANOJOULE = 1e3  # pJ per nJ: the table prints nJ, the files keep pJ
+NANOJOULE = 1e3  # pJ per nJ: the tables print nJ, the files keep pJ
+ENCODINGS = ("twos_complement", "offset_binary", "sign_magnitude")
 
 
 def parse_args(argv):
@@ -31,24 +37,30 @@ def parse_args(argv):
     parser.add_argument("--data", help="CIFAR-10 tarball or folder, 'sample' or 'cifar10' "
                         "(default: the data the checkpoint was trained on)")
     parser.add_argument("--images", type=int, help="first N test images (default: all)")
-    parser.add_argument("--adc-bits", type=int, help="ADC bits, 0 = ideal (default: the "
-                        "hardware config's, else ideal)")
+    parser.add_argument("--adc-bits", type=int, nargs="+", metavar="N",
+                        help="ADC widths to run, 0 = ideal (default: the hardware config's)")
+    parser.add_argument("--encoding", nargs="+", choices=ENCODINGS,
+                        help="weight encodings to run (default: the hardware config's)")
+    parser.add_argument("--adc-range", choices=("fixed", "calibrated"),
+                        help="ADC full scale (default: the hardware config's)")
     parser.add_argument("--hw-config", help="HardwareConfig JSON file (default: SPEC values)")
     parser.add_argument("--hw", action="append", default=[], metavar="KEY=VALUE",
                         help="override one HardwareConfig field, the value in JSON; repeatable "
                         "(--hw crossbar_rows=256 --hw 'cell_energy_pj=[0.08,0.36,0.73,1.49]')")
     parser.add_argument("--calib-images", type=int, default=500,
-                        help="training images that calibrate the activation clips; the clips "
-                        "are stored in the checkpoint (/cim) and reused by later runs")
+                        help="training images that calibrate the activation clips and ADC "
+                        "ranges; cached in the checkpoint (/cim) if it is writable")
     parser.add_argument("--recalibrate", action="store_true",
-                        help="calibrate again even if the checkpoint holds clips")
+                        help="calibrate again even if the checkpoint holds a calibration")
     parser.add_argument("--weight-bits", type=int,
                         help="bits of a float checkpoint's weights (default 8)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2,
-                        help="threads of the CIM kernel (default 2)")
+                        help="threads of the CIM kernels (default 2; results do not depend on it)")
     parser.add_argument("--json", metavar="OUT", help="write the full report as JSON")
-    parser.add_argument("--csv", metavar="OUT", help="write the per-layer rows as CSV")
+    parser.add_argument("--csv", metavar="OUT", help="write the per-layer rows of every run")
+    parser.add_argument("--plot", metavar="OUT", help="plot accuracy and energy against the "
+                        "ADC width (needs matplotlib, the optional extra 'plot')")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     for name in ("images", "calib_images", "batch_size", "threads"):
@@ -58,35 +70,22 @@ def parse_args(argv):
     return args
 
 
-def format_table(result):
-    """The readable report: accuracies, then energy per image per layer in nJ."""
-    accuracy = result["accuracy"]
-    hardware = result["hardware"]
-    adc = f"{hardware['adc_bits']}-bit ADC" if hardware["adc_bits"] else "ideal ADC"
-    lines = [
-        f"{result['checkpoint']}: {result['n_images']} test images from {result['data']}; "
-        f"{hardware['activation_bits']}-bit inputs, {adc}, {hardware['crossbar_rows']}-row "
-        f"crossbars; activation clips {result['clips']}",
-        f"accuracy: float {accuracy['float']:.4f}, fake-quant {accuracy['fake_quant']:.4f}, "
-        f"CIM {accuracy['cim']:.4f} (CIM = fake-quant prediction on "
-        f"{result['cim_fake_quant_agreement']:.2%} of images)",
-        f"energy per image, nJ (dense: {result['baseline']}; ratio = dense / CIM)",
-        f"{'layer':<16}{'kept/rows':>10}{'tiles':>6}{'cells':>9}{'ADC':>8}{'LFSR':>7}"
-        f"{'total':>9}{'c00':>6}{'c01':>6}{'c10':>6}{'c11':>6}{'dense':>9}{'ratio':>7}",
-    ]
-    for row in result["layers"] + [result["total"]]:
-        shape = f"{row['kept']}/{row['rows']}" if "rows" in row else ""
-        lines.append(
-            f"{row['layer']:<16}{shape:>10}{row.get('tiles', ''):>6}"
-            f"{row['cells_pj'] / NANOJOULE:>9.1f}{row['adc_pj'] / NANOJOULE:>8.1f}"
-            f"{row['lfsr_pj'] / NANOJOULE:>7.1f}{row['total_pj'] / NANOJOULE:>9.1f}"
-            + "".join(f"{row['cells_' + s]:>6.2f}" for s in ("00", "01", "10", "11"))
-            + f"{row['baseline_total_pj'] / NANOJOULE:>9.1f}{row['baseline_ratio']:>7.2f}")
-    seconds = result["seconds"]
-    lines.append(f"time: calibration {seconds['calibration']:.1f} s, float {seconds['float']:.1f}"
-                 f" s, fake-quant {seconds['fake_quant']:.1f} s, CIM {seconds['cim']:.1f} s "
-                 f"({100 * seconds['cim'] / result['n_images']:.1f} s per 100 images)")
-    return "\n".join(lines)
+def check_output_locations(paths):
+    """Raise before any work if an output file could not be written."""
+    from nptwofold.errors import NptwofoldError
+
+    for path in paths:
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            raise NptwofoldError(f"cannot write {path}: it is a folder")
+        folder = path.parent
+        while not folder.exists():  # atomic_write creates the missing folders
+            folder = folder.parent
+        if not os.access(folder, os.W_OK | os.X_OK) or (path.exists()
+                                                        and not os.access(path, os.W_OK)):
+            raise NptwofoldError(f"cannot write {path}: {folder} is not writable")
 
 
 def hardware_overrides(pairs):
@@ -105,60 +104,107 @@ def hardware_overrides(pairs):
     return overrides
 
 
+def hardware_variants(args):
+    """The HardwareConfig of every (encoding, ADC width) run, encodings outermost."""
+    from nptwofold.hardware import HardwareConfig
+
+    settings = HardwareConfig.from_json(args.hw_config).to_dict() if args.hw_config else {}
+    settings.update(hardware_overrides(args.hw))
+    if args.adc_range:
+        settings["adc_range"] = args.adc_range
+    base = HardwareConfig.from_json(settings)  # validates keys and values
+    encodings = args.encoding or [base.weight_encoding]
+    widths = args.adc_bits if args.adc_bits is not None else [base.adc_bits]
+    return base, [HardwareConfig.from_json(dict(settings, weight_encoding=encoding,
+                                                adc_bits=bits))
+                  for encoding in encodings for bits in widths]
+
+
+def calibration_note(calibrated, stored):
+    if not calibrated:
+        return "stored in the checkpoint by an earlier calibration"
+    if stored:
+        return "calibrated now, stored in the checkpoint"
+    return "calibrated now, not cached: the checkpoint is not writable"
+
+
+def run_batches(images, batch_size, logits_of, bar):
+    """Predicted classes of `images`, batch by batch; returns (predictions, seconds)."""
+    import numpy as np
+
+    started = time.perf_counter()
+    predictions = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        predictions.append(logits_of(batch).argmax(axis=1))
+        bar.update(len(batch))
+    return np.concatenate(predictions), time.perf_counter() - started
+
+
 def evaluate_on_array(args):
     import numpy as np
     from tqdm import tqdm
 
     from nptwofold.cim_network import CimNetwork
     from nptwofold.data import load_dataset
-    from nptwofold.hardware import HardwareConfig
 
-    settings = HardwareConfig.from_json(args.hw_config).to_dict() if args.hw_config else {}
-    settings.update(hardware_overrides(args.hw))
-    if args.adc_bits is not None:
-        settings["adc_bits"] = args.adc_bits
-    hardware = HardwareConfig.from_json(settings)  # validates keys and values
-    network, content = CimNetwork.from_checkpoint(args.checkpoint, hardware, args.weight_bits)
+    base_hardware, variants = hardware_variants(args)
+    network, content = CimNetwork.from_checkpoint(args.checkpoint, variants[0],
+                                                  args.weight_bits)
     dataset = load_dataset(args.data or content["config"].get("data", "cifar10"))
     images = dataset.test_images[:args.images]
     labels = dataset.test_labels[:args.images]
-
-    seconds = dict(calibration=0.0, float=0.0, fake_quant=0.0, cim=0.0)
     calibration = dataset.train_images[:args.calib_images]
+
     started = time.perf_counter()
-    calibrated = network.calibrate_checkpoint(args.checkpoint, content, calibration,
-                                              args.batch_size, args.recalibrate)
-    seconds["calibration"] = time.perf_counter() - started
-    runs = dict(float=network.float_logits, fake_quant=network.fake_quant_logits,
-                cim=network.cim_logits)
-    predictions = {name: [] for name in runs}
-    with tqdm(total=len(images), unit="img", desc="cim eval", disable=args.no_progress) as bar:
-        for start in range(0, len(images), args.batch_size):
-            batch = images[start:start + args.batch_size]
-            for name, logits_of in runs.items():
-                started = time.perf_counter()
-                predictions[name].append(logits_of(batch).argmax(axis=1))
-                seconds[name] += time.perf_counter() - started
-            bar.update(len(batch))
-    predictions = {name: np.concatenate(found) for name, found in predictions.items()}
+    notes = [calibration_note(*network.calibrate_checkpoint(
+        args.checkpoint, content, calibration, args.batch_size, args.recalibrate))]
+    networks = [network.with_hardware(hardware) for hardware in variants]
+    for variant in networks:
+        found = variant.ensure_adc_calibration(args.checkpoint, calibration, args.batch_size)
+        if found[0]:
+            notes.append(f"{variant.hardware.weight_encoding} ADC ranges "
+                         + calibration_note(*found))
+            for other in networks:  # the same encoding's other widths share the histograms
+                other.adc_histograms = {**variant.adc_histograms, **other.adc_histograms}
+                other.select_adc_histograms()
+    seconds = dict(calibration=time.perf_counter() - started)
+
+    total = len(images) * (2 + len(networks))
+    with tqdm(total=total, unit="img", desc="cim eval", disable=args.no_progress) as bar:
+        float_predictions, seconds["float"] = run_batches(images, args.batch_size,
+                                                          network.float_logits, bar)
+        fake_predictions, seconds["fake_quant"] = run_batches(images, args.batch_size,
+                                                              network.fake_quant_logits, bar)
+        runs = []
+        for variant in networks:
+            predictions, elapsed = run_batches(images, args.batch_size, variant.cim_logits, bar)
+            runs.append((variant, predictions, elapsed))
 
     baseline = None
     if args.baseline:
-        baseline = baseline_energy(args.baseline, hardware, dataset, images, args)
-    energy = network.energy_report(baseline)
-    layers = [{**summary, **row}
-              for summary, row in zip(network.layer_summary(), energy["layers"])]
+        baseline = baseline_energy(args.baseline, base_hardware, dataset, images, args)
+    results = []
+    for variant, predictions, elapsed in runs:
+        energy = variant.energy_report(baseline)
+        hardware = variant.hardware
+        results.append(dict(
+            encoding=hardware.weight_encoding, adc_bits=hardware.adc_bits,
+            adc_range=hardware.adc_range, hardware=hardware.to_dict(),
+            accuracy=float(np.mean(predictions == labels)),
+            fake_quant_agreement=float(np.mean(predictions == fake_predictions)),
+            seconds=elapsed,
+            layers=[{**summary, **row} for summary, row in zip(variant.layer_summary(),
+                                                               energy["layers"])],
+            total=energy["total"]))
     return dict(
         checkpoint=str(args.checkpoint), data=dataset.source, n_images=len(images),
         baseline=(f"{args.baseline}, counted on the same images" if args.baseline else
-                  "the same weights on every row, no LFSR"),
-        calibration_images=len(calibration),
-        clips=("calibrated now, stored in the checkpoint" if calibrated else
-               "stored in the checkpoint by an earlier calibration"),
-        hardware=hardware.to_dict(),
-        accuracy={name: float(np.mean(found == labels)) for name, found in predictions.items()},
-        cim_fake_quant_agreement=float(np.mean(predictions["cim"] == predictions["fake_quant"])),
-        seconds=seconds, layers=layers, total=energy["total"])
+                  "the same weights on every row, same encoding, no LFSR"),
+        calibration_images=len(calibration), calibration="; ".join(notes),
+        accuracy=dict(float=float(np.mean(float_predictions == labels)),
+                      fake_quant=float(np.mean(fake_predictions == labels))),
+        seconds=seconds, runs=results)
 
 
 def baseline_energy(path, hardware, dataset, images, args):
@@ -172,26 +218,122 @@ def baseline_energy(path, hardware, dataset, images, args):
     return network.energy_report()
 
 
+def adc_label(run):
+    if not run["adc_bits"]:
+        return "ideal"
+    return f"{run['adc_bits']}-bit {run['adc_range']}"
+
+
+def format_table(result):
+    """The readable report: accuracies and energies of every run, then the first run's
+    per-layer energies in nJ."""
+    accuracy = result["accuracy"]
+    hardware = result["runs"][0]["hardware"]
+    lines = [
+        f"{result['checkpoint']}: {result['n_images']} test images from {result['data']}; "
+        f"{hardware['activation_bits']}-bit inputs, {hardware['crossbar_rows']}x"
+        f"{hardware['crossbar_cols']} crossbars; calibration ({result['calibration_images']} "
+        f"images): {result['calibration']}",
+        f"accuracy: float {accuracy['float']:.4f}, fake-quant (ideal ADC) "
+        f"{accuracy['fake_quant']:.4f}",
+        f"energy per image, nJ (dense: {result['baseline']}; ratio = dense / this)",
+        f"{'encoding':<17}{'ADC':<16}{'accuracy':>9}{'= fq':>7}{'cells':>9}{'ADC':>8}"
+        f"{'LFSR':>7}{'total':>9}{'dense':>9}{'ratio':>7}{'seconds':>9}",
+    ]
+    for run in result["runs"]:
+        total = run["total"]
+        lines.append(
+            f"{run['encoding']:<17}{adc_label(run):<16}{run['accuracy']:>9.4f}"
+            f"{run['fake_quant_agreement']:>7.1%}{total['cells_pj'] / NANOJOULE:>9.1f}"
+            f"{total['adc_pj'] / NANOJOULE:>8.1f}{total['lfsr_pj'] / NANOJOULE:>7.1f}"
+            f"{total['total_pj'] / NANOJOULE:>9.1f}{total['baseline_total_pj'] / NANOJOULE:>9.1f}"
+            f"{total['baseline_ratio']:>7.2f}{run['seconds']:>9.1f}")
+    first = result["runs"][0]
+    lines += [f"per layer, {first['encoding']}, {adc_label(first)} ADC:",
+              f"{'layer':<16}{'kept/rows':>10}{'rows/tile':>10}{'xbars':>6}{'cells':>9}"
+              f"{'ADC':>8}{'LFSR':>7}{'total':>9}{'c00':>6}{'c01':>6}{'c10':>6}{'c11':>6}"
+              f"{'dense':>9}{'ratio':>7}"]
+    for row in first["layers"] + [first["total"]]:
+        shape = f"{row['kept']}/{row['rows']}" if "rows" in row else ""
+        per_tile = f"{row['rows_per_tile_mean']:.0f}" if "rows" in row else ""
+        lines.append(
+            f"{row['layer']:<16}{shape:>10}{per_tile:>10}{row.get('crossbars', ''):>6}"
+            f"{row['cells_pj'] / NANOJOULE:>9.1f}{row['adc_pj'] / NANOJOULE:>8.1f}"
+            f"{row['lfsr_pj'] / NANOJOULE:>7.1f}{row['total_pj'] / NANOJOULE:>9.1f}"
+            + "".join(f"{row['cells_' + s]:>6.2f}" for s in ("00", "01", "10", "11"))
+            + f"{row['baseline_total_pj'] / NANOJOULE:>9.1f}{row['baseline_ratio']:>7.2f}")
+    seconds = result["seconds"]
+    lines.append(f"time: calibration {seconds['calibration']:.1f} s, float {seconds['float']:.1f}"
+                 f" s, fake-quant {seconds['fake_quant']:.1f} s, CIM runs "
+                 f"{sum(run['seconds'] for run in result['runs']):.1f} s")
+    return "\n".join(lines)
+
+
+def plot(result, path):
+    """Accuracy and energy per image against the ADC width, one line per encoding."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for encoding in dict.fromkeys(run["encoding"] for run in result["runs"]):
+        runs = sorted((run for run in result["runs"] if run["encoding"] == encoding and
+                       run["adc_bits"]), key=lambda run: run["adc_bits"])
+        widths = [run["adc_bits"] for run in runs]
+        left.plot(widths, [100 * run["accuracy"] for run in runs], "o-", label=encoding)
+        right.plot(widths, [run["total"]["total_pj"] / NANOJOULE for run in runs], "o-",
+                   label=encoding)
+    left.axhline(100 * result["accuracy"]["fake_quant"], color="gray", ls="--",
+                 label="ideal ADC")
+    left.set(xlabel="ADC bits", ylabel="test accuracy (%)")
+    right.set(xlabel="ADC bits", ylabel="energy per image (nJ)")
+    left.legend()
+    figure.tight_layout()
+    from nptwofold.files import atomic_write
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+    plt.close(figure)
+
+
+def write_outputs(args, result):
+    """Writes the requested files; a failure ends in one line naming the file."""
+    from nptwofold.errors import NptwofoldError
+    from nptwofold.files import write_csv, write_json
+
+    rows = [dict(encoding=run["encoding"], adc=adc_label(run), **row)
+            for run in result["runs"] for row in run["layers"] + [run["total"]]]
+    for path, write in ((args.json, lambda: write_json(args.json, result)),
+                        (args.csv, lambda: write_csv(args.csv, rows))):
+        if path:
+            try:
+                write()
+            except OSError as error:
+                raise NptwofoldError(f"cannot write {path}: {error.strerror or error}") from None
+    if args.plot:
+        try:
+            plot(result, args.plot)
+        except ImportError:
+            print("plot skipped: matplotlib is not installed (pip install -e '.[plot]')")
+        except OSError as error:
+            raise NptwofoldError(f"cannot write {args.plot}: {error.strerror or error}") from None
+
+
 def main(argv=None):
     args = parse_args(argv)
-    # The CIM kernel (Numba threads, parallel over output positions) is nearly all the work;
+    # The CIM kernels (Numba threads, parallel over output positions) are nearly all the work;
     # the float forwards' BLAS calls are small, so BLAS keeps one thread and never spins
     # against the Numba pool.
     configure_threads(1)
     os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
 
     from nptwofold.errors import NptwofoldError
-    from nptwofold.files import write_csv, write_json
 
     try:
+        check_output_locations([args.json, args.csv, args.plot])
         result = evaluate_on_array(args)
+        print(format_table(result))
+        write_outputs(args, result)
     except NptwofoldError as exc:
         sys.exit(f"error: {exc}")
-    print(format_table(result))
-    if args.json:
-        write_json(args.json, result)
-    if args.csv:
-        write_csv(args.csv, result["layers"] + [result["total"]])
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ regularizers (Reg_Net, Reg_Bit), lfsr (keep-masks) and cim (bit-serial crossbar 
 """
 from .augment import crop_flip_to_float, to_float
 from .batchnorm import batchnorm_backward, batchnorm_forward_train, channel_affine
-from .cim import (CrossbarLayer, EnergyCounts, cim_matmul, cim_matmul_packed, count_events,
+from .cim import (Crossbar, EnergyCounts, cim_matmul, cim_matmul_packed, count_events,
                   layer_matrix, map_layer)
 from .conv import conv3x3_backward, conv3x3_forward, im2col_3x3, col2im_3x3, im2col_rows
 from .elementwise import (add_relu_forward, global_avg_pool_backward, global_avg_pool_forward,
@@ -22,7 +22,7 @@ from .quant import (bits_backward, bits_forward, compose, decompose, dequantize,
 from .regularizers import reg_bit, reg_bit_plane_lasso, reg_net
 
 __all__ = [
-    "CrossbarLayer",
+    "Crossbar",
     "EnergyCounts",
     "LFSR_TAPS",
     "add_relu_forward",

@@ -1,60 +1,65 @@
-"""One layer on a 2-bit/cell RRAM compute-in-memory array (SPEC sections 5 and 6).
+"""One layer on a 2-bit/cell RRAM compute-in-memory array (SPEC sections 5 to 7).
 
-`map_layer` lays a layer's kept integer weights onto crossbar cells, `cim_matmul` simulates the
-array bit by bit (output and energy events), and `count_events` counts the same events from
-input popcounts alone, without partial sums. `cim_matmul_packed` gives exactly what
-`cim_matmul` gives, computed on bit-packed words, fast enough for a whole network. Picojoules
-are left to `nptwofold.hardware`.
+This module is the one home of the crossbar conventions: cell states, the layer matrix and its
+row order, how each signed-weight encoding lays a weight onto cells, the physical mapping of
+kept rows onto word lines, the ADC model and the energy events. `map_layer` builds a
+`Crossbar`; `cim_matmul` simulates it bit by bit (outputs and energy events, the reference);
+`count_events` counts the same events from input popcounts; `PackedCrossbar.matmul` gives
+exactly what `cim_matmul` gives, on bit-packed words, fast enough for a whole network.
+Picojoules are left to `nptwofold.hardware`.
 
-Conventions
-- A layer is an R x C integer matrix `levels`: row r = input, column c = output. For a conv,
-  r is the PyTorch flatten of (Cin, kh, kw) (`layer_matrix`), the order of the LFSR masks.
-- Column c uses the kept rows of its mask group, kept_rows[c // group], in LFSR order, compacted
-  onto consecutive word lines. Row tile t holds compacted rows t*T .. t*T+T-1 (T = crossbar
-  rows), so k kept rows span ceil(k / T) tiles, the last one possibly partial. Pruned weights
-  are not stored, so their values in `levels` are ignored.
-- Cells: a b-bit weight takes M = b/2 cells; cell m holds bits (2m+1, 2m) of the b-bit two's
-  complement code as state 2*B(2m+1) + B(2m) in 0..3 (00, 01, 10, 11); the top cell holds the
-  sign bit B(b-1).
-- Inputs are unsigned a-bit integers applied bit-serially, j = 0..a-1: a word line is driven
-  when bit j of its input is 1.
+Layer matrix
+- An (R x C) integer matrix of weight levels q: row r = input, column c = output channel. A
+  conv's rows run in the im2col order (ky, kx, ci) of `kernels.conv.weight_as_matrix`, so the
+  array's inputs are the im2col patches as they are. LFSR masks name rows in the PyTorch flatten
+  (ci, ky, kx); `matrix_rows` converts them once, when a layer is mapped.
 
-Arithmetic, per output position p, input bit j and column c:
-  S[t, m] = sum of the states of cell m over the driven kept rows of tile t (analog partial sum)
-  y_j     = sum_m 4^m sum_t ADC(S[t, m]) - 2^b * H
-  y[p, c] = sum_j 2^j y_j
-Reading every cell as unsigned gives the code U = sum_m 4^m state_m = q + 2^b B(b-1); the sign
-bit weighs -2^(b-1), not +2^(b-1), so each driven negative weight needs -2^b. H is the number of
-driven kept rows whose weight is negative: the top cell enters as 4^(M-1) (lo - 2 hi) =
-4^(M-1) (state - 4 hi). H is counted digitally from the input bits and the stored sign bits:
-exact, and free in the energy model **[assumption]**. With an ideal ADC, y = x @ q_masked.
+Physical mapping (SPEC 7)
+- Output channels are laid on column tiles of `crossbar_cols` columns, `outputs_per_tile` channels
+  each (the encoding fixes the columns per channel, below). A word line carries one input to
+  every column of its tile, so a tile stores every row kept by any of its channels: the union of
+  their kept rows, in ascending matrix order. A channel's pruned weights on those rows are
+  stored as the level 0. The stored rows are split into row tiles of `crossbar_rows` word lines
+  (the last may be partial); one (column tile, row tile) pair is one physical crossbar.
 
-ADC model (`adc_bits` = n): a partial sum lies in 0..3T, where T is the crossbar's row count
-(the ADC is fixed in hardware and does not know how many rows a layer uses), and needs
-range_bits = bit_length(3T) bits (9 for T = 128). With n = 0 or n >= range_bits the ADC is
-ideal: ADC(S) = S. Otherwise step = 2^(range_bits - n) and
-  ADC(S) = step * min(round_half_even(S / step), 2^n - 1),
-rounding to the nearest step, ties to the even code, and clipping at the top code. Ties are
-frequent (S is an integer), so rounding them up would bias every reading by step / 4 on
-average; amplified by the shift-adds (4^m, 2^j) that bias alone ruined an 8-bit ADC.
+Signed-weight encodings (M = b/2 cells per magnitude; cell m holds bits (2m+1, 2m) of an
+unsigned code as state 2 B(2m+1) + B(2m), 00..11):
+- twos_complement: M columns hold the b-bit two's complement code u = q mod 2^b read as
+  unsigned (weight 4^m), and one sign column holds 01 where q < 0 (weight -2^b): u - 2^b
+  [q < 0] = q. M + 1 columns per channel.
+- offset_binary (NeuroSim's weight shift): M columns hold u = q + 2^(b-1) (weight 4^m); one
+  reference column per column tile holds 10 on every stored row at the top significance (weight
+  -4^(M-1)), so its reading, 2 x (driven rows), removes the offset 2^(b-1) of every driven row
+  from all the tile's channels. A pruned weight is stored as the offset (top cell 10).
+- sign_magnitude (differential): a positive and a negative group of M columns each hold |q|
+  (weights +4^m and -4^m); the idle one stores 00. 2M columns per channel.
+
+Arithmetic, per output position p, input bit j (a word line is driven when bit j of its input
+is 1) and physical column k of tile tau:
+  S[t, k] = sum of the states of column k's cells on the driven stored rows of row tile t
+  Q[p, k] = sum_j 2^j sum_t code_k(S[t, k])
+  y[p, c] = sum over the columns k of channel c, and the reference column of its tile,
+            of coefficient_k * step_k * Q[p, k]            (float64, a fixed order)
+With an ideal ADC, code(S) = S, step = 1 and y = x @ q exactly.
+
+ADC (`AdcSteps`): code(S) = min(round_half_even(S / step), top_code), the reading code x step.
+Uniform steps, round to nearest, clip at the top code. Ideal: step 1, no top code. The steps
+are per physical column; `nptwofold.hardware` sets them (fixed full scale or calibrated ranges).
 
 Energy events (integers, so two computations of the same events agree exactly):
-- activated cells per state: for every position, input bit and driven kept row, every cell of
-  that row's weight in that column;
-- ADC conversions: one per (position, input bit, column, cell, row tile); with
-  `skip_zero_tiles` a tile with no driven row for that bit is not converted (its partial sum
-  is 0, which any ADC reads as 0, so the output is unchanged);
-- LFSR steps: the steps of the layer's mask sequence (rejected states included), once per
-  output position; a dense layer has none.
+- activated cells per state: for every position, input bit and driven stored row of a tile,
+  every cell on that word line in the tile, sign and reference columns and 00 cells included;
+- ADC conversions: one per (position, input bit, physical column, row tile of its column
+  tile); with `skip_zero_tiles` a row tile with no driven row for that bit is not converted
+  (its partial sums are 0, which any ADC reads as 0, so the output is unchanged);
+- LFSR steps: `Crossbar.lfsr_steps` per output position (set by the caller from the masks).
 
-Bit-packed evaluation (`cim_matmul_packed`): bit j of the inputs of position p is packed along
-R, in the original row order, into 64-bit words X_j. For each column c, row tile t and cell m
-two R-bit masks are packed once per call, set only on the kept rows of that tile: HI (the
-cell's state has its high bit) and LO (its low bit). Then S[t, m] = 2 popcount(X_j & HI) +
-popcount(X_j & LO), and H is the sum over tiles of popcount(X_j & HI) of the sign cell: the
-same integers as the row loop, so the same outputs. An ideal ADC is linear, so there the tiles
-are merged into one before summing (fewer words to visit, same sums). Its energy events come
-from the counting path, which equals the simulation's.
+Bit-packed evaluation: bit j of the inputs of position p is packed along R into 64-bit words.
+Each crossbar (block) has, per word and physical column, a HI and a LO mask of the stored rows
+whose cell state has the high or low bit; S = 2 popcount(X & HI) + popcount(X & LO). An ideal
+ADC is linear, so there all blocks are merged into one (same sums, fewer words visited). Work
+is split over output positions in fixed chunks, and every per-chunk partial result is an
+integer, so results do not depend on the thread count.
 """
 from typing import NamedTuple
 
@@ -63,30 +68,72 @@ import numpy as np
 from numba import prange, types
 from numba.extending import intrinsic
 
+from ..checks import check_integer
 from ..errors import NptwofoldError
-from .quant import check_bits, decompose
+from .conv import weight_as_matrix
+from .quant import check_bits, max_level
 
 CELL_BITS = 2
-N_CELL_STATES = 1 << CELL_BITS
+CELL_STATES = ("00", "01", "10", "11")
+N_CELL_STATES = len(CELL_STATES)
 MAX_CELL_STATE = N_CELL_STATES - 1
 MAX_ACTIVATION_BITS = 16
-WORD_BITS = 64  # rows per packed word of `cim_matmul_packed`
-POSITIONS_PER_CHUNK = 64  # positions per parallel work item of `cim_matmul_packed`
+WORD_BITS = 64            # rows per packed word
+POSITIONS_PER_CHUNK = 64  # positions per parallel work item
+ENCODINGS = ("twos_complement", "offset_binary", "sign_magnitude")
+IDEAL_TOP_CODE = np.iinfo(np.int64).max
 
 
-class CrossbarLayer(NamedTuple):
-    """A layer as stored on the array."""
-    kept_rows: np.ndarray  # (n_groups, k) int64: each mask group's rows, in word-line order
-    group: int             # columns per mask group: column c uses kept_rows[c // group]
-    cells: np.ndarray      # (C, k, b/2) uint8: states of each column's kept weights, cell m
-    bits: int              # b, weight bits
-    n_rows: int            # R, inputs of the layer
-    rows_per_tile: int     # T, crossbar rows
-    lfsr_steps: int        # steps of the mask's LFSR sequence per output position, 0 if dense
+class Crossbar(NamedTuple):
+    """A layer as the array stores it (see the module docstring)."""
+    bits: int
+    encoding: str
+    n_rows: int               # R, inputs of the layer
+    n_outputs: int            # C, output channels
+    rows_per_tile: int        # word lines per crossbar
+    outputs_per_tile: int     # output channels per column tile
+    cells: np.ndarray         # (K, R) uint8: state of physical column k's cell on matrix row r
+    stored: np.ndarray        # (column tiles, R) bool: rows a column tile stores (the union)
+    column_tile: np.ndarray   # (K,) int64
+    output_of: np.ndarray     # (K,) int64: channel of column k, -1 for a tile's reference column
+    coefficient: np.ndarray   # (K,) int64: digital weight of the column's readings
+    channel: np.ndarray       # (K,) int64: ADC calibration channel (`adc_channels`)
+    lfsr_steps: int           # LFSR steps per output position, 0 if nothing is routed
 
     @property
-    def n_tiles(self):
-        return -(-self.kept_rows.shape[1] // self.rows_per_tile)
+    def n_columns(self):
+        return self.cells.shape[0]
+
+    @property
+    def n_column_tiles(self):
+        return self.stored.shape[0]
+
+    @property
+    def kept_rows_per_tile(self):
+        """(column tiles,) rows stored by each column tile."""
+        return self.stored.sum(axis=1)
+
+    @property
+    def n_row_tiles(self):
+        """(column tiles,) row tiles of each column tile."""
+        return -(-self.kept_rows_per_tile // self.rows_per_tile)
+
+    @property
+    def row_tile(self):
+        """(column tiles, R) int64: row tile of each stored row, -1 where not stored."""
+        rank = np.cumsum(self.stored, axis=1) - 1
+        return np.where(self.stored, rank // self.rows_per_tile, -1).astype(np.int64)
+
+
+class AdcSteps(NamedTuple):
+    """Per physical column: the reading of one code (step) and the top code."""
+    step: np.ndarray  # (K,) float64
+    top: np.ndarray   # (K,) int64
+
+    def is_ideal(self, crossbar):
+        """True if every possible partial sum is read exactly."""
+        largest = MAX_CELL_STATE * crossbar.rows_per_tile
+        return bool(np.all(self.step == 1.0) and np.all(self.top >= largest))
 
 
 class EnergyCounts(NamedTuple):
@@ -95,26 +142,191 @@ class EnergyCounts(NamedTuple):
     adc_conversions: int
     lfsr_steps: int
 
+    def __add__(self, other):
+        return EnergyCounts(self.cell_state_counts + other.cell_state_counts,
+                            self.adc_conversions + other.adc_conversions,
+                            self.lfsr_steps + other.lfsr_steps)
+
+    @classmethod
+    def zero(cls):
+        return cls(np.zeros(N_CELL_STATES, np.int64), 0, 0)
+
+
+# --- layer matrix and encodings ------------------------------------------------------------
 
 def layer_matrix(weights):
-    """(R, C) view of conv OIHW or FC (out, in) weights; row r = PyTorch flatten of (I, kh, kw)."""
+    """(R, C) view of conv OIHW (rows (ky, kx, ci), the im2col order) or FC (out, in) weights."""
     weights = np.asarray(weights)
-    return weights.reshape(weights.shape[0], -1).T
+    if weights.ndim == 4:
+        return weight_as_matrix(weights)
+    return weights.T
 
+
+def matrix_rows(pytorch_rows, weight_shape):
+    """Matrix rows of rows named in the PyTorch flatten (ci, ky, kx) of a weight of this shape."""
+    pytorch_rows = np.asarray(pytorch_rows, np.int64)
+    if len(weight_shape) != 4:
+        return pytorch_rows
+    in_channels, height, width = weight_shape[1:]
+    channel, kernel_position = np.divmod(pytorch_rows, height * width)
+    return kernel_position * in_channels + channel
+
+
+def cells_per_magnitude(bits):
+    return check_bits(bits) // CELL_BITS
+
+
+def adc_channels(encoding, bits):
+    """Names of the ADC calibration channels of an encoding (one per kind of column)."""
+    cells = range(cells_per_magnitude(bits))
+    if encoding == "twos_complement":
+        return [f"code{m}" for m in cells] + ["sign"]
+    if encoding == "offset_binary":
+        return [f"code{m}" for m in cells] + ["reference"]
+    if encoding == "sign_magnitude":
+        return [f"positive{m}" for m in cells] + [f"negative{m}" for m in cells]
+    raise NptwofoldError(f"unknown weight encoding {encoding!r}; known: {', '.join(ENCODINGS)}")
+
+
+def columns_per_output(encoding, bits):
+    """(columns per output channel, shared columns per column tile) of an encoding."""
+    cells = cells_per_magnitude(bits)
+    adc_channels(encoding, bits)  # rejects an unknown encoding
+    return {"twos_complement": (cells + 1, 0), "offset_binary": (cells, 1),
+            "sign_magnitude": (2 * cells, 0)}[encoding]
+
+
+def outputs_per_tile(encoding, bits, crossbar_cols):
+    """Output channels one column tile holds; raises if not even one fits."""
+    per_output, shared = columns_per_output(encoding, bits)
+    outputs = (crossbar_cols - shared) // per_output
+    if outputs < 1:
+        raise NptwofoldError(f"a {bits}-bit weight in {encoding} needs {per_output + shared} "
+                             f"columns, more than the crossbar's {crossbar_cols}")
+    return outputs
+
+
+def _cell_states(codes, bits):
+    """(M, *shape) states of unsigned codes, cell m = bits (2m+1, 2m)."""
+    shifts = CELL_BITS * np.arange(cells_per_magnitude(bits)).reshape(-1, *[1] * codes.ndim)
+    return ((codes[None] >> shifts) & MAX_CELL_STATE).astype(np.uint8)
+
+
+def _encoded_columns(levels, encoding, bits):
+    """Per output channel, its columns' states (C, per_output, R), coefficients and channels."""
+    cells = cells_per_magnitude(bits)
+    q = levels.T.astype(np.int64)  # (C, R)
+    significance = 4 ** np.arange(cells, dtype=np.int64)
+    if encoding == "twos_complement":
+        states = np.concatenate([_cell_states(q & ((1 << bits) - 1), bits),
+                                 (q < 0)[None].astype(np.uint8)])
+        coefficient = np.append(significance, -(1 << bits))
+    elif encoding == "offset_binary":
+        states = _cell_states(q + (1 << (bits - 1)), bits)
+        coefficient = significance
+    else:
+        states = np.concatenate([_cell_states(np.where(q > 0, q, 0), bits),
+                                 _cell_states(np.where(q < 0, -q, 0), bits)])
+        coefficient = np.concatenate([significance, -significance])
+    return states.transpose(1, 0, 2), coefficient, np.arange(len(coefficient))
+
+
+def map_layer(levels, bits, rows_per_tile, crossbar_cols, encoding="twos_complement",
+              keep=None, lfsr_steps=0):
+    """Crossbar of an (R, C) matrix of b-bit integer levels (module docstring).
+
+    keep: (R, C) bool, the kept weights in matrix row order, or None for a dense layer. Pruned
+    weights are stored as the level 0 on the rows their column tile stores.
+    lfsr_steps: LFSR steps per output position needed to route this layer's stored rows.
+    """
+    levels = _check_integer_matrix("layer levels", levels)
+    bits = check_bits(bits)
+    rows_per_tile = check_integer("crossbar rows", rows_per_tile, 1)
+    crossbar_cols = check_integer("crossbar columns", crossbar_cols, 1)
+    n_rows, n_outputs = levels.shape
+    qmax = max_level(bits)
+    if levels.size and np.abs(levels).max() > qmax:
+        raise NptwofoldError(f"layer levels must lie in -{qmax}..{qmax} for {bits}-bit weights")
+    if keep is None:
+        keep = np.ones(levels.shape, bool)
+    keep = np.asarray(keep, bool)
+    if keep.shape != levels.shape:
+        raise NptwofoldError(f"keep mask has shape {keep.shape}, the layer {levels.shape}")
+    per_tile = outputs_per_tile(encoding, bits, crossbar_cols)
+    states, coefficient, channel = _encoded_columns(np.where(keep, levels, 0), encoding, bits)
+    tiles = range(0, n_outputs, per_tile)
+    stored = np.array([keep[:, start:start + per_tile].any(axis=1) for start in tiles])
+    cells, coefficients, channels, column_tile, output_of = [], [], [], [], []
+    for tile, start in enumerate(tiles):
+        outputs = range(start, min(start + per_tile, n_outputs))
+        for output in outputs:
+            cells.append(states[output])
+            coefficients.append(coefficient)
+            channels.append(channel)
+            output_of.append(np.full(len(coefficient), output))
+            column_tile.append(np.full(len(coefficient), tile))
+        if encoding == "offset_binary":
+            cells.append(np.full((1, n_rows), 2, np.uint8))  # the offset 2 x 4^(M-1)
+            coefficients.append([-(4 ** (cells_per_magnitude(bits) - 1))])
+            channels.append([len(coefficient)])
+            output_of.append([-1])
+            column_tile.append([tile])
+    cells = np.concatenate(cells) * stored[np.concatenate(column_tile)]
+    return Crossbar(bits, encoding, n_rows, n_outputs, rows_per_tile, per_tile,
+                    np.ascontiguousarray(cells, np.uint8), np.ascontiguousarray(stored),
+                    *(np.concatenate(a).astype(np.int64)
+                      for a in (column_tile, output_of, coefficients, channels)),
+                    check_integer("LFSR steps", lfsr_steps, 0))
+
+
+# --- ADC ------------------------------------------------------------------------------------
 
 def adc_range_bits(rows_per_tile):
     """Bits of the largest partial sum of a tile, 3 * rows_per_tile."""
     return (MAX_CELL_STATE * rows_per_tile).bit_length()
 
 
-def _check_int(name, value, minimum, maximum=None):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise NptwofoldError(f"{name} must be an integer, got {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        upper = "" if maximum is None else f"..{maximum}"
-        raise NptwofoldError(f"{name} must be in {minimum}{upper}, got {value}")
-    return int(value)
+def ideal_adc(crossbar):
+    return AdcSteps(np.ones(crossbar.n_columns), np.full(crossbar.n_columns, IDEAL_TOP_CODE))
 
+
+def fixed_adc(crossbar, adc_bits):
+    """ADC of fixed full scale 0..3T (it does not know a layer's ranges): step 2^(range_bits -
+    n), ideal for n = 0 or n >= range_bits."""
+    adc_bits = check_integer("ADC bits", adc_bits, 0)
+    range_bits = adc_range_bits(crossbar.rows_per_tile)
+    if adc_bits == 0 or adc_bits >= range_bits:
+        return ideal_adc(crossbar)
+    return AdcSteps(np.full(crossbar.n_columns, float(1 << (range_bits - adc_bits))),
+                    np.full(crossbar.n_columns, (1 << adc_bits) - 1))
+
+
+def calibrated_adc(crossbar, adc_bits, full_scale):
+    """ADC whose top code reads `full_scale[channel]` (partial-sum units, one per ADC channel):
+    step = max(1, full_scale / (2^n - 1)); a step below 1 would resolve nothing more."""
+    adc_bits = check_integer("ADC bits", adc_bits, 0)
+    if adc_bits == 0:
+        return ideal_adc(crossbar)
+    full_scale = np.asarray(full_scale, np.float64)
+    if full_scale.shape != (len(adc_channels(crossbar.encoding, crossbar.bits)),):
+        raise NptwofoldError(f"full scales have shape {full_scale.shape}, the encoding "
+                             f"{crossbar.encoding} has {len(adc_channels(crossbar.encoding, crossbar.bits))} ADC channels")
+    top = (1 << adc_bits) - 1
+    step = np.maximum(1.0, full_scale / top)[crossbar.channel]
+    return AdcSteps(step, np.full(crossbar.n_columns, top))
+
+
+def full_scale_at_percentile(histogram, percentile):
+    """Smallest partial sum at or below which `percentile` % of the counted readings lie, per
+    channel, from (channels, 3T + 1) histograms; at least 1."""
+    histogram = np.asarray(histogram, np.int64)
+    cumulative = np.cumsum(histogram, axis=1)
+    totals = cumulative[:, -1:]
+    reached = cumulative * 100.0 >= percentile * np.maximum(totals, 1)
+    return np.maximum(reached.argmax(axis=1), 1).astype(np.float64)
+
+
+# --- input checks -------------------------------------------------------------------------
 
 def _check_integer_matrix(name, array):
     array = np.asarray(array)
@@ -123,123 +335,30 @@ def _check_integer_matrix(name, array):
     return array
 
 
-def map_layer(levels, bits, rows_per_tile, kept_rows=None, group=1, lfsr_steps=0):
-    """Crossbar view of an (R, C) matrix of b-bit integer weights.
-
-    kept_rows: (ceil(C / group), k) rows kept by each mask group (`LfsrKeepMask.kept_rows`),
-    or None for a dense layer (every row, one group). lfsr_steps: `LfsrKeepMask.steps`.
-    """
-    levels = _check_integer_matrix("layer levels", levels)
-    bits = check_bits(bits)
-    rows_per_tile = _check_int("crossbar rows", rows_per_tile, 1)
-    n_rows, n_cols = levels.shape
-    if kept_rows is None:
-        kept_rows, group = np.arange(n_rows)[None, :], n_cols
-    group = _check_int("mask group", group, 1)
-    kept_rows = _check_integer_matrix("kept rows", kept_rows).astype(np.int64)
-    n_groups = -(-n_cols // group)
-    if kept_rows.shape[0] != n_groups or kept_rows.shape[1] < 1:
-        raise NptwofoldError(f"kept rows have shape {kept_rows.shape}; a {n_cols}-column layer "
-                             f"with groups of {group} needs ({n_groups}, k >= 1)")
-    if kept_rows.min() < 0 or kept_rows.max() >= n_rows:
-        raise NptwofoldError(f"kept rows must lie in 0..{n_rows - 1}")
-    if np.any(np.diff(np.sort(kept_rows, axis=1), axis=1) == 0):
-        raise NptwofoldError("kept rows repeat a row within a group")
-    columns = np.arange(n_cols)
-    kept_levels = levels[kept_rows[columns // group], columns[:, None]]  # (C, k)
-    planes = decompose(kept_levels, bits)  # (b, C, k)
-    cells = planes[0::2] + 2 * planes[1::2]  # (b/2, C, k)
-    return CrossbarLayer(np.ascontiguousarray(kept_rows), group,
-                         np.ascontiguousarray(cells.transpose(1, 2, 0)), bits, n_rows,
-                         rows_per_tile, _check_int("LFSR steps", lfsr_steps, 0))
-
-
-def _check_inputs(layer, x, activation_bits):
-    activation_bits = _check_int("activation bits", activation_bits, 1, MAX_ACTIVATION_BITS)
+def _check_inputs(crossbar, x, activation_bits):
+    activation_bits = check_integer("activation bits", activation_bits, 1, MAX_ACTIVATION_BITS)
     x = _check_integer_matrix("CIM inputs", x)
-    if x.shape[1] != layer.n_rows:
-        raise NptwofoldError(f"CIM inputs have {x.shape[1]} rows, the layer has {layer.n_rows}")
+    if x.shape[1] != crossbar.n_rows:
+        raise NptwofoldError(f"CIM inputs have {x.shape[1]} rows, the layer has {crossbar.n_rows}")
     if x.size and (x.min() < 0 or x.max() >= 1 << activation_bits):
         raise NptwofoldError(f"CIM inputs must be unsigned {activation_bits}-bit integers "
                              f"(0..{(1 << activation_bits) - 1})")
-    return np.ascontiguousarray(x, np.int64), activation_bits
+    return np.ascontiguousarray(x), activation_bits
 
 
-def _adc_parameters(layer, adc_bits):
-    """(shift, top code) of the ADC model for `_adc`; shift 0 is the ideal ADC."""
-    adc_bits = _check_int("ADC bits", adc_bits, 0)
-    range_bits = adc_range_bits(layer.rows_per_tile)
-    adc_shift = range_bits - adc_bits if 0 < adc_bits < range_bits else 0
-    return adc_shift, (1 << adc_bits) - 1 if adc_shift else 0
+def _check_adc(crossbar, adc):
+    if adc is None:
+        return ideal_adc(crossbar)
+    if not isinstance(adc, AdcSteps) or adc.step.shape != (crossbar.n_columns,):
+        raise NptwofoldError("the ADC must be AdcSteps with one step per physical column")
+    return adc
 
 
-@numba.njit(cache=True)
-def _adc(partial_sum, shift, max_code):
-    if shift == 0:
-        return partial_sum
-    code = partial_sum >> shift
-    remainder = partial_sum - (code << shift)
-    half = 1 << (shift - 1)
-    if remainder > half or (remainder == half and code & 1):
-        code += 1
-    return min(code, max_code) << shift
-
-
-@numba.njit(cache=True)
-def _simulate_kernel(x, kept_rows, group, cells, rows_per_tile, activation_bits, bits,
-                     adc_shift, adc_max_code, skip_zero_tiles, out, cell_counts):
-    """Fills `out` and `cell_counts`; returns the number of ADC conversions."""
-    n_positions, n_rows = x.shape
-    n_cols, kept, n_cells = cells.shape
-    driven = np.empty(n_rows, np.uint8)
-    partial_sums = np.empty(n_cells, np.int64)
-    conversions = 0
-    for p in range(n_positions):
-        for j in range(activation_bits):
-            for r in range(n_rows):
-                driven[r] = (x[p, r] >> j) & 1
-            for c in range(n_cols):
-                rows = kept_rows[c // group]
-                column_sum = 0
-                driven_negative = 0
-                for start in range(0, kept, rows_per_tile):
-                    partial_sums[:] = 0
-                    tile_driven = False
-                    for i in range(start, min(start + rows_per_tile, kept)):
-                        if driven[rows[i]]:
-                            tile_driven = True
-                            driven_negative += cells[c, i, n_cells - 1] >> 1
-                            for m in range(n_cells):
-                                state = cells[c, i, m]
-                                partial_sums[m] += state
-                                cell_counts[state] += 1
-                    if tile_driven or not skip_zero_tiles:
-                        conversions += n_cells
-                    for m in range(n_cells):
-                        column_sum += _adc(partial_sums[m], adc_shift, adc_max_code) << (2 * m)
-                out[p, c] += (column_sum - (driven_negative << bits)) << j
-    return conversions
-
-
-def cim_matmul(layer, x, activation_bits, adc_bits=0, skip_zero_tiles=False):
-    """Bit-serial array output of inputs x (P, R) and its energy events.
-
-    Returns (y, counts): y is (P, C) int64, equal to x @ q_masked for an ideal ADC
-    (adc_bits = 0 or >= adc_range_bits); counts is an EnergyCounts.
-    """
-    x, activation_bits = _check_inputs(layer, x, activation_bits)
-    adc_shift, adc_max_code = _adc_parameters(layer, adc_bits)
-    out = np.zeros((x.shape[0], layer.cells.shape[0]), np.int64)
-    cell_counts = np.zeros(N_CELL_STATES, np.int64)
-    conversions = _simulate_kernel(x, layer.kept_rows, layer.group, layer.cells,
-                                   layer.rows_per_tile, activation_bits, layer.bits, adc_shift,
-                                   adc_max_code, bool(skip_zero_tiles), out, cell_counts)
-    return out, EnergyCounts(cell_counts, int(conversions), layer.lfsr_steps * x.shape[0])
-
+# --- kernels --------------------------------------------------------------------------------
 
 @intrinsic
 def _popcount(typingctx, value):
-    """Number of 1 bits of an integer, as int64: LLVM's ctpop, one instruction on most CPUs."""
+    """Number of 1 bits of an integer, as int64: LLVM's ctpop (vectorised with AVX-512)."""
     if not isinstance(value, types.Integer):
         return None
 
@@ -250,98 +369,191 @@ def _popcount(typingctx, value):
 
 
 @numba.njit(cache=True)
-def _count_kernel(x, kept_rows, group, cells, rows_per_tile, activation_bits, skip_zero_tiles,
-                  cell_counts):
-    """Fills `cell_counts`; returns the number of ADC conversions."""
+def _adc_code(partial_sum, step, top):
+    return min(np.int64(np.rint(partial_sum / step)), top)
+
+
+@numba.njit(parallel=True, cache=True)
+def _combine_kernel(codes, coefficient, step, output_of, column_tile, outputs_per_tile, out):
+    """out[p, c] = sum over the columns of channel c (and its tile's reference column) of
+    coefficient * step * Q, in column order."""
+    n_positions, n_columns = codes.shape
+    n_outputs = out.shape[1]
+    for p in prange(n_positions):
+        out[p, :] = 0.0
+        for k in range(n_columns):
+            value = np.float64(coefficient[k]) * step[k] * np.float64(codes[p, k])
+            if output_of[k] >= 0:
+                out[p, output_of[k]] += value
+            else:
+                first = column_tile[k] * outputs_per_tile
+                for c in range(first, min(first + outputs_per_tile, n_outputs)):
+                    out[p, c] += value
+
+
+@numba.njit(cache=True)
+def _simulate_kernel(x, cells, stored, row_tile, n_row_tiles, column_tile, activation_bits,
+                     step, top, skip_zero_tiles, codes, cell_counts):
+    """Row by row: fills `codes` (P, K) and `cell_counts`; returns the ADC conversions."""
     n_positions, n_rows = x.shape
-    n_cols, kept, n_cells = cells.shape
-    # A row's cells are activated once per 1-bit of its input, over all positions and bits.
-    ones = np.zeros(n_rows, np.int64)
-    for p in range(n_positions):
-        for r in range(n_rows):
-            ones[r] += _popcount(x[p, r])
-    for c in range(n_cols):
-        rows = kept_rows[c // group]
-        for i in range(kept):
-            for m in range(n_cells):
-                cell_counts[cells[c, i, m]] += ones[rows[i]]
-    n_tiles = (kept + rows_per_tile - 1) // rows_per_tile
-    if not skip_zero_tiles:
-        return n_positions * activation_bits * n_cols * n_cells * n_tiles
-    # A tile is converted for bit j iff bit j of the OR of its inputs is 1; the columns of a
-    # group share the tile's rows, so each group's tiles are scanned once.
+    n_columns = cells.shape[0]
+    sums = np.zeros(max(n_row_tiles.max(), 1), np.int64)
+    driven = np.zeros(sums.size, np.bool_)
     conversions = 0
-    for g in range(kept_rows.shape[0]):
-        group_cols = min(group, n_cols - g * group)
-        rows = kept_rows[g]
-        for start in range(0, kept, rows_per_tile):
-            converted_bits = 0
-            for p in range(n_positions):
-                tile_bits = 0
-                for i in range(start, min(start + rows_per_tile, kept)):
-                    tile_bits |= x[p, rows[i]]
-                converted_bits += _popcount(tile_bits)
-            conversions += converted_bits * group_cols * n_cells
+    for p in range(n_positions):
+        for j in range(activation_bits):
+            for k in range(n_columns):
+                tile = column_tile[k]
+                sums[:] = 0
+                driven[:] = False
+                for r in range(n_rows):
+                    if stored[tile, r] and (np.int64(x[p, r]) >> j) & 1:
+                        state = cells[k, r]
+                        sums[row_tile[tile, r]] += state
+                        driven[row_tile[tile, r]] = True
+                        cell_counts[state] += 1
+                for t in range(n_row_tiles[tile]):
+                    if driven[t] or not skip_zero_tiles:
+                        conversions += 1
+                    codes[p, k] += _adc_code(sums[t], step[k], top[k]) << j
     return conversions
 
 
-def count_events(layer, x, activation_bits, skip_zero_tiles=False):
-    """The EnergyCounts of `cim_matmul(layer, x, ...)`, from input popcounts (no partial sums)."""
-    x, activation_bits = _check_inputs(layer, x, activation_bits)
-    return _count_checked_events(layer, x, activation_bits, skip_zero_tiles)
+def cim_matmul(crossbar, x, activation_bits, adc=None, skip_zero_tiles=False):
+    """Bit-serial array output of integer inputs x (P, R) and its energy events, row by row.
 
-
-def _count_checked_events(layer, x, activation_bits, skip_zero_tiles):
+    Returns (y, counts): y is (P, C) float64, equal to x @ q_kept for an ideal ADC (adc None);
+    counts is an EnergyCounts.
+    """
+    x, activation_bits = _check_inputs(crossbar, x, activation_bits)
+    adc = _check_adc(crossbar, adc)
+    codes = np.zeros((x.shape[0], crossbar.n_columns), np.int64)
     cell_counts = np.zeros(N_CELL_STATES, np.int64)
-    conversions = _count_kernel(x, layer.kept_rows, layer.group, layer.cells,
-                                layer.rows_per_tile, activation_bits, bool(skip_zero_tiles),
-                                cell_counts)
-    return EnergyCounts(cell_counts, int(conversions), layer.lfsr_steps * x.shape[0])
+    conversions = _simulate_kernel(x, crossbar.cells, crossbar.stored, crossbar.row_tile,
+                                   crossbar.n_row_tiles, crossbar.column_tile, activation_bits,
+                                   adc.step, adc.top, bool(skip_zero_tiles), codes, cell_counts)
+    return (_combine(crossbar, codes, adc),
+            EnergyCounts(cell_counts, int(conversions), crossbar.lfsr_steps * x.shape[0]))
+
+
+def _combine(crossbar, codes, adc):
+    out = np.empty((codes.shape[0], crossbar.n_outputs))
+    _combine_kernel(codes, crossbar.coefficient, adc.step, crossbar.output_of,
+                    crossbar.column_tile, crossbar.outputs_per_tile, out)
+    return out
+
+
+def _blocks(crossbar, merged):
+    """Crossbars (column tile, row tile) as (rows (n,) bool per block (B, R), first column,
+    columns); `merged`: one block of every stored row and column (for an ideal ADC)."""
+    if merged:
+        return np.ones((1, crossbar.n_rows), bool), np.array([0]), np.array([crossbar.n_columns])
+    row_tile = crossbar.row_tile
+    rows, first, count = [], [], []
+    starts = np.searchsorted(crossbar.column_tile, np.arange(crossbar.n_column_tiles))
+    columns = np.bincount(crossbar.column_tile, minlength=crossbar.n_column_tiles)
+    for tile, n_tiles in enumerate(crossbar.n_row_tiles):
+        for t in range(n_tiles):
+            rows.append(row_tile[tile] == t)
+            first.append(starts[tile])
+            count.append(columns[tile])
+    return np.array(rows).reshape(-1, crossbar.n_rows), np.array(first), np.array(count)
+
+
+@numba.njit(parallel=True, cache=True)
+def _count_kernel(x, row_cells, block_rows, block_columns, activation_bits, skip_zero_tiles,
+                  chunk_ones, chunk_conversions):
+    """Per chunk of positions: each row's 1-bits (chunk_ones) and, with skip_zero_tiles, each
+    block's converted bits (chunk_conversions); integers, summed by the caller."""
+    n_positions, n_rows = x.shape
+    n_blocks = block_rows.shape[0]
+    for chunk in prange(chunk_ones.shape[0]):
+        for p in range(chunk * POSITIONS_PER_CHUNK,
+                       min((chunk + 1) * POSITIONS_PER_CHUNK, n_positions)):
+            for r in range(n_rows):
+                chunk_ones[chunk, r] += _popcount(np.int64(x[p, r]))
+            if skip_zero_tiles:
+                # a block is converted for bit j iff bit j of the OR of its inputs is 1
+                for b in range(n_blocks):
+                    tile_bits = np.int64(0)
+                    for r in range(n_rows):
+                        if block_rows[b, r]:
+                            tile_bits |= np.int64(x[p, r])
+                    chunk_conversions[chunk, b] += _popcount(tile_bits) * block_columns[b]
+
+
+def count_events(crossbar, x, activation_bits, skip_zero_tiles=False, validate=True):
+    """The EnergyCounts of `cim_matmul(crossbar, x, ...)`, from input popcounts (no partial
+    sums), parallel over positions. `validate=False` skips the input checks, for inputs known
+    to be unsigned `activation_bits`-bit integers (any numeric dtype)."""
+    if validate:
+        x, activation_bits = _check_inputs(crossbar, x, activation_bits)
+    block_rows, _, block_columns = _blocks(crossbar, merged=False)
+    # cells on each word line, by state, over the column tiles that store the row
+    exists = crossbar.stored[crossbar.column_tile]
+    row_cells = np.stack([((crossbar.cells == s) & exists).sum(axis=0)
+                          for s in range(N_CELL_STATES)], 1)
+    n_chunks = -(-x.shape[0] // POSITIONS_PER_CHUNK)
+    chunk_ones = np.zeros((n_chunks, crossbar.n_rows), np.int64)
+    chunk_conversions = np.zeros((n_chunks, len(block_columns)), np.int64)
+    _count_kernel(x, row_cells, block_rows, block_columns, activation_bits,
+                  bool(skip_zero_tiles), chunk_ones, chunk_conversions)
+    cell_counts = chunk_ones.sum(axis=0) @ row_cells
+    if skip_zero_tiles:
+        conversions = int(chunk_conversions.sum())
+    else:
+        conversions = x.shape[0] * activation_bits * int(block_columns.sum())
+    return EnergyCounts(cell_counts.astype(np.int64), conversions,
+                        crossbar.lfsr_steps * x.shape[0])
 
 
 @numba.njit(parallel=True, cache=True)
 def _pack_input_bits(x, activation_bits, n_words):
     """(P, a, W) uint64 words: bit r % 64 of word r // 64 of plane j is bit j of x[p, r]."""
     n_positions, n_rows = x.shape
-    words = np.empty((n_positions, activation_bits, n_words), np.uint64)
+    words = np.zeros((n_positions, activation_bits, n_words), np.uint64)
     for p in prange(n_positions):
-        for j in range(activation_bits):
-            for w in range(n_words):
-                word = np.uint64(0)
-                # branch-free OR over the word's rows, which LLVM vectorizes
-                for r in range(w * WORD_BITS, min((w + 1) * WORD_BITS, n_rows)):
-                    word |= np.uint64((x[p, r] >> j) & 1) << np.uint64(r - w * WORD_BITS)
-                words[p, j, w] = word
+        for r in range(n_rows):
+            value = np.int64(x[p, r])
+            if value == 0:  # common: ReLU zeros
+                continue
+            bit = np.uint64(1) << np.uint64(r % WORD_BITS)
+            for j in range(activation_bits):
+                if (value >> j) & 1:
+                    words[p, j, r // WORD_BITS] |= bit
     return words
 
 
 @numba.njit(cache=True)
-def _pack_cell_masks(kept_rows, group, cells, tile_rows, n_words):
-    """Masks (tiles, W, cells, 2, C) uint64 of the rows of each tile, cell and column whose
-    state has its high bit (index 0) or low bit (1), and each tile's span of words (first,
-    stop) over all groups, (tiles, 2): a dense layer's tiles are contiguous runs of rows, so a
-    tile visits only its own words. Columns last: the kernel's inner loop runs over them."""
-    n_cols, kept, n_cells = cells.shape
-    n_tiles = (kept + tile_rows - 1) // tile_rows
-    masks = np.zeros((n_tiles, n_words, n_cells, 2, n_cols), np.uint64)
-    word_spans = np.empty((n_tiles, 2), np.int64)
-    word_spans[:, 0] = n_words
-    word_spans[:, 1] = 0
-    for c in range(n_cols):
-        rows = kept_rows[c // group]
-        for i in range(kept):
-            t = i // tile_rows
-            word = rows[i] // WORD_BITS
-            word_spans[t, 0] = min(word_spans[t, 0], word)
-            word_spans[t, 1] = max(word_spans[t, 1], word + 1)
-            row_bit = np.uint64(1) << np.uint64(rows[i] % WORD_BITS)
-            for m in range(n_cells):
-                state = cells[c, i, m]
+def _pack_cell_masks(cells, block_rows, block_first, block_columns, n_words):
+    """Per block, its word span (first, stop) and masks (span words, 2, columns) uint64 of the
+    rows whose cell state has the high (0) or low (1) bit, laid end to end in one array."""
+    n_blocks, n_rows = block_rows.shape
+    spans = np.zeros((n_blocks, 2), np.int64)
+    offsets = np.zeros(n_blocks + 1, np.int64)
+    for b in range(n_blocks):
+        first, stop = n_words, 0
+        for r in range(n_rows):
+            if block_rows[b, r]:
+                first = min(first, r // WORD_BITS)
+                stop = max(stop, r // WORD_BITS + 1)
+        spans[b, 0], spans[b, 1] = first, max(stop, first)
+        offsets[b + 1] = offsets[b] + (spans[b, 1] - spans[b, 0]) * 2 * block_columns[b]
+    masks = np.zeros(offsets[n_blocks], np.uint64)
+    for b in range(n_blocks):
+        n_columns = block_columns[b]
+        for r in range(n_rows):
+            if not block_rows[b, r]:
+                continue
+            base = offsets[b] + (r // WORD_BITS - spans[b, 0]) * 2 * n_columns
+            bit = np.uint64(1) << np.uint64(r % WORD_BITS)
+            for k in range(n_columns):
+                state = cells[block_first[b] + k, r]
                 if state & 2:
-                    masks[t, word, m, 0, c] |= row_bit
+                    masks[base + k] |= bit
                 if state & 1:
-                    masks[t, word, m, 1, c] |= row_bit
-    return masks, word_spans
+                    masks[base + n_columns + k] |= bit
+    return masks, spans, offsets
 
 
 @numba.njit(cache=True)
@@ -351,74 +563,95 @@ def _add_popcounts(word, masks, counts):
         counts[i] += _popcount(word & masks[i])
 
 
-@numba.njit(cache=True)
-def _add_adc_readings(high, low, cell, adc_shift, adc_max_code, column_sums):
-    """column_sums[c] += 4^cell ADC(2 high[c] + low[c]), over the columns in one loop."""
-    for c in range(column_sums.size):
-        column_sums[c] += _adc(2 * high[c] + low[c], adc_shift, adc_max_code) << (2 * cell)
-
-
 @numba.njit(parallel=True, cache=True)
-def _packed_kernel(input_words, cell_masks, word_spans, bits, adc_shift, adc_max_code, out):
-    """Fills `out` (P, C) with the shift-and-add of `_simulate_kernel`, from popcounts."""
-    n_positions = input_words.shape[0]
-    n_tiles, _, n_cells, _, n_cols = cell_masks.shape
+def _packed_kernel(input_words, masks, spans, offsets, block_first, block_columns, step, top,
+                   ideal, channel, histograms, codes):
+    """Fills `codes` (P, K) with sum_j 2^j sum_t code(S); with `histograms` of shape (chunks,
+    channels, 3T + 1) also counts every partial sum S by channel."""
+    n_positions, activation_bits, _ = input_words.shape
+    n_blocks = block_columns.size
+    record = histograms.shape[0] > 0
     n_chunks = (n_positions + POSITIONS_PER_CHUNK - 1) // POSITIONS_PER_CHUNK
     for chunk in prange(n_chunks):
-        # driven rows of each tile, cell and column whose state has the high (index 0) or low
-        # (1) bit; allocated once per chunk, not per position (thousands per call)
-        counts = np.empty((n_tiles, n_cells, 2, n_cols), np.int64)
-        column_sums = np.empty(n_cols, np.int64)
+        counts = np.empty(2 * block_columns.max(), np.int64)  # per chunk, not per position
         for p in range(chunk * POSITIONS_PER_CHUNK,
                        min((chunk + 1) * POSITIONS_PER_CHUNK, n_positions)):
-            _packed_position(input_words[p], cell_masks, word_spans, bits, adc_shift,
-                             adc_max_code, counts, column_sums, out[p])
+            codes[p, :] = 0
+            for j in range(activation_bits):
+                for b in range(n_blocks):
+                    n_columns = block_columns[b]
+                    block_counts = counts[:2 * n_columns]
+                    block_counts[:] = 0
+                    for w in range(spans[b, 0], spans[b, 1]):
+                        word = input_words[p, j, w]
+                        if word == 0:  # common: high input bits and ReLU zeros
+                            continue
+                        base = offsets[b] + (w - spans[b, 0]) * 2 * n_columns
+                        _add_popcounts(word, masks[base:base + 2 * n_columns], block_counts)
+                    first = block_first[b]
+                    if ideal:
+                        for k in range(n_columns):
+                            codes[p, first + k] += (2 * block_counts[k]
+                                                    + block_counts[n_columns + k]) << j
+                        continue
+                    for k in range(n_columns):
+                        partial_sum = 2 * block_counts[k] + block_counts[n_columns + k]
+                        if record:
+                            histograms[chunk, channel[first + k], partial_sum] += 1
+                        codes[p, first + k] += _adc_code(partial_sum, step[first + k],
+                                                         top[first + k]) << j
 
 
-@numba.njit(cache=True)
-def _packed_position(words, cell_masks, word_spans, bits, adc_shift, adc_max_code, counts,
-                     column_sums, out):
-    """`out` (C,) of one position from its packed input bits `words` (a, W)."""
-    activation_bits = words.shape[0]
-    n_tiles, _, n_cells, _, n_cols = cell_masks.shape
-    sign_cell = n_cells - 1
-    out[:] = 0
-    for j in range(activation_bits):
-        counts[:] = 0
-        for t in range(n_tiles):
-            # every cell's high and low masks of a word in one contiguous loop
-            tile_counts = counts[t].reshape(-1)
-            for w in range(word_spans[t, 0], word_spans[t, 1]):
-                word = words[j, w]
-                if word == 0:  # common: high input bits and ReLU zeros
-                    continue
-                _add_popcounts(word, cell_masks[t, w].reshape(-1), tile_counts)
-        column_sums[:] = 0
-        for t in range(n_tiles):
-            for m in range(n_cells):
-                _add_adc_readings(counts[t, m, 0], counts[t, m, 1], m, adc_shift,
-                                  adc_max_code, column_sums)
-            for c in range(n_cols):
-                # each driven row whose sign bit is 1 weighs -2^(b-1), not +2^(b-1)
-                column_sums[c] -= counts[t, sign_cell, 0, c] << bits
-        for c in range(n_cols):
-            out[c] += column_sums[c] << j
+class PackedCrossbar:
+    """A Crossbar's cell masks, packed once for `matmul` (merged into one block when the ADC is
+    ideal) and for `partial_sum_histograms` (always per physical crossbar)."""
+
+    def __init__(self, crossbar):
+        self.crossbar = crossbar
+        self.n_words = -(-crossbar.n_rows // WORD_BITS)
+        self._packs = {}
+
+    def _pack(self, merged):
+        if merged not in self._packs:
+            rows, first, columns = _blocks(self.crossbar, merged)
+            masks, spans, offsets = _pack_cell_masks(self.crossbar.cells, rows, first, columns,
+                                                     self.n_words)
+            self._packs[merged] = (masks, spans, offsets, first, columns)
+        return self._packs[merged]
+
+    def _run(self, x, activation_bits, adc, histograms):
+        crossbar = self.crossbar
+        ideal = adc.is_ideal(crossbar) and not histograms.shape[0]
+        codes = np.empty((x.shape[0], crossbar.n_columns), np.int64)
+        _packed_kernel(_pack_input_bits(x, activation_bits, self.n_words), *self._pack(ideal),
+                       adc.step, adc.top, ideal, crossbar.channel, histograms, codes)
+        return codes
+
+    def matmul(self, x, activation_bits, adc=None, skip_zero_tiles=False, validate=True,
+               count=True):
+        """`cim_matmul` on bit-packed words: the same (y, counts), exactly; counts (None
+        unless `count`) from `count_events`. `validate=False`: see `count_events`."""
+        if validate:
+            x, activation_bits = _check_inputs(self.crossbar, x, activation_bits)
+        adc = _check_adc(self.crossbar, adc)
+        codes = self._run(x, activation_bits, adc, np.zeros((0, 0, 0), np.int64))
+        counts = (count_events(self.crossbar, x, activation_bits, skip_zero_tiles, False)
+                  if count else None)
+        return _combine(self.crossbar, codes, adc), counts
+
+    def partial_sum_histograms(self, x, activation_bits, validate=True):
+        """(ADC channels, 3T + 1) int64: how often each partial sum is converted, by channel."""
+        if validate:
+            x, activation_bits = _check_inputs(self.crossbar, x, activation_bits)
+        crossbar = self.crossbar
+        n_chunks = -(-x.shape[0] // POSITIONS_PER_CHUNK)
+        n_channels = len(adc_channels(crossbar.encoding, crossbar.bits))
+        histograms = np.zeros((n_chunks, n_channels,
+                               MAX_CELL_STATE * crossbar.rows_per_tile + 1), np.int64)
+        self._run(x, activation_bits, ideal_adc(crossbar), histograms)
+        return histograms.sum(axis=0)
 
 
-def cim_matmul_packed(layer, x, activation_bits, adc_bits=0, skip_zero_tiles=False):
-    """`cim_matmul` computed on bit-packed words: the same (y, counts), exactly.
-
-    Parallel over output positions (Numba threads). The energy events come from the counting
-    path of `count_events`, which the tests hold equal to the simulation's.
-    """
-    x, activation_bits = _check_inputs(layer, x, activation_bits)
-    adc_shift, adc_max_code = _adc_parameters(layer, adc_bits)
-    n_words = -(-layer.n_rows // WORD_BITS)
-    # An ideal ADC reads any sum exactly, so the tiles' sums may be added first: one tile.
-    tile_rows = layer.rows_per_tile if adc_shift else layer.kept_rows.shape[1]
-    cell_masks, word_spans = _pack_cell_masks(layer.kept_rows, layer.group, layer.cells,
-                                              tile_rows, n_words)
-    out = np.empty((x.shape[0], layer.cells.shape[0]), np.int64)
-    _packed_kernel(_pack_input_bits(x, activation_bits, n_words), cell_masks, word_spans,
-                   layer.bits, adc_shift, adc_max_code, out)
-    return out, _count_checked_events(layer, x, activation_bits, skip_zero_tiles)
+def cim_matmul_packed(crossbar, x, activation_bits, adc=None, skip_zero_tiles=False):
+    """`cim_matmul` computed on bit-packed words (packing the crossbar for this call)."""
+    return PackedCrossbar(crossbar).matmul(x, activation_bits, adc, skip_zero_tiles)

@@ -151,16 +151,13 @@ def _bits_forward_kernel(bits, scale, qmax, step, weights):
 def _bits_backward_kernel(bits, scale, qmax, step, grad_weights, grad_bits):
     b = bits.shape[0]
     top = _top_level(qmax, step)
-    grad_scale = 0.0
     for i in range(grad_weights.size):
         grad_weight = np.float64(grad_weights[i])
         level = _real_level(bits, i)
-        grad_scale += grad_weight * _round_level(level, top, step) / qmax
         grad_level = grad_weight * scale / qmax if -top <= level <= top else 0.0
         grad_bits[b - 1, i] = -(2.0 ** (b - 1)) * grad_level
         for n in range(b - 1):
             grad_bits[n, i] = 2.0**n * grad_level
-    return grad_scale
 
 
 @numba.njit(cache=True)
@@ -237,10 +234,11 @@ def bits_forward(bits, scale, dropped=0):
 
 
 def bits_backward(bits, scale, grad_weights, dropped=0):
-    """Training backward: given dL/dW, return (dL/dbits in the dtype of bits, dL/ds as float).
+    """Training backward: given dL/dW, return dL/dbits in the dtype of bits.
 
-    dL/dB(n) = dL/dW * s / qmax * (+-2^n) where q~ is inside [-qmax, qmax], else 0;
-    dL/ds = sum dL/dW * q / qmax. With dropped planes the clip range is +-qmax_k; the dropped
+    dL/dB(n) = dL/dW * s / qmax * (+-2^n) where q~ is inside [-qmax, qmax], else 0. The scale s
+    is a buffer, not trained (`layers.WeightLayer`), so no gradient is formed for it. With
+    dropped planes the clip range is +-qmax_k; the dropped
     planes get a gradient like any other (the caller holds them at 0).
     """
     bits, b = check_bit_planes(bits)
@@ -251,7 +249,7 @@ def bits_backward(bits, scale, grad_weights, dropped=0):
             f"weight gradient shape {grad_weights.shape} does not match bit planes {bits.shape}"
         )
     grad_bits = np.empty_like(bits, order="C")
-    grad_scale = _bits_backward_kernel(
+    _bits_backward_kernel(
         np.ascontiguousarray(bits).reshape(b, -1),
         float(scale),
         float(max_level(b)),
@@ -259,7 +257,7 @@ def bits_backward(bits, scale, grad_weights, dropped=0):
         grad_weights.ravel(),
         grad_bits.reshape(b, -1),
     )
-    return grad_bits, float(grad_scale)
+    return grad_bits
 
 
 def clamp_bits(bits):
