@@ -93,6 +93,8 @@ class Trainer:
         self.interrupt = None  # a DeferredInterrupt while `run` trains
         init_content = load_checkpoint(config.init) if config.init and not _resuming else None
         self.model, self.method = build_model(config, init_content)
+        if self.method is not None:
+            self.method.activity_images = self.data.train_images
         bit_names = self.method.bit_parameter_names() if self.method else set()
         self.optimizer = SGD(self.model, config.momentum, config.weight_decay, config.nesterov,
                              no_decay=bit_names)

@@ -4,9 +4,25 @@
 weight into trained bit planes. The trainer calls its hooks: `regularize` after each backward
 pass (adds the Reg_Net and Reg_Bit gradients), `after_step` after each update (clamps bits to
 [0, 1], and once the model is hard-pruned keeps the cut weights at 0) and `end_epoch`
-(re-binarizes at the chosen epochs). Post-training is `hard_prune`, then optionally
+(re-binarizes at the chosen epochs and re-measures the input activity). Post-training is `hard_prune`, then optionally
 `drop_planes` (the low bit planes the loss can spare), then `rebinarize`; `layer_report` gives
 the per-layer sparsity table.
+
+Energy regularizer (issue 13, docs/energy-regularizer.md): with `lambda_energy` > 0 the
+objective gains R_E = lambda_E * sum_i a_i e(q_i) / E_ref over all mapped layers together, e(q)
+the cell energy of level q in `weight_encoding` (`kernels.energy`) and a_i the driven count of
+weight i's row per image: sum over the layer's output positions of the number of 1-bits of the
+a-bit quantized input on that row (zero padding counts as 0), averaged over the first
+`activity_images` training images in inference mode. The inputs are quantized as the array
+sees them (`cim_network.quantize_activations`): the stem's clip is 1, every other layer's is
+the max of its input over those images with float activations (`CimNetwork.calibrate`'s
+clips); the counting pass then feeds each layer its quantized inputs, as the fake-quant and
+CIM forwards do. So sum_i a_i e(q_i) is the cell energy per image of
+the stored weights (offset binary's shared reference column aside), and a stem weight, applied
+at 16x more positions than a layer3 one, weighs accordingly. E_ref = sum_i a_i * (mean of the
+two's complement e(q) over all levels): fixed by the activity, not by the weights, and the
+same for every encoding, so lambda_E means the same across encodings. The activity is measured
+when first needed and again at the end of every epoch.
 """
 import dataclasses
 
@@ -14,13 +30,16 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import NptwofoldError
-from .hardware import CELL_STATES
+from .hardware import CELL_STATES, HardwareConfig
 from .kernels.lfsr import (kept_per_column, lfsr_keep_mask_for_kept, lfsr_width_for_rows,
                            weight_mask)
 from .kernels.quant import (bits_backward, check_bits, clamp_bits, decompose, max_level,
                            rebinarize_bits, rounded_levels)
 from .kernels.regularizers import reg_bit, reg_bit_plane_lasso, reg_net
 from .kernels.augment import to_float
+from .kernels.cim import ENCODINGS
+from .kernels.conv import im2col_3x3, im2col_rows
+from .kernels.energy import energy_regularizer, level_energy_table
 from .kernels.loss import softmax_cross_entropy
 from .layers import WeightLayer
 from .options import at_least, between, check_fields, option
@@ -29,6 +48,7 @@ from .steps import evaluate
 BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 LFSR_STREAM = 2  # random stream (seed, 2, layer index) picks each layer's LFSR seed
 REG_BIT_FORMS = {"poster": reg_bit, "plane_lasso": reg_bit_plane_lasso}
+ACTIVITY_BATCH = 100  # images per forward of the activity measurement
 
 
 @dataclasses.dataclass
@@ -61,6 +81,23 @@ class TwofoldConfig:
     rebinarize_epochs: list[int] = option([], "epochs (1-based) after which the bits are "
                                           "re-binarized (always after the last one too)",
                                           at_least(1))
+    stem_sparsity: float | None = option(
+        None, "network sparsity of the stem (the first mapped layer, 27 inputs); none = "
+        "--sparsity, 0 = dense", between(0, 1, high_open=True))
+    classifier_sparsity: float | None = option(
+        None, "network sparsity of the classifier (the last mapped layer, 64 inputs); none = "
+        "--sparsity, 0 = dense", between(0, 1, high_open=True))
+    lambda_energy: float = option(
+        0.0, "energy regularizer strength lambda_E: R_E = lambda_E sum_i a_i e(q_i) / E_ref "
+        "(docs/energy-regularizer.md); 0 = off", at_least(0))
+    weight_encoding: str = option(
+        "twos_complement", "the array's weight encoding (HardwareConfig.weight_encoding), whose "
+        "cell energy e(q) the energy regularizer and the report weigh", choices=ENCODINGS)
+    activity_images: int = option(500, "training images (the first ones, not augmented) the "
+                                  "input activity a_i is measured on, each epoch", at_least(1))
+    activation_bits: int = option(8, "a, bits of the array's unsigned inputs, for the input "
+                                  "activity a_i (HardwareConfig.activation_bits)",
+                                  between(1, 16))
 
     def validated(self):
         return check_fields(self)
@@ -76,11 +113,18 @@ class Twofold:
 
     def __init__(self, model, config, seed):
         self.config = config.validated()
+        self.model = model
         self.layers = {}  # name -> WeightLayer
         self.masks = {}   # name -> LfsrKeepMask
         base_seed = config.lfsr_seed or seed
-        for index, (name, layer) in enumerate(
-                (n.rstrip("."), m) for n, m in model.named_modules() if isinstance(m, WeightLayer)):
+        mapped = [(n.rstrip("."), m) for n, m in model.named_modules()
+                  if isinstance(m, WeightLayer)]
+        sparsity = {name: config.sparsity for name, _ in mapped}
+        for name, own in ((mapped[0][0], config.stem_sparsity),
+                          (mapped[-1][0], config.classifier_sparsity)):
+            if own is not None:
+                sparsity[name] = own
+        for index, (name, layer) in enumerate(mapped):
             if not layer.bit_width:
                 layer.use_bit_weights(config.bits)
             rows, cols = layer_matrix_shape(layer.params["weight_bits"].shape[1:])
@@ -89,7 +133,7 @@ class Twofold:
                             .integers(1, 2 ** width))
             self.layers[name] = layer
             self.masks[name] = lfsr_keep_mask_for_kept(
-                rows, cols, kept_per_column(rows, config.sparsity), lfsr_seed, config.mask_group)
+                rows, cols, kept_per_column(rows, sparsity[name]), lfsr_seed, config.mask_group)
         # the weight-shaped masks are used every step, so they are laid out once
         self.weight_masks = {name: np.ascontiguousarray(weight_mask(
             self.masks[name].mask, layer.params["weight_bits"].shape[1:]))
@@ -98,6 +142,11 @@ class Twofold:
         self.param_share = {name: layer.params["weight_bits"][0].size / total
                             for name, layer in self.layers.items()}
         self.pruned = False  # set by hard_prune: from then on the masks are enforced every step
+        self.energy_table = level_energy_table(config.bits, config.weight_encoding,
+                                               HardwareConfig().cell_energy_pj)
+        self.activity_images = None  # uint8 images a_i is measured on, set by the trainer
+        self.activity = None         # name -> a_i in the weight's shape; None = to be measured
+        self.energy_reference = None  # E_ref, pJ per image
 
     def keep_mask(self, name):
         """The layer's keep-mask in its weight's shape (OIHW or (out, in)), uint8, 1 = kept."""
@@ -107,9 +156,12 @@ class Twofold:
         return {f"{name}.weight_bits" for name in self.layers}
 
     def regularize(self):
-        """Adds the Reg_Net and Reg_Bit gradients to the layers' grads; returns both values."""
+        """Adds the Reg_Net, Reg_Bit and energy regularizer gradients to the layers' grads;
+        returns their values."""
         reg_bit_of = REG_BIT_FORMS[self.config.reg_bit_form]
-        totals = {"reg_net": 0.0, "reg_bit": 0.0}
+        totals = {"reg_net": 0.0, "reg_bit": 0.0, "reg_energy": 0.0}
+        if self.config.lambda_energy and self.activity is None:
+            self.measure_activity()
         for name, layer in self.layers.items():
             bits, scale = layer.params["weight_bits"], layer.buffers["weight_scale"][0]
             if self.config.lambda_net:
@@ -122,7 +174,85 @@ class Twofold:
                 value, dbits = reg_bit_of(bits, self.config.beta_bit, self.param_share[name])
                 layer.grads["weight_bits"] += dbits
                 totals["reg_bit"] += value
+            if self.config.lambda_energy:
+                value, dweight = energy_regularizer(
+                    self.levels(name), self.activity[name], self.energy_table, scale,
+                    layer.dropped_planes, self.config.lambda_energy / self.energy_reference,
+                    bits.dtype)
+                # straight through the rounding to W, then to the bits like Reg_Net's, so the
+                # relaxed bits cannot absorb it (docs/energy-regularizer.md)
+                layer.grads["weight_bits"] += bits_backward(bits, scale, dweight,
+                                                            layer.dropped_planes)
+                totals["reg_energy"] += value
         return totals
+
+    def measure_activity(self):
+        """Measures a_i of every mapped layer's weights on `activity_images` (module docstring)
+        and E_ref; the model's training mode is restored afterwards."""
+        # imported here: cim_network builds models, so it imports this module
+        from .cim_network import STEM_CLIP, quantize_activations
+        if self.activity_images is None or not len(self.activity_images):
+            raise NptwofoldError("the energy regularizer needs activity images; none were given")
+        images = self.activity_images[:self.config.activity_images]
+        first = next(iter(self.layers))
+        names = {id(layer): name for name, layer in self.layers.items()}
+        maxima = dict.fromkeys(self.layers, 0.0)
+        driven = dict.fromkeys(self.layers, 0.0)  # 1-bits per matrix row, summed over images
+
+        def observe(module, x):
+            maxima[names[id(module)]] = max(maxima[names[id(module)]], float(x.max()))
+            return module.own_forward(x)
+
+        def count(module, x):
+            name = names[id(module)]
+            clip = STEM_CLIP if name == first else maxima[name]
+            levels = (quantize_activations(x, clip, self.config.activation_bits) if clip > 0
+                      else np.zeros_like(x))
+            codes = levels.astype(np.int64)
+            ones = np.zeros(x.shape, np.float64)
+            for j in range(self.config.activation_bits):
+                ones += (codes >> j) & 1
+            if x.ndim == 4:  # conv: rows in the im2col order (ky, kx, ci)
+                ones = im2col_3x3(ones, module.stride,
+                                  np.empty(im2col_rows(ones.shape, module.stride), ones.dtype))
+            driven[name] = driven[name] + ones.sum(axis=0)
+            # the layer sees its quantized inputs, so the next layer's are those of the array
+            return module.own_forward(levels * x.dtype.type(clip / full_scale))
+
+        full_scale = (1 << self.config.activation_bits) - 1
+        training = self.model.training
+        self.model.eval()
+        try:
+            for op in (observe, count):
+                for layer in self.layers.values():
+                    layer.use_forward_op(op)
+                for start in range(0, len(images), ACTIVITY_BATCH):
+                    self.model.forward(to_float(images[start:start + ACTIVITY_BATCH]))
+        finally:
+            for layer in self.layers.values():
+                layer.use_forward_op(None)
+            self.model.train(training)
+        self.activity = {}
+        for name, layer in self.layers.items():
+            shape = layer.params["weight_bits"].shape[1:]
+            per_row = driven[name] / len(images)
+            if len(shape) == 4:  # (ky, kx, ci) -> (ci, ky, kx), the OIHW weight's (in, h, w)
+                per_row = per_row.reshape(shape[2], shape[3], shape[1]).transpose(2, 0, 1)
+            self.activity[name] = np.ascontiguousarray(
+                np.broadcast_to(per_row, shape) * self.keep_mask(name))
+        two_complement_mean = level_energy_table(self.config.bits, "twos_complement",
+                                                 HardwareConfig().cell_energy_pj).mean()
+        self.energy_reference = two_complement_mean * sum(a.sum() for a in self.activity.values())
+        if not self.energy_reference > 0:
+            raise NptwofoldError("no input bit was 1 on the activity images; the energy "
+                                 "regularizer has nothing to weigh")
+
+    def cell_energy_pj(self, name):
+        """sum_i a_i e(q_i) of a layer: its cell energy per image (None until measured)."""
+        if self.activity is None:
+            return None
+        qmax = max_level(self.config.bits)
+        return float(np.sum(self.activity[name] * self.energy_table[self.levels(name).astype(np.int64) + qmax]))
 
     def after_step(self):
         for layer in self.layers.values():
@@ -135,6 +265,8 @@ class Twofold:
         """Re-binarizes at the chosen epochs and after the last one (the forward is unchanged)."""
         if last or epoch in self.config.rebinarize_epochs:
             self.rebinarize()
+        if self.activity_images is not None:
+            self.measure_activity()  # the next epoch weighs the inputs of the weights it has
 
     def drop_planes(self, check_loss):
         """Round-robin over the layers: each drops its next lowest plane if `check_loss()`
@@ -204,6 +336,8 @@ class Twofold:
                 reg_net=reg_net(layer.effective_weight(), keep, self.config.lambda_net)[0],
                 reg_bit=reg_bit_of(layer.params["weight_bits"], self.config.beta_bit,
                                    self.param_share[name])[0])
+            if self.activity is not None:
+                counts["cell_pj"] = self.cell_energy_pj(name)
             rows.append(self._report_row(name, counts, b))
             totals = counts if totals is None else {
                 key: [a + c for a, c in zip(totals[key], value)] if isinstance(value, list)
@@ -220,6 +354,8 @@ class Twofold:
                    zero_bit_share=sum(counts["zero_bits_by_position"]) / max(kept * b, 1),
                    dropped_planes=counts["dropped_planes"],
                    reg_net=counts["reg_net"], reg_bit=counts["reg_bit"])
+        if "cell_pj" in counts:  # sum_i a_i e(q_i) in the config's encoding, pJ per image
+            row["cell_pj"] = counts["cell_pj"]
         row.update({f"zero_bit_{n}": z / max(kept, 1)
                     for n, z in enumerate(counts["zero_bits_by_position"])})
         row.update({f"cells_{state}": count / max(cells, 1)
@@ -230,13 +366,15 @@ class Twofold:
     def format_report(rows):
         """The per-layer report as a fixed-width text table."""
         header = (f"{'layer':<16}{'kept':>8}{'net sp.':>9}{'drop':>5}{'0 bits':>8}"
-                  + "".join(f"{'c' + s:>7}" for s in CELL_STATES) + f"{'Reg_Net':>11}{'Reg_Bit':>11}")
+                  + "".join(f"{'c' + s:>7}" for s in CELL_STATES) + f"{'Reg_Net':>11}{'Reg_Bit':>11}"
+                  + (f"{'cell uJ':>11}" if "cell_pj" in rows[0] else ""))
         lines = [header]
         for row in rows:
             lines.append(f"{row['layer']:<16}{row['kept']:>8}{row['network_sparsity']:>9.3f}"
                          f"{row['dropped_planes']:>5}{row['zero_bit_share']:>8.3f}"
                          + "".join(f"{row['cells_' + s]:>7.3f}" for s in CELL_STATES)
-                         + f"{row['reg_net']:>11.4g}{row['reg_bit']:>11.4g}")
+                         + f"{row['reg_net']:>11.4g}{row['reg_bit']:>11.4g}"
+                         + (f"{row['cell_pj'] / 1e6:>11.4g}" if "cell_pj" in row else ""))
         return "\n".join(lines)
 
     def write_h5(self, group):

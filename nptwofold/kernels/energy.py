@@ -1,0 +1,97 @@
+"""Cell energy of integer weight levels, and the energy regularizer on them (issue 13).
+
+e(q): the pJ that weight level q costs each time its word line is driven, i.e. the summed
+energy of the states of the cells the chosen encoding stores for q on one row (`kernels.cim`
+is the one home of the layout; this module reads the states from `cim._encoded_columns`):
+- twos_complement: the M = b/2 code cells of q mod 2^b plus the sign column's cell (01 if q < 0);
+- offset_binary: the M code cells of q + 2^(b-1) (the tile's shared reference column does not
+  depend on q and is left out);
+- sign_magnitude: the M cells of |q| in the positive or negative group and M idle 00 cells.
+
+Energy regularizer of one layer (weights W, levels q = Round(W / s * qmax) on the layer's grid
+of step s_q = 2^dropped, clipped to +-qmax_k):
+    R_E = strength * sum_i a_i e(q_i),      strength = lambda / E_ref,
+a_i the driven count of weight i's row per image (see `nptwofold.twofold`). Its gradient is
+taken straight through the rounding, by the central difference over the grid step
+    dR_E/dW_i = strength * a_i * (e(q_i + s_q) - e(q_i - s_q)) / (2 s_q) * qmax / s,
+with e held at its edge value beyond +-qmax_k. This is the symmetric derivative of the
+piecewise-linear interpolation of e through the grid levels (the smoothed cell energy), so
+the gradient is that of a continuous energy of the weight itself, not of the relaxed bits.
+Sums run in float64; the gradient comes back in the weights' dtype.
+"""
+import numba
+import numpy as np
+
+from ..errors import NptwofoldError
+from .cim import N_CELL_STATES, _encoded_columns, columns_per_output
+from .quant import check_bits, check_dropped_planes, check_float_array, max_level
+
+
+def level_energy_table(bits, encoding, cell_energy_pj):
+    """(2 qmax + 1,) float64: e(q) in pJ for q = -qmax..qmax (index q + qmax)."""
+    bits = check_bits(bits)
+    columns_per_output(encoding, bits)  # rejects an unknown encoding
+    cell_energy_pj = np.asarray(cell_energy_pj, np.float64)
+    if cell_energy_pj.shape != (N_CELL_STATES,) or not np.all(np.isfinite(cell_energy_pj)):
+        raise NptwofoldError(f"cell energies need {N_CELL_STATES} finite values, got "
+                             f"{cell_energy_pj.tolist()}")
+    qmax = max_level(bits)
+    levels = np.arange(-qmax, qmax + 1, dtype=np.int64)[:, None]  # one output channel
+    states = _encoded_columns(levels, encoding, bits)[0][0]  # (columns, levels)
+    return cell_energy_pj[states].sum(axis=0)
+
+
+def level_cell_energy_pj(levels, bits, encoding, cell_energy_pj):
+    """e(q) in pJ of every level in `levels` (any shape), float64."""
+    levels = np.asarray(levels)
+    qmax = max_level(bits)
+    if not np.issubdtype(levels.dtype, np.integer):
+        raise NptwofoldError(f"levels must be integers, got {levels.dtype}")
+    if levels.size and np.abs(levels.astype(np.int64)).max() > qmax:
+        raise NptwofoldError(f"levels must lie in -{qmax}..{qmax} for {bits}-bit weights")
+    return level_energy_table(bits, encoding, cell_energy_pj)[levels.astype(np.int64) + qmax]
+
+
+@numba.njit(cache=True)
+def _energy_regularizer_kernel(levels, rates, table, qmax, top, step, strength, scale,
+                               grad_weights):
+    total = 0.0
+    to_weight = qmax / scale  # dq~/dW
+    for i in range(levels.size):
+        q = np.int64(levels[i])
+        rate = np.float64(rates[i])
+        total += rate * table[q + qmax]
+        up = min(q + step, top)
+        down = max(q - step, -top)
+        slope = (table[up + qmax] - table[down + qmax]) / (2.0 * step)
+        grad_weights[i] = strength * rate * slope * to_weight
+    return strength * total
+
+
+def energy_regularizer(levels, rates, table, scale, dropped, strength, dtype=np.float32):
+    """(R_E, dR_E/dW) of one layer (module docstring).
+
+    levels: the layer's integer levels (multiples of 2^dropped); rates: a_i, float, same shape;
+    table: `level_energy_table` of the layer's bits and encoding; scale: s of W = s q / qmax;
+    strength: lambda / E_ref. The gradient has the levels' shape and `dtype`.
+    """
+    levels = np.asarray(levels)
+    rates = check_float_array("activity rates", rates)
+    table = np.asarray(table, np.float64)
+    qmax = (table.size - 1) // 2
+    bits = qmax.bit_length() + 1
+    if table.ndim != 1 or table.size != 2 * max_level(bits) + 1:
+        raise NptwofoldError(f"energy table has {table.size} entries, not 2 qmax + 1")
+    if rates.shape != levels.shape:
+        raise NptwofoldError(f"activity rates shape {rates.shape} does not match the levels "
+                             f"{levels.shape}")
+    step = check_dropped_planes(dropped, bits)
+    if levels.size and np.abs(levels.astype(np.int64)).max() > qmax:
+        raise NptwofoldError(f"levels must lie in -{qmax}..{qmax} for {bits}-bit weights")
+    if not (np.isfinite(scale) and scale > 0 and np.isfinite(strength) and strength >= 0):
+        raise NptwofoldError(f"scale {scale} must be > 0 and strength {strength} >= 0")
+    grad = np.empty(levels.shape, dtype)
+    value = _energy_regularizer_kernel(
+        np.ascontiguousarray(levels).ravel(), np.ascontiguousarray(rates).ravel(), table,
+        qmax, step * (qmax // step), step, float(strength), float(scale), grad.reshape(-1))
+    return float(value), grad
