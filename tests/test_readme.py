@@ -34,10 +34,6 @@ from helpers import REPO
 README = REPO / "README.md"
 MAX_README_BYTES = 12 * 1024
 
-# Documents written by other branches that README links to; they exist once those branches
-# are merged. A link to one of these may dangle until then.
-PENDING_DOCS = {"docs/cim-model.md", "docs/engine.md", "docs/reliability.md"}
-
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 MARK = re.compile(r"<!--\s*test(?::\s*(.*?))?\s*-->\s*$")
 
@@ -140,7 +136,7 @@ def test_readme_links_exist():
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
         if "://" in target:
             continue
-        assert (REPO / target).exists() or target in PENDING_DOCS, f"broken link {target}"
+        assert (REPO / target).exists(), f"broken link {target}"
 
 
 def test_readme_script_flags_exist():
