@@ -187,12 +187,29 @@ def threads_flag(argv=None, default=2):
 
 
 class ScriptParser(argparse.ArgumentParser):
-    """argparse with `--version` and one-line errors ("error: ...", exit status 2)."""
+    """argparse with `--version`, one-line errors ("error: ...", exit status 2), and help text
+    that every argument must have: a flag whose help does not state its default gets
+    "(default: ...)" appended, so `--help` always shows what an omitted flag means."""
 
     def __init__(self, description, **kwargs):
         super().__init__(description=description,
                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
         self.add_argument("--version", action="version", version=f"nptwofold {__version__}")
+
+    def parse_known_args(self, args=None, namespace=None):
+        for action in self._actions:  # groups share this list, so their flags are here too
+            if action.help is argparse.SUPPRESS or isinstance(
+                    action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            if not action.help:
+                raise TypeError(f"{'/'.join(action.option_strings) or action.dest} has no help")
+            shown = action.default not in (None, False, argparse.SUPPRESS)
+            if action.option_strings and shown and "default" not in action.help:
+                default = action.default
+                if isinstance(default, (list, tuple)):
+                    default = " ".join(map(str, default))
+                action.help = f"{action.help} (default: {default})"
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
         sys.stderr.write(f"error: {message} (see --help)\n")

@@ -11,7 +11,6 @@ and the /cim calibration the ADC ranges came from, so scripts/cim_eval.py evalua
 them) and DIR/log.json (settings, loss and accuracy of every step). The clips and ADC ranges are
 calibrated on CKPT's weights first (cached in CKPT when it is writable, as cim_eval does).
 """
-import argparse
 import dataclasses
 import os
 import sys
@@ -19,28 +18,31 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nptwofold.options import ScriptParser  # noqa: E402
 from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
 
 ENCODINGS = ("twos_complement", "offset_binary", "sign_magnitude")
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint")
+    parser = ScriptParser(__doc__)
+    parser.add_argument("checkpoint", help="float checkpoint to adapt")
     parser.add_argument("--out", required=True, help="output folder (must not hold last.h5)")
     parser.add_argument("--adc-bits", type=int, required=True, help="ADC width to adapt to")
-    parser.add_argument("--encoding", choices=ENCODINGS, default="sign_magnitude")
-    parser.add_argument("--adc-range", choices=("fixed", "calibrated"), default="calibrated")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--encoding", choices=ENCODINGS, default="sign_magnitude",
+                        help="weight encoding of the array")
+    parser.add_argument("--adc-range", choices=("fixed", "calibrated"), default="calibrated",
+                        help="ADC full scale")
+    parser.add_argument("--epochs", type=int, default=1, help="fine-tune epochs")
     parser.add_argument("--lr", type=float, default=0.002, help="constant SGD learning rate")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch size")
     parser.add_argument("--train-images", type=int,
                         help="first N training images (default: all 50,000)")
-    parser.add_argument("--calib-images", type=int, default=500)
+    parser.add_argument("--calib-images", type=int, default=500,
+                        help="training images that calibrate the clips and ADC ranges")
     parser.add_argument("--data", help="CIFAR-10 tarball or folder, 'sample' or 'cifar10' "
                         "(default: the checkpoint's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of data order and augmentation")
     parser.add_argument("--threads", type=int, default=2, help="threads of the CIM kernels")
     args = parser.parse_args(argv)
     for name in ("adc_bits", "epochs", "batch_size", "train_images", "calib_images", "threads"):

@@ -7,7 +7,6 @@ one. The first step of the process is reported separately as the cold start (JIT
 loading Numba's cache); peak_rss_mb is the peak after the plain model's training, before the
 Twofold model is built. `--json` prints one object for scripts that compare runs.
 """
-import argparse
 import json
 import resource
 import sys
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nptwofold.options import ScriptParser  # noqa: E402
 from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
 
 
@@ -26,13 +26,13 @@ def timed(function, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, default=128)
+    parser = ScriptParser(__doc__)
+    parser.add_argument("--batch", type=int, default=128, help="images per step")
     parser.add_argument("--threads", type=int, default=2,
                         help="threads of the engine's pool (default 2)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if min(args.batch, args.threads, args.steps) < 1 or args.warmup < 0:
         parser.error("--batch, --threads and --steps must be >= 1, --warmup >= 0")

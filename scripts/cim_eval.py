@@ -13,7 +13,6 @@ The activation clips and the ADC partial-sum histograms are calibrated on traini
 cached in the checkpoint (/cim) when it is writable; a read-only checkpoint is evaluated all the
 same and the report says the calibration was not cached.
 """
-import argparse
 import json
 import os
 import sys
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nptwofold.options import ScriptParser  # noqa: E402
 from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
 
 NANOJOULE = 1e3  # pJ per nJ: the tables print nJ, the files keep pJ
@@ -28,9 +28,8 @@ ENCODINGS = ("twos_complement", "offset_binary", "sign_magnitude")
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint")
+    parser = ScriptParser(__doc__)
+    parser.add_argument("checkpoint", help="an nptwofold checkpoint (Twofold or float)")
     parser.add_argument("--baseline", metavar="CKPT",
                         help="dense 8-bit baseline checkpoint to compare the energy with "
                         "(default: this checkpoint's weights mapped dense)")
@@ -54,14 +53,14 @@ def parse_args(argv):
                         help="calibrate again even if the checkpoint holds a calibration")
     parser.add_argument("--weight-bits", type=int,
                         help="bits of a float checkpoint's weights (default 8)")
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=50, help="images per simulated batch")
     parser.add_argument("--threads", type=int, default=2,
                         help="threads of the CIM kernels (default 2; results do not depend on it)")
     parser.add_argument("--json", metavar="OUT", help="write the full report as JSON")
     parser.add_argument("--csv", metavar="OUT", help="write the per-layer rows of every run")
     parser.add_argument("--plot", metavar="OUT", help="plot accuracy and energy against the "
                         "ADC width (needs matplotlib, the optional extra 'plot')")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     for name in ("images", "calib_images", "batch_size", "threads"):
         value = getattr(args, name)

@@ -10,12 +10,12 @@ nothing about a trained twofold model; the stored rows and the energy ratio do n
 training (only on the masks, the encoding and, slightly, on the activations). Energy is counted
 on the fake-quant forward (ideal ADC; equal to the CIM run's events, tested).
 """
-import argparse
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nptwofold.options import ScriptParser  # noqa: E402
 from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
 
 NANOJOULE = 1e3
@@ -23,18 +23,19 @@ ENCODINGS = ("twos_complement", "offset_binary", "sign_magnitude")
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint")
-    parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--groups", type=int, nargs="+", default=[1, 4, 8, 32])
-    parser.add_argument("--encoding", nargs="+", choices=ENCODINGS, default=["sign_magnitude"])
+    parser = ScriptParser(__doc__)
+    parser.add_argument("checkpoint", help="a dense (float) checkpoint")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="network sparsity p")
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 4, 8, 32],
+                        help="mask groups to compare")
+    parser.add_argument("--encoding", nargs="+", choices=ENCODINGS, default=["sign_magnitude"],
+                        help="weight encodings")
     parser.add_argument("--images", type=int, default=1000, help="first N test images")
     parser.add_argument("--calib-images", type=int, default=100,
                         help="training images that calibrate each pruned model's clips")
     parser.add_argument("--data", help="CIFAR-10 tarball or folder (default: the checkpoint's)")
-    parser.add_argument("--json", metavar="OUT")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", metavar="OUT", help="write the table as JSON")
+    parser.add_argument("--threads", type=int, default=2, help="threads of the CIM kernels")
     args = parser.parse_args(argv)
     if not 0 <= args.sparsity < 1:
         parser.error(f"--sparsity must be in [0, 1) (got {args.sparsity})")

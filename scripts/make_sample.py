@@ -3,7 +3,6 @@
 The slice keeps the official binary layout, so the normal loader reads it. It takes the first
 TRAIN_PER_CLASS training and TEST_PER_CLASS test images of each class, in file order.
 """
-import argparse
 import io
 import sys
 import tarfile
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nptwofold.options import ScriptParser  # noqa: E402
 from nptwofold.data import NUM_CLASSES, SAMPLE_ARCHIVE, load_cifar10  # noqa: E402
 from nptwofold.errors import NptwofoldError  # noqa: E402
 
@@ -29,9 +29,9 @@ def first_per_class(images, labels, per_class):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ScriptParser(__doc__)
     parser.add_argument("source", help="full CIFAR-10 (tarball or folder, either layout)")
-    parser.add_argument("--out", default=str(SAMPLE_ARCHIVE))
+    parser.add_argument("--out", default=str(SAMPLE_ARCHIVE), help="archive to write")
     args = parser.parse_args()
     try:
         data = load_cifar10(args.source)

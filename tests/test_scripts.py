@@ -114,3 +114,23 @@ def test_sweep_trains_collects_and_resumes(quick_run, tmp_path):
 def test_sweep_without_finished_runs_is_a_one_line_error(tmp_path):
     failed = run(REPO / "scripts/sweep.py", "--out", tmp_path, "--collect-only", check=False)
     assert_one_line_error(failed, "no finished runs")
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "scripts").glob("*.py")))
+def test_every_flag_has_help_with_its_default_and_version_works(script):
+    # ScriptParser refuses to build a parser with an argument that has no help text
+    help_text = run(REPO / "scripts" / script, "--help").stdout
+    assert "--version" in help_text
+    assert run(REPO / "scripts" / script, "--version").stdout.startswith("nptwofold ")
+
+
+def test_script_parser_shows_defaults_and_refuses_a_flag_without_help():
+    from nptwofold.options import ScriptParser
+
+    parser = ScriptParser("demo")
+    parser.add_argument("--width", type=int, default=8, help="bits")
+    assert parser.parse_args([]).width == 8
+    assert "bits (default: 8)" in parser.format_help()
+    parser.add_argument("--depth", type=int, default=3)
+    with pytest.raises(TypeError, match="--depth has no help"):
+        parser.parse_args([])
