@@ -41,7 +41,7 @@ def test_ste_forward_is_the_array_output(network, sample):
                                                 ("fc", (3, 64))])
 def test_ste_backward_is_the_float_layers_gradient(network, name, input_shape):
     layer = network.layers[name]
-    module = layer.module
+    module = layer.module.train()  # a layer keeps what its backward needs only in training
     rng = np.random.default_rng(5)
     x = rng.random(input_shape).astype(np.float32) * layer.clip
     out = ste_forward(network)(module, x)
