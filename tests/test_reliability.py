@@ -259,6 +259,7 @@ def corrupt(path, place, key, how, value):
             f[place].attrs.update(attrs)
 
 
+@pytest.mark.slow
 def test_fuzzed_checkpoints_are_refused_in_one_line_or_load_identically(twofold_checkpoint,
                                                                        tiny_dataset, tmp_path):
     original = loaded(twofold_checkpoint, tiny_dataset)

@@ -76,6 +76,7 @@ def test_evaluate_truncated_checkpoint_gives_one_line_error(quick_run, tmp_path)
     assert_one_line_error(result, "truncated or corrupt")
 
 
+@pytest.mark.slow
 def test_sweep_trains_collects_and_resumes(quick_run, tmp_path):
     """Four tiny twofold runs on the sample (sparsity 0 and 0.5, Reg_Bit off and on)."""
     out = tmp_path / "sweep"
