@@ -56,8 +56,11 @@ Energy events (integers, so two computations of the same events agree exactly):
 
 Bit-packed evaluation: bit j of the inputs of position p is packed along R into 64-bit words.
 Each crossbar (block) has, per word and physical column, a HI and a LO mask of the stored rows
-whose cell state has the high or low bit; S = 2 popcount(X & HI) + popcount(X & LO). An ideal
-ADC is linear, so there all blocks are merged into one (same sums, fewer words visited). Work
+whose cell state has the high or low bit; S = 2 popcount(X & HI) + popcount(X & LO). An ADC
+that reads every sum a column can reach exactly (the ideal one, or steps of 1 with top codes at
+or above `Crossbar.largest_partial_sums`) is linear, so there all blocks are merged into one
+(same sums, fewer words visited, no code per block). A block with no driven word for a bit
+reads 0 on every column and is skipped. Work
 is split over output positions in fixed chunks, and every per-chunk partial result is an
 integer, so results do not depend on the thread count.
 """
