@@ -63,17 +63,12 @@ from .kernels.cim import (EnergyCounts, N_CELL_STATES, PackedCrossbar, count_eve
                           full_scale_at_percentile, layer_matrix, map_layer, matrix_rows)
 from .kernels.conv import conv_output_size, im2col_3x3, im2col_rows
 from .kernels.lfsr import feedback_mask, lfsr_in_range_rows, lfsr_keep_mask, weight_mask
-from .kernels.quant import decompose, dequantize, max_level, quantize
+from .kernels.quant import (STEM_CLIP, decompose, dequantize, max_level, quantize,
+                            quantize_activations)
 from .layers import WeightLayer
 
 DEFAULT_WEIGHT_BITS = 8  # b of a float model's layers (SPEC 2 [assumption])
 STEM = "conv1"           # the layer fed by the image, pixel / 255 in [0, 1]
-STEM_CLIP = 1.0
-
-
-def quantize_activations(x, clip, activation_bits):
-    """Unsigned levels round(clip(x, 0, clip) / clip * (2^a - 1)), as floats of x's dtype."""
-    return np.rint(np.clip(x, 0, clip) / clip * ((1 << activation_bits) - 1)).astype(x.dtype)
 
 
 def lfsr_steps_per_position(mask, outputs_per_tile):

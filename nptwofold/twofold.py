@@ -14,7 +14,7 @@ the cell energy of level q in `weight_encoding` (`kernels.energy`) and a_i the d
 weight i's row per image: sum over the layer's output positions of the number of 1-bits of the
 a-bit quantized input on that row (zero padding counts as 0), averaged over the first
 `activity_images` training images in inference mode. The inputs are quantized as the array
-sees them (`cim_network.quantize_activations`): the stem's clip is 1, every other layer's is
+sees them (`kernels.quant.quantize_activations`): the stem's clip is 1, every other layer's is
 the max of its input over those images with float activations (`CimNetwork.calibrate`'s
 clips); the counting pass then feeds each layer its quantized inputs, as the fake-quant and
 CIM forwards do. So sum_i a_i e(q_i) is the cell energy per image of
@@ -33,8 +33,8 @@ from .errors import NptwofoldError
 from .hardware import CELL_STATES, HardwareConfig
 from .kernels.lfsr import (kept_per_column, lfsr_keep_mask_for_kept, lfsr_width_for_rows,
                            weight_mask)
-from .kernels.quant import (bits_backward, check_bits, clamp_bits, decompose, max_level,
-                           rebinarize_bits, rounded_levels)
+from .kernels.quant import (STEM_CLIP, bits_backward, check_bits, clamp_bits, decompose,
+                            max_level, quantize_activations, rebinarize_bits, rounded_levels)
 from .kernels.regularizers import reg_bit, reg_bit_plane_lasso, reg_net
 from .kernels.augment import to_float
 from .kernels.cim import ENCODINGS
@@ -189,8 +189,6 @@ class Twofold:
     def measure_activity(self):
         """Measures a_i of every mapped layer's weights on `activity_images` (module docstring)
         and E_ref; the model's training mode is restored afterwards."""
-        # imported here: cim_network builds models, so it imports this module
-        from .cim_network import STEM_CLIP, quantize_activations
         if self.activity_images is None or not len(self.activity_images):
             raise NptwofoldError("the energy regularizer needs activity images; none were given")
         images = self.activity_images[:self.config.activity_images]

@@ -283,3 +283,14 @@ def rebinarize_bits(bits, dropped=0):
     levels = rounded_levels(bits, dropped)
     bits[...] = decompose(levels, bits.shape[0])
     return levels
+
+
+# The network's input is pixel / 255 in [0, 1] (SPEC 1), so the stem's activation clip is 1 and
+# its a-bit levels are the 8-bit pixels themselves.
+STEM_CLIP = 1.0
+
+
+def quantize_activations(x, clip, activation_bits):
+    """Unsigned levels round(clip(x, 0, clip) / clip * (2^a - 1)) of the inputs a CIM-mapped
+    layer sees, as floats of x's dtype (rounding half to even, like the weights)."""
+    return np.rint(np.clip(x, 0, clip) / clip * ((1 << activation_bits) - 1)).astype(x.dtype)
