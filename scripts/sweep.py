@@ -13,7 +13,7 @@ each `scripts/train_cifar.py --preset twofold --init BASELINE` (twofold phase, t
 post-training) in OUT/p<100p>-bitreg-<on|off>, with --resume once a phase of it exists, so a
 stopped sweep continues where it stopped and finished runs are skipped. The other Twofold flags
 (--bits, --mask-group, ...) go to every run. `--jobs` runs go side by side,
-each on one BLAS thread (on 2 cores, two 1-thread runs train more images per second than one
+each on one engine thread (on 2 cores, two 1-thread runs train more images per second than one
 2-thread run). Each run's output goes to its train.log.
 
 Collection, for every finished run:
