@@ -23,13 +23,18 @@ _pool = None
 _scratch = threading.local()
 
 
-def configure_threads(threads):
-    """Give the engine `threads` threads; BLAS and Numba get one each."""
+def configure_threads(threads, numba_threads=1):
+    """Give the engine `threads` threads; BLAS gets one, Numba `numba_threads`.
+
+    The engine's Numba kernels run single-threaded inside the pool's chunks; only the CIM
+    kernels (`kernels.cim`, parallel over output positions, called from the main thread and
+    never inside a chunk) use Numba threads, so the CIM scripts give Numba as many as the pool.
+    """
     if "numpy" in sys.modules or "numba" in sys.modules:
         raise RuntimeError("configure_threads must run before numpy/numba are imported")
-    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                 "NUMBA_NUM_THREADS"):
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = "1"
+    os.environ["NUMBA_NUM_THREADS"] = str(numba_threads)
     os.environ[_THREADS_VARIABLE] = str(threads)
 
 

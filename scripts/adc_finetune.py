@@ -12,7 +12,6 @@ them) and DIR/log.json (settings, loss and accuracy of every step). The clips an
 calibrated on CKPT's weights first (cached in CKPT when it is writable, as cim_eval does).
 """
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -101,8 +100,7 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    configure_threads(1)  # the CIM kernels are nearly all the work (see cim_eval.py)
-    os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+    configure_threads(args.threads, numba_threads=args.threads)
     from nptwofold.errors import NptwofoldError
 
     try:

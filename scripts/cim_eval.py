@@ -318,11 +318,7 @@ def write_outputs(args, result):
 
 def main(argv=None):
     args = parse_args(argv)
-    # The CIM kernels (Numba threads, parallel over output positions) are nearly all the work;
-    # the float forwards' BLAS calls are small, so BLAS keeps one thread and never spins
-    # against the Numba pool.
-    configure_threads(1)
-    os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+    configure_threads(args.threads, numba_threads=args.threads)
 
     from nptwofold.errors import NptwofoldError
 

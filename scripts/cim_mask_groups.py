@@ -10,7 +10,6 @@ nothing about a trained twofold model; the stored rows and the energy ratio do n
 training (only on the masks, the encoding and, slightly, on the activations). Energy is counted
 on the fake-quant forward (ideal ADC; equal to the CIM run's events, tested).
 """
-import os
 import sys
 from pathlib import Path
 
@@ -68,8 +67,7 @@ def group_row(network, images, labels, calibration, encoding, group):
 
 def main(argv=None):
     args = parse_args(argv)
-    configure_threads(1)
-    os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+    configure_threads(args.threads, numba_threads=args.threads)
     from nptwofold.cim_network import CimNetwork
     from nptwofold.data import load_dataset
     from nptwofold.errors import NptwofoldError

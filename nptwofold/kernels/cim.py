@@ -56,13 +56,15 @@ Energy events (integers, so two computations of the same events agree exactly):
 
 Bit-packed evaluation: bit j of the inputs of position p is packed along R into 64-bit words.
 Each crossbar (block) has, per word and physical column, a HI and a LO mask of the stored rows
-whose cell state has the high or low bit; S = 2 popcount(X & HI) + popcount(X & LO). An ADC
-that reads every sum a column can reach exactly (the ideal one, or steps of 1 with top codes at
-or above `Crossbar.largest_partial_sums`) is linear, so there all blocks are merged into one
-(same sums, fewer words visited, no code per block). A block with no driven word for a bit
-reads 0 on every column and is skipped. Work
-is split over output positions in fixed chunks, and every per-chunk partial result is an
-integer, so results do not depend on the thread count.
+whose cell state has the high or low bit; S = 2 popcount(X & HI) + popcount(X & LO), and
+the ADC reads it through a table of the code of every reachable sum. A block with no driven
+word for a bit reads 0 on every column and is skipped. An ADC that reads every sum a column can
+reach exactly (the ideal one, or steps of 1 with top codes at or above
+`Crossbar.largest_partial_sums`) is linear: sum_j 2^j sum_t S = sum_r x_r cells[k, r], so
+there Q is one exact matmul of the integer inputs with the cell states (in a float type that
+holds every sum exactly), with no bit-serial pass. Work is split over output positions in fixed
+chunks, and every per-chunk partial result is an exact integer, so results do not depend on
+the thread count.
 """
 from typing import NamedTuple
 
@@ -73,6 +75,7 @@ from numba.extending import intrinsic
 
 from ..checks import check_integer
 from ..errors import NptwofoldError
+from ..threads import run_parallel
 from .conv import weight_as_matrix
 from .quant import check_bits, max_level
 
@@ -83,6 +86,7 @@ MAX_CELL_STATE = N_CELL_STATES - 1
 MAX_ACTIVATION_BITS = 16
 WORD_BITS = 64            # rows per packed word
 POSITIONS_PER_CHUNK = 64  # positions per parallel work item
+EXACT_POSITIONS_PER_CHUNK = 1024  # positions per matmul of an exact (ideal) reading
 ENCODINGS = ("twos_complement", "offset_binary", "sign_magnitude")
 IDEAL_TOP_CODE = np.iinfo(np.int64).max
 
@@ -459,11 +463,9 @@ def _combine(crossbar, codes, adc):
     return out
 
 
-def _blocks(crossbar, merged):
+def _blocks(crossbar):
     """Crossbars (column tile, row tile) as (rows (n,) bool per block (B, R), first column,
-    columns); `merged`: one block of every stored row and column (for an ideal ADC)."""
-    if merged:
-        return np.ones((1, crossbar.n_rows), bool), np.array([0]), np.array([crossbar.n_columns])
+    columns)."""
     row_tile = crossbar.row_tile
     rows, first, count = [], [], []
     starts = np.searchsorted(crossbar.column_tile, np.arange(crossbar.n_column_tiles))
@@ -504,7 +506,7 @@ def count_events(crossbar, x, activation_bits, skip_zero_tiles=False, validate=T
     to be unsigned `activation_bits`-bit integers (any numeric dtype)."""
     if validate:
         x, activation_bits = _check_inputs(crossbar, x, activation_bits)
-    block_rows, _, block_columns = _blocks(crossbar, merged=False)
+    block_rows, _, block_columns = _blocks(crossbar)
     # cells on each word line, by state, over the column tiles that store the row
     exists = crossbar.stored[crossbar.column_tile]
     row_cells = np.stack([((crossbar.cells == s) & exists).sum(axis=0)
@@ -523,23 +525,36 @@ def count_events(crossbar, x, activation_bits, skip_zero_tiles=False, validate=T
                         crossbar.lfsr_steps * x.shape[0])
 
 
+BYTE_ONES = np.uint64(0x0101010101010101)   # bit 0 of every byte
+BYTE_GATHER = np.uint64(0x0102040810204080)  # (t * this) >> 56: bit 0 of byte i -> bit i
+
+
 @numba.njit(parallel=True, cache=True)
 def _pack_input_bits(x, activation_bits, n_words):
-    """(P, a, W) uint64 words: bit r % 64 of word r // 64 of plane j is bit j of x[p, r]."""
+    """(P, a, W) uint64 words: bit r % 64 of word r // 64 of plane j is bit j of x[p, r].
+
+    Eight rows at a time: their input bytes are laid side by side in one uint64, and bit j of
+    all eight is gathered into one byte by a multiply (BYTE_GATHER), instead of row by row."""
     n_positions, n_rows = x.shape
-    words = np.empty((n_positions, activation_bits, n_words), np.uint64)
+    words = np.zeros((n_positions, activation_bits, n_words), np.uint64)
     for p in prange(n_positions):
-        planes = np.zeros(activation_bits, np.uint64)  # one word of every bit plane
         for w in range(n_words):
-            planes[:] = 0
-            for r in range(w * WORD_BITS, min((w + 1) * WORD_BITS, n_rows)):
-                value = np.uint64(np.int64(x[p, r]))
-                if value == 0:  # common: ReLU zeros
-                    continue
-                shift = np.uint64(r % WORD_BITS)
-                for j in range(activation_bits):  # no branch per bit
-                    planes[j] |= ((value >> np.uint64(j)) & np.uint64(1)) << shift
-            words[p, :, w] = planes
+            for group in range(8):
+                first = w * WORD_BITS + 8 * group
+                if first >= n_rows:
+                    break
+                for low_bit in range(0, activation_bits, 8):
+                    side_by_side = np.uint64(0)
+                    for i in range(min(8, n_rows - first)):
+                        byte = (np.uint64(np.int64(x[p, first + i])) >> np.uint64(low_bit)) \
+                            & np.uint64(0xFF)
+                        side_by_side |= byte << np.uint64(8 * i)
+                    if side_by_side == 0:  # common: ReLU zeros and small inputs
+                        continue
+                    for j in range(low_bit, min(low_bit + 8, activation_bits)):
+                        gathered = (((side_by_side >> np.uint64(j - low_bit)) & BYTE_ONES)
+                                    * BYTE_GATHER) >> np.uint64(56)
+                        words[p, j, w] |= gathered << np.uint64(8 * group)
     return words
 
 
@@ -583,10 +598,11 @@ def _add_popcounts(word, masks, counts):
 
 
 @numba.njit(parallel=True, cache=True)
-def _packed_kernel(input_words, masks, spans, offsets, block_first, block_columns, step, top,
-                   ideal, channel, histograms, codes):
-    """Fills `codes` (P, K) with sum_j 2^j sum_t code(S); with `histograms` of shape (chunks,
-    channels, 3T + 1) also counts every partial sum S by channel."""
+def _packed_kernel(input_words, masks, spans, offsets, block_first, block_columns, code_table,
+                   table_of, channel, histograms, codes):
+    """Fills `codes` (P, K) with sum_j 2^j sum_t code(S), code(S) = code_table[table_of[k],
+    S]; with `histograms` of shape (chunks, channels, 3T + 1)
+    it instead counts every partial sum S by channel and leaves `codes` alone."""
     n_positions, activation_bits, _ = input_words.shape
     n_blocks = block_columns.size
     record = histograms.shape[0] > 0
@@ -595,7 +611,8 @@ def _packed_kernel(input_words, masks, spans, offsets, block_first, block_column
         counts = np.empty(2 * block_columns.max(), np.int64)  # per chunk, not per position
         for p in range(chunk * POSITIONS_PER_CHUNK,
                        min((chunk + 1) * POSITIONS_PER_CHUNK, n_positions)):
-            codes[p, :] = 0
+            if not record:
+                codes[p, :] = 0
             for j in range(activation_bits):
                 for b in range(n_blocks):
                     n_columns = block_columns[b]
@@ -610,50 +627,84 @@ def _packed_kernel(input_words, masks, spans, offsets, block_first, block_column
                         base = offsets[b] + (w - spans[b, 0]) * 2 * n_columns
                         _add_popcounts(word, masks[base:base + 2 * n_columns], block_counts)
                     first = block_first[b]
-                    if not driven:  # every S is 0, read as the code 0 by any ADC
-                        if record:
-                            for k in range(n_columns):
-                                histograms[chunk, channel[first + k], 0] += 1
-                        continue
-                    if ideal:
+                    if record:
                         for k in range(n_columns):
-                            codes[p, first + k] += (2 * block_counts[k]
-                                                    + block_counts[n_columns + k]) << j
+                            histograms[chunk, channel[first + k],
+                                       2 * block_counts[k] + block_counts[n_columns + k]] += 1
+                    elif not driven:  # every S is 0, read as the code 0 by any ADC
                         continue
-                    for k in range(n_columns):
-                        partial_sum = 2 * block_counts[k] + block_counts[n_columns + k]
-                        if record:
-                            histograms[chunk, channel[first + k], partial_sum] += 1
-                        codes[p, first + k] += _adc_code(partial_sum, step[first + k],
-                                                         top[first + k]) << j
+                    else:
+                        for k in range(n_columns):
+                            partial_sum = 2 * block_counts[k] + block_counts[n_columns + k]
+                            codes[p, first + k] += code_table[table_of[first + k],
+                                                              partial_sum] << j
+
+
+def _code_tables(adc, largest_sum):
+    """The ADC's code of every partial sum 0..largest_sum, once per distinct (step, top) of
+    the columns: (tables (T, largest_sum + 1) int64, table of each column (K,) int64). The
+    same float64 operations as `_adc_code`, so the codes are the same."""
+    pairs = sorted(set(zip(adc.step.tolist(), adc.top.tolist())))
+    index = {pair: i for i, pair in enumerate(pairs)}
+    sums = np.arange(largest_sum + 1, dtype=np.int64)
+    tables = np.array([np.minimum(np.rint(sums / step).astype(np.int64), top)
+                       for step, top in pairs]).reshape(len(pairs), largest_sum + 1)
+    return tables, np.array([index[pair] for pair in zip(adc.step.tolist(), adc.top.tolist())],
+                            np.int64)
 
 
 class PackedCrossbar:
-    """A Crossbar's cell masks, packed once for `matmul` (merged into one block when the ADC
-    reads every partial sum this crossbar can produce exactly, e.g. an 8-bit ADC of step 1 on
-    columns whose sums stay below 256) and for `partial_sum_histograms` (always per physical
-    crossbar)."""
+    """A Crossbar's cell masks, packed once per physical crossbar for `matmul` and
+    `partial_sum_histograms`; an ADC that reads every partial sum this crossbar can produce
+    exactly (e.g. an 8-bit ADC of step 1 on columns whose sums stay below 256) needs no
+    bit-serial pass (module docstring)."""
 
     def __init__(self, crossbar):
         self.crossbar = crossbar
         self.n_words = -(-crossbar.n_rows // WORD_BITS)
         self.largest_sums = crossbar.largest_partial_sums
-        self._packs = {}
+        self._packed = None  # the cell masks, packed when first needed
+        self._cell_matrices = {}  # dtype -> cells^T (R, K), for _exact_codes
 
-    def _pack(self, merged):
-        if merged not in self._packs:
-            rows, first, columns = _blocks(self.crossbar, merged)
+    def _pack(self):
+        if self._packed is None:
+            rows, first, columns = _blocks(self.crossbar)
             masks, spans, offsets = _pack_cell_masks(self.crossbar.cells, rows, first, columns,
                                                      self.n_words)
-            self._packs[merged] = (masks, spans, offsets, first, columns)
-        return self._packs[merged]
+            self._packed = (masks, spans, offsets, first, columns)
+        return self._packed
 
     def _run(self, x, activation_bits, adc, histograms):
         crossbar = self.crossbar
         ideal = adc.is_ideal(crossbar, self.largest_sums) and not histograms.shape[0]
+        if ideal:
+            return self._exact_codes(x, activation_bits)
+        tables, table_of = _code_tables(adc, MAX_CELL_STATE * crossbar.rows_per_tile)
         codes = np.empty((x.shape[0], crossbar.n_columns), np.int64)
-        _packed_kernel(_pack_input_bits(x, activation_bits, self.n_words), *self._pack(ideal),
-                       adc.step, adc.top, ideal, crossbar.channel, histograms, codes)
+        _packed_kernel(_pack_input_bits(x, activation_bits, self.n_words), *self._pack(),
+                       tables, table_of, crossbar.channel, histograms, codes)
+        return codes
+
+    def _exact_codes(self, x, activation_bits):
+        """Q = x @ cells^T, (P, K) int64: what the bit-serial reading gives when the ADC reads
+        every partial sum exactly, since sum_j 2^j sum_t S[t, j, k] = sum_r x_r cells[k, r].
+        One float matmul per chunk of positions, in a float type that holds every sum exactly
+        (integers below 2^24 in float32, else float64), so the order of the sums cannot
+        matter."""
+        crossbar = self.crossbar
+        largest = ((1 << activation_bits) - 1) * MAX_CELL_STATE * crossbar.n_rows
+        dtype = np.dtype(np.float32 if largest < 2 ** 24 else np.float64)
+        if dtype not in self._cell_matrices:
+            self._cell_matrices[dtype] = np.ascontiguousarray(crossbar.cells.T, dtype)
+        cells = self._cell_matrices[dtype]
+        codes = np.empty((x.shape[0], crossbar.n_columns), np.int64)
+        chunks = range(0, x.shape[0], EXACT_POSITIONS_PER_CHUNK)
+
+        def run_chunk(index):
+            rows = slice(chunks[index], chunks[index] + EXACT_POSITIONS_PER_CHUNK)
+            codes[rows] = x[rows].astype(dtype, copy=False) @ cells
+
+        run_parallel(run_chunk, len(chunks))
         return codes
 
     def matmul(self, x, activation_bits, adc=None, skip_zero_tiles=False, validate=True,
