@@ -5,7 +5,8 @@ Layout (documented in README.md, "Checkpoint format"):
   /model/<name>      every parameter and buffer by its PyTorch state_dict name, conv OIHW
   /optimizer/<name>  SGD momentum buffer of each parameter; attrs momentum, weight_decay, nesterov
   /train             attrs epoch, step, global_step, running sums, best_accuracy, history (JSON)
-  /twofold/<layer>   twofold runs only: levels, bit_planes, weight, keep_mask; LFSR attrs
+  /twofold/<layer>   twofold runs only: levels, bit_planes and cells (in the run's weight
+                     encoding, attr encoding), weight, keep_mask; LFSR attrs
   /cim               after a CIM calibration: attrs activation_bits, weight_bits,
                      calibration_images; /cim/<layer> attr activation_clip and datasets
                      adc_histogram.<encoding>.<rows>x<cols> (partial-sum counts per ADC channel)
@@ -26,6 +27,7 @@ from . import __version__
 from .config import TrainConfig
 from .errors import NptwofoldError
 from .files import atomic_write
+from .kernels.quant import ENCODINGS
 from .options import above, at_least, between
 
 FORMAT = "nptwofold-checkpoint"
@@ -90,12 +92,17 @@ FLOAT_RUN_TRAIN_DEFAULTS = dict(epoch_reg_net=0.0, epoch_reg_bit=0.0, post_train
                                 twofold_reports=[])
 # what each /twofold/<layer> group holds (their agreement is checked by Twofold.load_h5)
 TWOFOLD_DATASETS = dict(levels="iu", bit_planes="u", weight="f", keep_mask="u")
+# cells: absent in checkpoints written before the planes followed the weight encoding
+TWOFOLD_OPTIONAL_DATASETS = dict(cells="u")
 TWOFOLD_ATTRS = dict(
     bits=("int", between(2, 16)), scale=("float", at_least(0)), lfsr_width=("int", at_least(1)),
     lfsr_taps=("ints", at_least(1)), lfsr_seed=("int", at_least(1)), kept=("int", at_least(1)),
     group=("int", at_least(1)), rows=("int", at_least(1)), cols=("int", at_least(1)),
     # dropped_planes: absent (= 0) in checkpoints written before plane dropping existed
-    lfsr_steps=("int", at_least(0)), dropped_planes=("int", between(0, 14)))
+    lfsr_steps=("int", at_least(0)), dropped_planes=("int", between(0, 14)),
+    # encoding: absent (= two's complement) before the planes followed the weight encoding
+    encoding=("str", ENCODINGS))
+TWOFOLD_ATTR_DEFAULTS = dict(dropped_planes=0, encoding="twos_complement")
 # /cim/<layer>/adc_histogram.<encoding>.<rows>x<cols>: counts of partial sums per ADC channel
 CIM_HISTOGRAM_PREFIX = "adc_histogram."
 CIM_ATTRS = dict(activation_bits=("int", between(1, 16)), weight_bits=("int", between(2, 16)),
@@ -145,11 +152,15 @@ def load_checkpoint(path):
                 _check_history(content["train"]["history"], content["train"]["epoch"])
             if "twofold" in f:
                 content["twofold"] = {
-                    name: dict(attrs={key: 0 if key == "dropped_planes" and key not in
+                    name: dict(attrs={key: TWOFOLD_ATTR_DEFAULTS[key]
+                                      if key in TWOFOLD_ATTR_DEFAULTS and key not in
                                       layer.attrs else _attr(layer, key, *kind)
                                       for key, kind in TWOFOLD_ATTRS.items()},
                                **{key: _dataset(layer, key, kinds)
-                                  for key, kinds in TWOFOLD_DATASETS.items()})
+                                  for key, kinds in TWOFOLD_DATASETS.items()},
+                               **{key: _dataset(layer, key, kinds)
+                                  for key, kinds in TWOFOLD_OPTIONAL_DATASETS.items()
+                                  if key in layer})
                     for name, layer in _subgroups(_group(f, "twofold"))}
             if "cim" in f:
                 group = _group(f, "cim")
@@ -208,12 +219,17 @@ def _arrays(group):
 
 
 def _attr(node, key, kind, allowed=None):
-    """Attribute `key` of `node` as an int, float, tuple of ints ("ints") or parsed JSON
-    ("json", whose `allowed` is the Python type), checked against the Bound `allowed`."""
+    """Attribute `key` of `node` as an int, float, tuple of ints ("ints"), one string of the
+    tuple `allowed` ("str") or parsed JSON ("json", whose `allowed` is the Python type),
+    checked against the Bound `allowed`."""
     where = f"{node.name.rstrip('/')}/@{key}"
     if key not in node.attrs:
         raise _Invalid(f"{where} is missing")
     value = node.attrs[key]
+    if kind == "str":
+        if not isinstance(value, str) or value not in allowed:
+            raise _Invalid(f"{where} must be one of {', '.join(allowed)} (got {value!r})")
+        return value
     number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
         value, (bool, np.bool_))
     if kind == "json":

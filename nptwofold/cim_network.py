@@ -531,7 +531,8 @@ class CimNetwork:
                 rows_per_tile_mean=float(per_tile.mean()), rows_per_tile_max=int(per_tile.max()),
                 crossbars=int(crossbar.n_row_tiles.sum()),
                 network_sparsity=1 - kept / crossbar.n_rows,
-                zero_bit_share=1 - float(decompose(layer.kept_levels, layer.bits).mean()),
+                zero_bit_share=1 - float(decompose(layer.kept_levels, layer.bits,
+                                                        self.hardware.weight_encoding).mean()),
                 clip=layer.clip,
                 **{f"stored_{s}": int(n) / max(int(exists.sum()), 1)
                    for s, n in zip(CELL_STATES, stored)}))

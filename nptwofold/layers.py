@@ -76,9 +76,10 @@ class Sequential(Module):
 class WeightLayer(Module):
     """A layer with one weight tensor, trained either directly or as bit planes.
 
-    After `use_bit_weights(b)` the trained variable is `weight_bits`, b continuous planes in
-    [0, 1] (plane b-1 the two's complement sign); the weight used in the forward pass is
-    s * Round(clip(q~)) / qmax with a straight-through gradient (SPEC 3). `dropped_planes`
+    After `use_bit_weights(b, encoding)` the trained variable is `weight_bits`, b continuous
+    planes in [0, 1] in the array's weight encoding (`kernels.quant`: two's complement, offset
+    binary or sign-magnitude), so what is trained is what the array stores; the weight used in
+    the forward pass is s * Round(clip(q~)) / qmax with a straight-through gradient (SPEC 3). `dropped_planes`
     counts the low planes the Twofold method has dropped (it holds them at 0); the rounding
     then goes to multiples of 2^dropped_planes. The scale
     `weight_scale` = max|W| of the starting weights is a buffer, not trained: trained, Reg_Net
@@ -87,6 +88,7 @@ class WeightLayer(Module):
     """
 
     bit_width = 0  # 0: the float weight is trained directly
+    bit_encoding = "twos_complement"  # encoding of the bit planes, set by use_bit_weights
     dropped_planes = 0
     forward_op = None  # set by use_forward_op
 
@@ -105,11 +107,12 @@ class WeightLayer(Module):
             return self.own_forward(x)
         return self.forward_op(self, x)
 
-    def use_bit_weights(self, b):
+    def use_bit_weights(self, b, encoding="twos_complement"):
         weight = self.params.pop("weight")
         del self.grads["weight"]
         levels, scale = quantize(weight, b)
-        self.params["weight_bits"] = decompose(levels, b).astype(weight.dtype)
+        self.bit_encoding = encoding
+        self.params["weight_bits"] = decompose(levels, b, encoding).astype(weight.dtype)
         self.grads["weight_bits"] = np.zeros_like(self.params["weight_bits"])
         self.buffers["weight_scale"] = np.array([scale], weight.dtype)
         self.bit_width = b
@@ -118,7 +121,7 @@ class WeightLayer(Module):
         if not self.bit_width:
             return self.params["weight"]
         return bits_forward(self.params["weight_bits"], self.buffers["weight_scale"][0],
-                            self.dropped_planes)
+                            self.dropped_planes, self.bit_encoding)
 
     def store_weight_grad(self, dweight):
         if not self.bit_width:
@@ -126,7 +129,7 @@ class WeightLayer(Module):
             return
         self.grads["weight_bits"][...] = bits_backward(
             self.params["weight_bits"], self.buffers["weight_scale"][0], dweight,
-            self.dropped_planes)
+            self.dropped_planes, self.bit_encoding)
 
 
 class Conv3x3(WeightLayer):

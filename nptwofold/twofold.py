@@ -33,11 +33,12 @@ from .errors import NptwofoldError
 from .hardware import CELL_STATES, HardwareConfig
 from .kernels.lfsr import (kept_per_column, lfsr_keep_mask_for_kept, lfsr_width_for_rows,
                            weight_mask)
-from .kernels.quant import (STEM_CLIP, bits_backward, check_bits, clamp_bits, decompose,
-                            max_level, quantize_activations, rebinarize_bits, rounded_levels)
+from .kernels.quant import (ENCODINGS, STEM_CLIP, SIGN_MAGNITUDE, bits_backward, check_bits,
+                            clamp_bits, decompose, encoding_code, max_level,
+                            quantize_activations, rebinarize_bits, rounded_levels)
 from .kernels.regularizers import reg_bit, reg_bit_plane_lasso, reg_net
 from .kernels.augment import to_float
-from .kernels.cim import ENCODINGS
+from .kernels.cim import weight_cells
 from .kernels.conv import im2col_3x3, im2col_rows
 from .kernels.energy import energy_regularizer, level_energy_table
 from .kernels.loss import softmax_cross_entropy
@@ -91,8 +92,9 @@ class TwofoldConfig:
         0.0, "energy regularizer strength lambda_E: R_E = lambda_E sum_i a_i e(q_i) / E_ref "
         "(docs/energy-regularizer.md); 0 = off", at_least(0))
     weight_encoding: str = option(
-        "twos_complement", "the array's weight encoding (HardwareConfig.weight_encoding), whose "
-        "cell energy e(q) the energy regularizer and the report weigh", choices=ENCODINGS)
+        "twos_complement", "the array's weight encoding (HardwareConfig.weight_encoding): the "
+        "bit planes are trained, re-binarized and stored in it, and the energy regularizer and "
+        "the report weigh its cell energy e(q)", choices=ENCODINGS)
     activity_images: int = option(500, "training images (the first ones, not augmented) the "
                                   "input activity a_i is measured on, each epoch", at_least(1))
     activation_bits: int = option(8, "a, bits of the array's unsigned inputs, for the input "
@@ -126,7 +128,10 @@ class Twofold:
                 sparsity[name] = own
         for index, (name, layer) in enumerate(mapped):
             if not layer.bit_width:
-                layer.use_bit_weights(config.bits)
+                layer.use_bit_weights(config.bits, config.weight_encoding)
+            elif layer.bit_encoding != config.weight_encoding:
+                raise NptwofoldError(f"{name} holds {layer.bit_encoding} bit planes, the twofold "
+                                     f"config says {config.weight_encoding}")
             rows, cols = layer_matrix_shape(layer.params["weight_bits"].shape[1:])
             width = lfsr_width_for_rows(rows)
             lfsr_seed = int(np.random.default_rng([base_seed, LFSR_STREAM, index])
@@ -144,6 +149,13 @@ class Twofold:
         self.pruned = False  # set by hard_prune: from then on the masks are enforced every step
         self.energy_table = level_energy_table(config.bits, config.weight_encoding,
                                                HardwareConfig().cell_energy_pj)
+        # Reg_Bit counts the planes the array stores as cell bits: sign-magnitude's sign plane
+        # only picks the column group, so it is left out
+        self.sign_plane = (config.bits - 1 if encoding_code(config.weight_encoding)
+                           == SIGN_MAGNITUDE else None)
+        # the planes of level 0, which a cut weight holds (not all zero in offset binary)
+        self.zero_planes = decompose(np.zeros(1, np.int64), config.bits,
+                                     config.weight_encoding)[:, 0]
         self.activity_images = None  # uint8 images a_i is measured on, set by the trainer
         self.activity = None         # name -> a_i in the weight's shape; None = to be measured
         self.energy_reference = None  # E_ref, pJ per image
@@ -158,20 +170,20 @@ class Twofold:
     def regularize(self):
         """Adds the Reg_Net, Reg_Bit and energy regularizer gradients to the layers' grads;
         returns their values."""
-        reg_bit_of = REG_BIT_FORMS[self.config.reg_bit_form]
         totals = {"reg_net": 0.0, "reg_bit": 0.0, "reg_energy": 0.0}
         if self.config.lambda_energy and self.activity is None:
             self.measure_activity()
+        encoding = self.config.weight_encoding
         for name, layer in self.layers.items():
             bits, scale = layer.params["weight_bits"], layer.buffers["weight_scale"][0]
             if self.config.lambda_net:
                 value, dweight = reg_net(layer.weight, self.keep_mask(name), self.config.lambda_net)
                 # Reg_Net acts on W = s q / qmax, so its gradient reaches the bits the STE way
                 layer.grads["weight_bits"] += bits_backward(bits, scale, dweight,
-                                                            layer.dropped_planes)
+                                                            layer.dropped_planes, encoding)
                 totals["reg_net"] += value
             if self.config.beta_bit:
-                value, dbits = reg_bit_of(bits, self.config.beta_bit, self.param_share[name])
+                value, dbits = self.reg_bit(name)
                 layer.grads["weight_bits"] += dbits
                 totals["reg_bit"] += value
             if self.config.lambda_energy:
@@ -182,9 +194,21 @@ class Twofold:
                 # straight through the rounding to W, then to the bits like Reg_Net's, so the
                 # relaxed bits cannot absorb it (docs/energy-regularizer.md)
                 layer.grads["weight_bits"] += bits_backward(bits, scale, dweight,
-                                                            layer.dropped_planes)
+                                                            layer.dropped_planes, encoding)
                 totals["reg_energy"] += value
         return totals
+
+    def reg_bit(self, name):
+        """(Reg_Bit, its gradient on the planes) of a layer, over its cell planes."""
+        bits = self.layers[name].params["weight_bits"]
+        if self.sign_plane is not None:
+            bits = bits.copy()
+            bits[self.sign_plane] = 0.0
+        value, dbits = REG_BIT_FORMS[self.config.reg_bit_form](bits, self.config.beta_bit,
+                                                               self.param_share[name])
+        if self.sign_plane is not None:
+            dbits[self.sign_plane] = 0.0
+        return value, dbits
 
     def measure_activity(self):
         """Measures a_i of every mapped layer's weights on `activity_images` (module docstring)
@@ -297,20 +321,24 @@ class Twofold:
     def rebinarize(self):
         """Rounds every layer's bits to exact {0, 1} planes of its levels (dropped planes 0)."""
         for layer in self.layers.values():
-            rebinarize_bits(layer.params["weight_bits"], layer.dropped_planes)
+            rebinarize_bits(layer.params["weight_bits"], layer.dropped_planes,
+                            self.config.weight_encoding)
 
     def hard_prune(self):
-        """Zeroes every bit of every weight outside the keep-masks, so those weights are 0.
+        """Sets the planes of every weight outside the keep-masks to those of level 0.
 
         Idempotent; afterwards `after_step` repeats it, so a fine-tune keeps the masks fixed.
         """
         self.pruned = True
         for name, layer in self.layers.items():
-            layer.params["weight_bits"] *= self.keep_mask(name)
+            bits, keep = layer.params["weight_bits"], self.keep_mask(name)
+            zero = self.zero_planes.reshape((-1,) + (1,) * keep.ndim).astype(bits.dtype)
+            np.copyto(bits, zero, where=~keep.astype(bool))
 
     def levels(self, name):
         layer = self.layers[name]
-        return rounded_levels(layer.params["weight_bits"], layer.dropped_planes)
+        return rounded_levels(layer.params["weight_bits"], layer.dropped_planes,
+                              self.config.weight_encoding)
 
     def layer_report(self):
         """Per-layer rows (and a total row) of network and bit sparsity and cell states.
@@ -319,21 +347,20 @@ class Twofold:
         stores. `zero_weight_share` counts all weights whose level is 0.
         """
         b = self.config.bits
-        reg_bit_of = REG_BIT_FORMS[self.config.reg_bit_form]
         rows, totals = [], None
         for name, layer in self.layers.items():
             keep = self.keep_mask(name)
             levels = self.levels(name)
-            planes = decompose(levels, b)[:, keep.astype(bool)]  # (b, kept weights)
-            cells = 2 * planes[1::2] + planes[0::2]              # cell m holds bits (2m+1, 2m)
+            encoding = self.config.weight_encoding
+            planes = decompose(levels, b, encoding)[:, keep.astype(bool)]  # (b, kept weights)
+            cells = weight_cells(levels, b, encoding)[:, keep.astype(bool)]
             counts = dict(
                 weights=levels.size, kept=int(keep.sum()), zero_weights=int((levels == 0).sum()),
                 dropped_planes=layer.dropped_planes,
                 zero_bits_by_position=(planes == 0).sum(axis=1).tolist(),
                 cell_states=[int((cells == s).sum()) for s in range(len(CELL_STATES))],
                 reg_net=reg_net(layer.effective_weight(), keep, self.config.lambda_net)[0],
-                reg_bit=reg_bit_of(layer.params["weight_bits"], self.config.beta_bit,
-                                   self.param_share[name])[0])
+                reg_bit=self.reg_bit(name)[0])
             if self.activity is not None:
                 counts["cell_pj"] = self.cell_energy_pj(name)
             rows.append(self._report_row(name, counts, b))
@@ -377,20 +404,22 @@ class Twofold:
 
     def write_h5(self, group):
         """The integer weights, exact bit planes, scale, keep-mask and LFSR parameters per layer."""
-        b = self.config.bits
+        b, encoding = self.config.bits, self.config.weight_encoding
         for name, layer in self.layers.items():
             levels = self.levels(name)
             scale = float(layer.buffers["weight_scale"][0])
             mask = self.masks[name]
             sub = group.create_group(name)
             sub.create_dataset("levels", data=levels)
-            sub.create_dataset("bit_planes", data=decompose(levels, b))
+            sub.create_dataset("bit_planes", data=decompose(levels, b, encoding))
+            sub.create_dataset("cells", data=weight_cells(levels, b, encoding))
             sub.create_dataset("weight", data=(scale * levels / max_level(b)).astype(np.float32))
             sub.create_dataset("keep_mask", data=self.keep_mask(name))
             sub.attrs.update(bits=b, scale=scale, lfsr_width=mask.width, lfsr_taps=list(mask.taps),
                              lfsr_seed=mask.seed, kept=mask.kept, group=mask.group,
                              rows=mask.mask.shape[0], cols=mask.mask.shape[1],
-                             lfsr_steps=mask.steps, dropped_planes=layer.dropped_planes)
+                             lfsr_steps=mask.steps, dropped_planes=layer.dropped_planes,
+                             encoding=encoding)
 
     def load_h5(self, stored, path):
         """Takes each layer's dropped planes from a stored /twofold group (read and type-checked
@@ -401,12 +430,15 @@ class Twofold:
         if set(stored) != set(self.layers):
             raise NptwofoldError(f"{path}: /twofold layers {sorted(stored)[:3]}... do not "
                                  "match the model's mapped layers")
-        b = self.config.bits
+        b, encoding = self.config.bits, self.config.weight_encoding
         for name, entry in stored.items():
             attrs, layer, where = entry["attrs"], self.layers[name], f"{path}: /twofold/{name}"
             shape = layer.params["weight_bits"].shape[1:]
             if attrs["bits"] != b:
                 raise NptwofoldError(f"{where}/@bits is {attrs['bits']}, the config says {b}")
+            if attrs["encoding"] != encoding:
+                raise NptwofoldError(f"{where}/@encoding is {attrs['encoding']}, the config "
+                                     f"says {encoding}")
             if not attrs["dropped_planes"] <= b - 2:
                 raise NptwofoldError(f"{where}/@dropped_planes {attrs['dropped_planes']} is "
                                      f"more than b - 2 = {b - 2}")
@@ -434,8 +466,10 @@ class Twofold:
             layer.dropped_planes = attrs["dropped_planes"]
             levels = self.levels(name)
             scale = float(layer.buffers["weight_scale"][0])
-            expected = dict(levels=levels, bit_planes=decompose(levels, b),
+            expected = dict(levels=levels, bit_planes=decompose(levels, b, encoding),
                             weight=(scale * levels / max_level(b)).astype(np.float32))
+            if "cells" in entry:  # absent in checkpoints older than the encoded planes
+                expected["cells"] = weight_cells(levels, b, encoding)
             for key, value in expected.items():
                 if entry[key].dtype != value.dtype or not np.array_equal(entry[key], value):
                     raise NptwofoldError(f"{where}/{key} does not agree with the model's "

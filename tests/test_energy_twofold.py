@@ -68,7 +68,7 @@ def test_regularize_adds_exactly_the_energy_kernel_gradient(sample):
                                             0.7 / method.energy_reference, bits.dtype)
         total += value
         np.testing.assert_array_equal(layer.grads["weight_bits"],
-                                      bits_backward(bits, scale, dweight))
+                                      bits_backward(bits, scale, dweight, 0, "sign_magnitude"))
         # cut weights are not weighed: pruning removes them
         assert not dweight[method.keep_mask(name) == 0].any()
     assert values["reg_energy"] == pytest.approx(total, rel=1e-12)

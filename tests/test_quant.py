@@ -329,3 +329,100 @@ def test_float32_backward_matches_float64():
 def test_backward_rejects_mismatched_gradient_shape():
     with pytest.raises(NptwofoldError, match="shape"):
         quant.bits_backward(np.zeros((4, 3)), 1.0, np.zeros(2))
+
+
+# --- the planes of each weight encoding ------------------------------------------------------
+
+def reference_encoded_planes(level, b, encoding):
+    """Planes of one level from the encoding's definition, as a binary string read backwards."""
+    if encoding == "twos_complement":
+        code = level & (2**b - 1)
+    elif encoding == "offset_binary":
+        code = level + 2 ** (b - 1)
+    else:  # the magnitude in planes 0..b-2, the sign (1 = negative) in plane b-1
+        code = abs(level) + (2 ** (b - 1) if level < 0 else 0)
+    return [int(bit) for bit in reversed(format(code, f"0{b}b"))]
+
+
+def reference_encoded_real_levels(bits, encoding):
+    """q~ of continuous planes by the encoding's formula."""
+    b = bits.shape[0]
+    low = np.tensordot(2.0 ** np.arange(b - 1), bits[:-1].astype(np.float64), axes=1)
+    top = bits[-1].astype(np.float64)
+    if encoding == "twos_complement":
+        return low - 2.0 ** (b - 1) * top
+    if encoding == "offset_binary":
+        return low + 2.0 ** (b - 1) * (top - 1)
+    return (1 - 2 * top) * low
+
+
+@pytest.mark.parametrize("encoding", quant.ENCODINGS)
+@pytest.mark.parametrize("b", [2, 4, 8])
+def test_every_level_decomposes_and_composes_in_each_encoding(encoding, b):
+    low, high = quant.level_range(b, encoding)
+    assert high == 2 ** (b - 1) - 1 and low == (-high if encoding == "sign_magnitude" else -high - 1)
+    levels = np.arange(low, high + 1).astype(quant.level_dtype(b))
+    planes = quant.decompose(levels, b, encoding)
+    assert planes.dtype == np.uint8
+    assert planes.T.tolist() == [reference_encoded_planes(int(q), b, encoding) for q in levels]
+    np.testing.assert_array_equal(quant.compose(planes, encoding), levels)
+    with pytest.raises(NptwofoldError, match=f"{b}-bit {encoding} range"):
+        quant.decompose(np.array([low - 1]), b, encoding)
+
+
+def test_sign_magnitude_negative_zero_composes_to_zero():
+    planes = np.array([[0], [0], [0], [1]], np.uint8)  # magnitude 0, sign 1
+    assert quant.compose(planes, "sign_magnitude").tolist() == [0]
+    assert quant.decompose(np.array([0]), 4, "sign_magnitude")[:, 0].tolist() == [0, 0, 0, 0]
+
+
+def test_unknown_encoding_raises():
+    with pytest.raises(NptwofoldError, match="unknown weight encoding 'gray'"):
+        quant.bits_forward(np.zeros((4, 2)), 1.0, encoding="gray")
+
+
+@pytest.mark.parametrize("encoding", quant.ENCODINGS)
+@pytest.mark.parametrize("dropped", [0, 2])
+def test_forward_and_rebinarize_of_continuous_bits_in_each_encoding(encoding, dropped):
+    rng = np.random.default_rng(60 + dropped)
+    bits = rng.random((8, 40, 3))
+    bits[:dropped] = 0.0
+    qmax, step = 127, 2**dropped
+    top = step * (qmax // step)
+    real = reference_encoded_real_levels(bits, encoding)
+    expected = step * np.rint(np.clip(real, -top, top) / step)
+    np.testing.assert_array_equal(quant.rounded_levels(bits, dropped, encoding), expected)
+    np.testing.assert_allclose(quant.bits_forward(bits, 0.8, dropped, encoding),
+                               0.8 * expected / qmax, rtol=1e-12)
+    forward_before = quant.bits_forward(bits, 0.8, dropped, encoding)
+    levels = quant.rebinarize_bits(bits, dropped, encoding)
+    np.testing.assert_array_equal(levels, expected)
+    assert set(np.unique(bits)) <= {0.0, 1.0} and (bits[:dropped] == 0).all()
+    np.testing.assert_array_equal(quant.compose(bits.astype(np.uint8), encoding), expected)
+    np.testing.assert_array_equal(quant.bits_forward(bits, 0.8, dropped, encoding),
+                                  forward_before)
+
+
+@pytest.mark.parametrize("encoding", quant.ENCODINGS)
+def test_bit_gradient_is_derivative_of_each_encodings_surrogate(encoding):
+    """dL/dbits against float64 central differences of s clip(q~) / qmax, q~ by the encoding's
+    formula (the product of sign factor and magnitude in sign-magnitude)."""
+    rng = np.random.default_rng(70)
+    b, qmax, scale, step = 8, 127, 0.9, 1e-6
+    bits = rng.random((b, 4, 5))
+    bits[:, 0, 0] = 0.0  # offset binary: q~ = -128, clipped; others: q~ = 0
+    bits[:, 0, 1] = [1.0] * (b - 1) + [0.45]  # sign-magnitude: a sign near its flip
+    grad_output = loss_weights(bits.shape[1:], 71)
+    grad_bits = quant.bits_backward(bits, scale, grad_output, 0, encoding)
+
+    def surrogate(planes):
+        return scale * np.clip(reference_encoded_real_levels(planes, encoding), -qmax, qmax) / qmax
+
+    for index in np.ndindex(bits.shape):
+        plus, minus = bits.copy(), bits.copy()
+        plus[index] += step
+        minus[index] -= step
+        numeric = np.sum(grad_output * (surrogate(plus) - surrogate(minus))) / (2 * step)
+        assert abs(grad_bits[index] - numeric) <= 1e-6 * max(1.0, abs(numeric)), index
+    if encoding == "offset_binary":
+        assert (grad_bits[:, 0, 0] == 0).all()  # the clip cuts the gradient outside +-qmax

@@ -10,7 +10,7 @@ import pytest
 from nptwofold.checkpoint import load_checkpoint
 from nptwofold.errors import NptwofoldError
 from nptwofold.kernels.lfsr import kept_per_column
-from nptwofold.kernels.quant import compose, max_level
+from nptwofold.kernels.quant import ENCODINGS, compose, max_level
 from nptwofold.kernels.regularizers import reg_bit, reg_net
 from nptwofold.model import ResNet20
 from nptwofold.build import build_model, load_model
@@ -208,8 +208,9 @@ def test_after_step_clamps_bits_to_unit_interval():
     assert layer.params["weight_bits"][0, 0, 0] == 1.0 and layer.params["weight_bits"][1, 0, 0] == 0.0
 
 
-def test_hard_prune_zeroes_exactly_the_masked_weights():
-    _, method = twofold_model(sparsity=0.6)
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_hard_prune_zeroes_exactly_the_masked_weights(encoding):
+    _, method = twofold_model(sparsity=0.6, weight_encoding=encoding)
     before = {name: method.levels(name).copy() for name in method.layers}
     method.hard_prune()
     for name in method.layers:
@@ -220,15 +221,35 @@ def test_hard_prune_zeroes_exactly_the_masked_weights():
         assert (before[name][~keep] != 0).any()  # the test would notice a no-op prune
 
 
-def test_report_counts_bits_and_cells_of_kept_weights():
-    _, method = twofold_model(sparsity=0.5)
+def reference_cells(levels, encoding):
+    """Cell states of 8-bit levels, one row per stored column, from the encoding's definition."""
+    def cells_of(codes):
+        return [(codes >> (2 * m)) & 3 for m in range(4)]
+    levels = levels.astype(np.int64)
+    if encoding == "twos_complement":
+        return np.array(cells_of(levels & 0xFF) + [(levels < 0).astype(np.int64)])
+    if encoding == "offset_binary":
+        return np.array(cells_of(levels + 128))
+    return np.array(cells_of(np.where(levels > 0, levels, 0))
+                    + cells_of(np.where(levels < 0, -levels, 0)))
+
+
+def reference_planes(levels, encoding):
+    levels = levels.astype(np.int64)
+    codes = {"twos_complement": levels & 0xFF, "offset_binary": levels + 128,
+             "sign_magnitude": np.abs(levels) + 128 * (levels < 0)}[encoding]
+    return np.array([(codes >> n) & 1 for n in range(8)])
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_report_counts_bits_and_cells_of_kept_weights(encoding):
+    _, method = twofold_model(sparsity=0.5, weight_encoding=encoding)
     rows = method.layer_report()
     assert [row["layer"] for row in rows[:-1]] == list(method.layers) and rows[-1]["layer"] == "total"
     fc = rows[-2]
     levels = method.levels("fc")[method.keep_mask("fc").astype(bool)]
-    codes = levels.astype(np.int64) & 0xFF
-    zero_bits = sum(((codes >> n) & 1 == 0).sum() for n in range(8)) / (levels.size * 8)
-    cells = np.concatenate([(codes >> (2 * m)) & 3 for m in range(4)])
+    zero_bits = (reference_planes(levels, encoding) == 0).mean()
+    cells = reference_cells(levels, encoding)
     assert fc["kept"] == levels.size and fc["zero_bit_share"] == pytest.approx(zero_bits)
     for state, label in enumerate(("00", "01", "10", "11")):
         assert fc[f"cells_{label}"] == pytest.approx((cells == state).mean())
@@ -346,3 +367,54 @@ def test_bits_are_rebinarized_after_the_last_twofold_epoch(pipeline):
             bits = f["model"][f"{name}.weight_bits"][()]
             assert np.isin(bits, (0.0, 1.0)).all(), name
             assert np.array_equal(bits, f["twofold"][name]["bit_planes"][()].astype(np.float32))
+
+
+@pytest.mark.parametrize("encoding", ["offset_binary", "sign_magnitude"])
+def test_planes_cells_and_checkpoint_follow_the_weight_encoding(pipeline, tiny_dataset, tmp_path,
+                                                                encoding):
+    """Trained, pruned, re-binarized and stored in the encoding: the stored planes and cells are
+    those of the levels by the encoding's definition, and the model's bits are those planes."""
+    root, _ = pipeline
+    common = dict(epochs=1, batch_size=16, eval_batch_size=10, warmup_epochs=0, seed=4)
+    twofold = dict(sparsity=0.5, lambda_net=0.5, beta_bit=5.0, weight_encoding=encoding)
+    Trainer(TrainConfig.from_preset("quick", **common, lr=0.01, init=str(root / "base/last.h5"),
+                                    twofold=twofold), tiny_dataset, tmp_path / "twofold",
+            progress=False).run()
+    post = Trainer(TrainConfig.from_preset("quick", **common, lr=0.001, twofold=twofold,
+                                           post_training=True,
+                                           init=str(tmp_path / "twofold/last.h5")),
+                   tiny_dataset, tmp_path / "post", progress=False)
+    post.run()
+    with h5py.File(tmp_path / "post/last.h5", "r") as f:
+        for name in post.method.layers:
+            group = f["twofold"][name]
+            levels, keep = group["levels"][()], group["keep_mask"][()].astype(bool)
+            assert group.attrs["encoding"] == encoding
+            assert (levels[~keep] == 0).all() and (levels[keep] != 0).any()
+            planes = group["bit_planes"][()].reshape(8, -1)
+            assert np.array_equal(planes, reference_planes(levels.ravel(), encoding))
+            cells = group["cells"][()].reshape(len(reference_cells(levels[:1], encoding)), -1)
+            assert np.array_equal(cells, reference_cells(levels.ravel(), encoding))
+            assert np.array_equal(f["model"][f"{name}.weight_bits"][()],
+                                  group["bit_planes"][()].astype(np.float32))
+    model, method, _ = load_model(tmp_path / "post/last.h5")
+    images = tiny_dataset.test_images[:6].astype(np.float32) / 255
+    assert np.array_equal(model.eval().forward(images), post.model.eval().forward(images))
+    other = dict(twofold, weight_encoding="twos_complement")
+    with pytest.raises(NptwofoldError, match=f"/twofold/conv1/@encoding is {encoding}, the "
+                                             "config says twos_complement"):
+        Trainer(TrainConfig.from_preset("quick", **common, twofold=other, post_training=True,
+                                        init=str(tmp_path / "post/last.h5")),
+                tiny_dataset, None, progress=False)
+
+
+def test_reg_bit_leaves_the_sign_magnitude_sign_plane_out():
+    _, method = twofold_model(sparsity=0.5, beta_bit=3.0, weight_encoding="sign_magnitude")
+    bits = method.layers["fc"].params["weight_bits"]
+    value, dbits = method.reg_bit("fc")
+    counted = bits.copy()
+    counted[7] = 0.0
+    want_value, want_grad = reg_bit(counted, 3.0, method.param_share["fc"])
+    assert value == pytest.approx(want_value) and (dbits[7] == 0).all()
+    np.testing.assert_array_equal(dbits[:7], want_grad[:7])
+    assert bits[7].any()  # some weights are negative: the test would notice a counted sign

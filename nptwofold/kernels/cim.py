@@ -77,7 +77,7 @@ from ..checks import check_integer
 from ..errors import NptwofoldError
 from ..threads import run_parallel
 from .conv import weight_as_matrix
-from .quant import check_bits, max_level
+from .quant import ENCODINGS, check_bits, max_level
 
 CELL_BITS = 2
 CELL_STATES = ("00", "01", "10", "11")
@@ -87,7 +87,6 @@ MAX_ACTIVATION_BITS = 16
 WORD_BITS = 64            # rows per packed word
 POSITIONS_PER_CHUNK = 64  # positions per parallel work item
 EXACT_POSITIONS_PER_CHUNK = 1024  # positions per matmul of an exact (ideal) reading
-ENCODINGS = ("twos_complement", "offset_binary", "sign_magnitude")
 IDEAL_TOP_CODE = np.iinfo(np.int64).max
 
 
@@ -249,6 +248,14 @@ def _encoded_columns(levels, encoding, bits):
                                  _cell_states(np.where(q < 0, -q, 0), bits)])
         coefficient = np.concatenate([significance, -significance])
     return states.transpose(1, 0, 2), coefficient, np.arange(len(coefficient))
+
+
+def weight_cells(levels, bits, encoding):
+    """(columns per weight, *levels.shape) uint8: the state of the cell each of a weight's
+    columns holds on the weight's row (offset binary's shared reference column left out)."""
+    levels = np.asarray(levels)
+    states = _encoded_columns(levels.reshape(-1, 1), encoding, check_bits(bits))[0][0]
+    return np.ascontiguousarray(states.reshape((-1,) + levels.shape))
 
 
 def map_layer(levels, bits, rows_per_tile, crossbar_cols, encoding="twos_complement",

@@ -1,18 +1,29 @@
-"""Per-layer weight quantization and two's-complement bit planes (SPEC sections 2 and 3).
+"""Per-layer weight quantization and the bit planes of each weight encoding (SPEC 2 and 3).
 
 Integer weights ("levels"): q = Round(W / s * qmax) with s = max|W| and qmax = 2^(b-1) - 1,
 so q lies in [-qmax, qmax] and W ~ s * q / qmax. Round is round-half-to-even (np.rint), the
 IEEE default, so 3.5 -> 4 and 2.5 -> 2. Levels are stored as int8 for b <= 8 and int16 above,
 the narrowest types that hold every b-bit two's complement value.
 
-Bit planes: planes[n] is bit n of q's b-bit two's complement and planes[b-1] is the sign bit,
-so q = -B(b-1) * 2^(b-1) + sum_{n<b-1} B(n) * 2^n.
+Bit planes: b planes B(0..b-1) per weight, in the encoding the CIM array stores
+(`HardwareConfig.weight_encoding`; `kernels.cim` lays the planes onto cells):
+- twos_complement: the b-bit two's complement of q, plane b-1 the sign bit:
+  q = -2^(b-1) B(b-1) + sum_{n<b-1} 2^n B(n);
+- offset_binary: the unsigned code u = q + 2^(b-1): q = sum_{n<b} 2^n B(n) - 2^(b-1);
+- sign_magnitude: planes 0..b-2 hold |q|, plane b-1 its sign (1 = negative, the column group
+  the magnitude is stored in): q = (1 - 2 B(b-1)) sum_{n<b-1} 2^n B(n); 0 has sign 0.
+In every encoding the low planes are the low bits of the stored code, so dropping k planes
+leaves exactly the levels that are multiples of 2^k.
 
 Training under bit representation (BSQ-style): the planes are continuous variables in [0, 1].
-The forward composes them into a real level q~, clips it to [-qmax, qmax], rounds it and
-returns W = s * q / qmax. The backward passes the gradient straight through the rounding and
-through the clip only where q~ lies inside [-qmax, qmax] (closed: a weight re-binarized to
-exactly +-qmax must still be able to move inwards); outside, the clip cuts it to zero.
+The forward composes them into a real level q~ by the encoding's formula above (for
+sign-magnitude the product of the relaxed sign factor and magnitude, so a weight changes sign
+through 0), clips it to [-qmax, qmax], rounds it and returns W = s * q / qmax. The backward
+passes the gradient straight through the rounding, and through the clip only where q~ lies
+inside [-qmax, qmax] (closed: a weight re-binarized to exactly +-qmax must still be able to
+move inwards); outside, the clip cuts it to zero. dq~/dB(n) is the formula's derivative:
++-2^n in two's complement, 2^n in offset binary; (1 - 2 B(b-1)) 2^n for a magnitude plane and
+-2 |q~| for the sign in sign-magnitude.
 
 Dropped planes (BSQ's precision adjustment): a layer whose k lowest planes are dropped holds
 them at 0, so its levels are multiples of 2^k. Its forward rounds q~ to the nearest multiple
@@ -30,6 +41,8 @@ import numpy as np
 
 from ..errors import NptwofoldError
 
+ENCODINGS = ("twos_complement", "offset_binary", "sign_magnitude")
+TWOS_COMPLEMENT, OFFSET_BINARY, SIGN_MAGNITUDE = range(len(ENCODINGS))  # codes the kernels take
 MIN_BITS = 2
 MAX_BITS = 16
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -44,6 +57,20 @@ def check_bits(b):
     if b % 2:
         raise NptwofoldError(f"weight bit width b={b} is odd; 2-bit cells need an even b")
     return int(b)
+
+
+def encoding_code(encoding):
+    """The kernels' code of a weight encoding's name; raises for an unknown one."""
+    if encoding not in ENCODINGS:
+        raise NptwofoldError(f"unknown weight encoding {encoding!r}; known: "
+                             f"{', '.join(ENCODINGS)}")
+    return ENCODINGS.index(encoding)
+
+
+def level_range(b, encoding):
+    """(lowest, highest) level whose b planes the encoding can hold."""
+    high = 2 ** (check_bits(b) - 1) - 1
+    return (-high if encoding_code(encoding) == SIGN_MAGNITUDE else -high - 1), high
 
 
 def max_level(b):
@@ -99,33 +126,58 @@ def _dequantize_kernel(levels, scale, qmax, weights):
 
 
 @numba.njit(cache=True)
-def _decompose_kernel(levels, planes):
-    for i in range(levels.size):
-        level = np.int64(levels[i])
-        for n in range(planes.shape[0]):
-            # Arithmetic shift: for negative levels the high bits fill with ones, which is
-            # exactly the b-bit two's complement sign bit.
-            planes[n, i] = (level >> n) & 1
-
-
-@numba.njit(cache=True)
-def _compose_kernel(planes, levels):
+def _decompose_kernel(levels, planes, encoding):
     b = planes.shape[0]
     for i in range(levels.size):
-        level = -(np.int64(planes[b - 1, i]) << (b - 1))
-        for n in range(b - 1):
-            level += np.int64(planes[n, i]) << n
-        levels[i] = level
+        level = np.int64(levels[i])
+        if encoding == SIGN_MAGNITUDE:
+            code = abs(level) | (np.int64(level < 0) << (b - 1))
+        elif encoding == OFFSET_BINARY:
+            code = level + (np.int64(1) << (b - 1))
+        else:
+            # Arithmetic shift: for negative levels the high bits fill with ones, which is
+            # exactly the b-bit two's complement sign bit.
+            code = level
+        for n in range(b):
+            planes[n, i] = (code >> n) & 1
 
 
 @numba.njit(cache=True)
-def _real_level(bits, i):
+def _compose_kernel(planes, levels, encoding):
+    b = planes.shape[0]
+    for i in range(levels.size):
+        low = np.int64(0)
+        for n in range(b - 1):
+            low += np.int64(planes[n, i]) << n
+        top = np.int64(planes[b - 1, i])
+        if encoding == SIGN_MAGNITUDE:
+            levels[i] = -low if top else low
+        elif encoding == OFFSET_BINARY:
+            levels[i] = low + ((top - 1) << (b - 1))
+        else:
+            levels[i] = low - (top << (b - 1))
+
+
+@numba.njit(cache=True)
+def _low_planes(bits, i):
+    """sum_{n<b-1} 2^n B(n) of weight i: the magnitude in sign-magnitude."""
+    low = 0.0
+    for n in range(bits.shape[0] - 1):
+        low += 2.0**n * np.float64(bits[n, i])
+    return low
+
+
+@numba.njit(cache=True)
+def _real_level(bits, i, encoding):
     """q~ of weight i from continuous bit planes, before clipping and rounding."""
     b = bits.shape[0]
-    level = -(2.0 ** (b - 1)) * np.float64(bits[b - 1, i])
-    for n in range(b - 1):
-        level += 2.0**n * np.float64(bits[n, i])
-    return level
+    low = _low_planes(bits, i)
+    top = np.float64(bits[b - 1, i])
+    if encoding == SIGN_MAGNITUDE:
+        return (1.0 - 2.0 * top) * low
+    if encoding == OFFSET_BINARY:
+        return low + 2.0 ** (b - 1) * (top - 1.0)
+    return low - 2.0 ** (b - 1) * top
 
 
 @numba.njit(cache=True)
@@ -141,30 +193,38 @@ def _round_level(level, top, step):
 
 
 @numba.njit(cache=True)
-def _bits_forward_kernel(bits, scale, qmax, step, weights):
+def _bits_forward_kernel(bits, scale, qmax, step, encoding, weights):
     top = _top_level(qmax, step)
     for i in range(weights.size):
-        weights[i] = _weight_of_level(_round_level(_real_level(bits, i), top, step), scale, qmax)
+        weights[i] = _weight_of_level(_round_level(_real_level(bits, i, encoding), top, step),
+                                      scale, qmax)
 
 
 @numba.njit(cache=True)
-def _bits_backward_kernel(bits, scale, qmax, step, grad_weights, grad_bits):
+def _bits_backward_kernel(bits, scale, qmax, step, encoding, grad_weights, grad_bits):
     b = bits.shape[0]
     top = _top_level(qmax, step)
     for i in range(grad_weights.size):
         grad_weight = np.float64(grad_weights[i])
-        level = _real_level(bits, i)
+        level = _real_level(bits, i, encoding)
         grad_level = grad_weight * scale / qmax if -top <= level <= top else 0.0
-        grad_bits[b - 1, i] = -(2.0 ** (b - 1)) * grad_level
+        low_factor = 1.0
+        if encoding == SIGN_MAGNITUDE:
+            low_factor = 1.0 - 2.0 * np.float64(bits[b - 1, i])
+            grad_bits[b - 1, i] = -2.0 * _low_planes(bits, i) * grad_level
+        elif encoding == OFFSET_BINARY:
+            grad_bits[b - 1, i] = 2.0 ** (b - 1) * grad_level
+        else:
+            grad_bits[b - 1, i] = -(2.0 ** (b - 1)) * grad_level
         for n in range(b - 1):
-            grad_bits[n, i] = 2.0**n * grad_level
+            grad_bits[n, i] = low_factor * 2.0**n * grad_level
 
 
 @numba.njit(cache=True)
-def _rounded_levels_kernel(bits, qmax, step, levels):
+def _rounded_levels_kernel(bits, qmax, step, encoding, levels):
     top = _top_level(qmax, step)
     for i in range(levels.size):
-        levels[i] = np.int64(_round_level(_real_level(bits, i), top, step))
+        levels[i] = np.int64(_round_level(_real_level(bits, i, encoding), top, step))
 
 
 def quantize(weights, b):
@@ -192,22 +252,24 @@ def dequantize(levels, scale, b, dtype=np.float32):
     return weights
 
 
-def decompose(levels, b):
-    """Two's-complement bit planes of integer levels: uint8 array of shape (b, *levels.shape)."""
+def decompose(levels, b, encoding="twos_complement"):
+    """Exact bit planes of integer levels in `encoding`: uint8 array (b, *levels.shape)."""
     b = check_bits(b)
+    code = encoding_code(encoding)
     levels = np.asarray(levels)
     if levels.dtype.kind not in "iu":
         raise NptwofoldError(f"levels to decompose must be integers, got {levels.dtype}")
-    low, high = -(2 ** (b - 1)), 2 ** (b - 1) - 1
+    low, high = level_range(b, encoding)
     if levels.size and (levels.min() < low or levels.max() > high):
-        raise NptwofoldError(f"levels lie outside the {b}-bit two's complement range {low}..{high}")
+        raise NptwofoldError(f"levels lie outside the {b}-bit {encoding} range {low}..{high}")
     planes = np.empty((b,) + levels.shape, np.uint8)
-    _decompose_kernel(levels.ravel(), planes.reshape(b, -1))
+    _decompose_kernel(levels.ravel(), planes.reshape(b, -1), code)
     return planes
 
 
-def compose(planes):
-    """Integer levels q from exact uint8 bit planes of shape (b, *shape); plane b-1 is the sign."""
+def compose(planes, encoding="twos_complement"):
+    """Integer levels q from exact uint8 bit planes (b, *shape) in `encoding`."""
+    code = encoding_code(encoding)
     planes = np.asarray(planes)
     if planes.dtype != np.uint8 or planes.ndim < 1:
         raise NptwofoldError(f"bit planes to compose must be uint8 (b, *shape), got {planes.dtype}")
@@ -215,12 +277,13 @@ def compose(planes):
     if planes.size and planes.max() > 1:
         raise NptwofoldError("bit planes to compose hold values other than 0 and 1")
     levels = np.empty(planes.shape[1:], level_dtype(b))
-    _compose_kernel(np.ascontiguousarray(planes).reshape(b, -1), levels.reshape(-1))
+    _compose_kernel(np.ascontiguousarray(planes).reshape(b, -1), levels.reshape(-1), code)
     return levels
 
 
-def bits_forward(bits, scale, dropped=0):
-    """Training forward: W = s * q / qmax in the dtype of bits, q = rounded_levels(bits, dropped).
+def bits_forward(bits, scale, dropped=0, encoding="twos_complement"):
+    """Training forward: W = s * q / qmax in the dtype of bits, q = rounded_levels(bits,
+    dropped, encoding).
 
     The backward needs only bits and scale, so nothing is carried between the two calls.
     """
@@ -229,16 +292,16 @@ def bits_forward(bits, scale, dropped=0):
     weights = np.empty(bits.shape[1:], bits.dtype)
     flat_bits = np.ascontiguousarray(bits).reshape(b, -1)
     _bits_forward_kernel(flat_bits, float(scale), float(max_level(b)), float(step),
-                         weights.reshape(-1))
+                         encoding_code(encoding), weights.reshape(-1))
     return weights
 
 
-def bits_backward(bits, scale, grad_weights, dropped=0):
+def bits_backward(bits, scale, grad_weights, dropped=0, encoding="twos_complement"):
     """Training backward: given dL/dW, return dL/dbits in the dtype of bits.
 
-    dL/dB(n) = dL/dW * s / qmax * (+-2^n) where q~ is inside [-qmax, qmax], else 0. The scale s
-    is a buffer, not trained (`layers.WeightLayer`), so no gradient is formed for it. With
-    dropped planes the clip range is +-qmax_k; the dropped
+    dL/dB(n) = dL/dW * s / qmax * dq~/dB(n) (module docstring) where q~ is inside
+    [-qmax, qmax], else 0. The scale s is a buffer, not trained (`layers.WeightLayer`), so no
+    gradient is formed for it. With dropped planes the clip range is +-qmax_k; the dropped
     planes get a gradient like any other (the caller holds them at 0).
     """
     bits, b = check_bit_planes(bits)
@@ -249,14 +312,9 @@ def bits_backward(bits, scale, grad_weights, dropped=0):
             f"weight gradient shape {grad_weights.shape} does not match bit planes {bits.shape}"
         )
     grad_bits = np.empty_like(bits, order="C")
-    _bits_backward_kernel(
-        np.ascontiguousarray(bits).reshape(b, -1),
-        float(scale),
-        float(max_level(b)),
-        float(step),
-        grad_weights.ravel(),
-        grad_bits.reshape(b, -1),
-    )
+    _bits_backward_kernel(np.ascontiguousarray(bits).reshape(b, -1), float(scale),
+                          float(max_level(b)), float(step), encoding_code(encoding),
+                          grad_weights.ravel(), grad_bits.reshape(b, -1))
     return grad_bits
 
 
@@ -265,23 +323,24 @@ def clamp_bits(bits):
     np.clip(bits, 0.0, 1.0, out=bits)
 
 
-def rounded_levels(bits, dropped=0):
-    """Integer levels Round(clip(q~)) that continuous bit planes stand for, multiples of
-    2^dropped (see the module docstring)."""
+def rounded_levels(bits, dropped=0, encoding="twos_complement"):
+    """Integer levels Round(clip(q~)) that continuous bit planes in `encoding` stand for,
+    multiples of 2^dropped (see the module docstring)."""
     bits, b = check_bit_planes(bits)
     step = check_dropped_planes(dropped, b)
     levels = np.empty(bits.shape[1:], level_dtype(b))
     flat_bits = np.ascontiguousarray(bits).reshape(b, -1)
-    _rounded_levels_kernel(flat_bits, float(max_level(b)), float(step), levels.reshape(-1))
+    _rounded_levels_kernel(flat_bits, float(max_level(b)), float(step), encoding_code(encoding),
+                           levels.reshape(-1))
     return levels
 
 
-def rebinarize_bits(bits, dropped=0):
+def rebinarize_bits(bits, dropped=0, encoding="twos_complement"):
     """Overwrite continuous bit planes in place with the exact {0, 1} planes of their rounded
     levels; return those levels. The training forward is unchanged by this, and the dropped
     planes come out 0."""
-    levels = rounded_levels(bits, dropped)
-    bits[...] = decompose(levels, bits.shape[0])
+    levels = rounded_levels(bits, dropped, encoding)
+    bits[...] = decompose(levels, bits.shape[0], encoding)
     return levels
 
 
