@@ -598,10 +598,11 @@ def _pack_cell_masks(cells, block_rows, block_first, block_columns, n_words):
 
 
 @numba.njit(cache=True)
-def _add_popcounts(word, masks, counts):
-    """counts[i] += popcount(word & masks[i]): one contiguous loop, which LLVM vectorizes."""
-    for i in range(counts.size):
-        counts[i] += _popcount(word & masks[i])
+def _add_partial_sums(word, high, low, sums):
+    """sums[k] += 2 popcount(word & high[k]) + popcount(word & low[k]): one contiguous loop,
+    which LLVM vectorizes."""
+    for k in range(sums.size):
+        sums[k] += 2 * _popcount(word & high[k]) + _popcount(word & low[k])
 
 
 @numba.njit(parallel=True, cache=True)
@@ -615,7 +616,7 @@ def _packed_kernel(input_words, masks, spans, offsets, block_first, block_column
     record = histograms.shape[0] > 0
     n_chunks = (n_positions + POSITIONS_PER_CHUNK - 1) // POSITIONS_PER_CHUNK
     for chunk in prange(n_chunks):
-        counts = np.empty(2 * block_columns.max(), np.int64)  # per chunk, not per position
+        all_sums = np.empty(block_columns.max(), np.int64)  # per chunk, not per position
         for p in range(chunk * POSITIONS_PER_CHUNK,
                        min((chunk + 1) * POSITIONS_PER_CHUNK, n_positions)):
             if not record:
@@ -623,8 +624,8 @@ def _packed_kernel(input_words, masks, spans, offsets, block_first, block_column
             for j in range(activation_bits):
                 for b in range(n_blocks):
                     n_columns = block_columns[b]
-                    block_counts = counts[:2 * n_columns]
-                    block_counts[:] = 0
+                    sums = all_sums[:n_columns]
+                    sums[:] = 0
                     driven = False
                     for w in range(spans[b, 0], spans[b, 1]):
                         word = input_words[p, j, w]
@@ -632,19 +633,15 @@ def _packed_kernel(input_words, masks, spans, offsets, block_first, block_column
                             continue
                         driven = True
                         base = offsets[b] + (w - spans[b, 0]) * 2 * n_columns
-                        _add_popcounts(word, masks[base:base + 2 * n_columns], block_counts)
+                        _add_partial_sums(word, masks[base:base + n_columns],
+                                          masks[base + n_columns:base + 2 * n_columns], sums)
                     first = block_first[b]
                     if record:
                         for k in range(n_columns):
-                            histograms[chunk, channel[first + k],
-                                       2 * block_counts[k] + block_counts[n_columns + k]] += 1
-                    elif not driven:  # every S is 0, read as the code 0 by any ADC
-                        continue
-                    else:
+                            histograms[chunk, channel[first + k], sums[k]] += 1
+                    elif driven:  # else every S is 0, read as the code 0 by any ADC
                         for k in range(n_columns):
-                            partial_sum = 2 * block_counts[k] + block_counts[n_columns + k]
-                            codes[p, first + k] += code_table[table_of[first + k],
-                                                              partial_sum] << j
+                            codes[p, first + k] += code_table[table_of[first + k], sums[k]] << j
 
 
 def _code_tables(adc, largest_sum):

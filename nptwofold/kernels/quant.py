@@ -33,19 +33,30 @@ is the plain rounding above.
 Arithmetic runs in float64 whatever the storage dtype, so float32 and float64 arrays holding
 equal values give equal results, and the training forward of exact bits equals dequantize.
 Kernels work on arrays flattened to (n,) or (b, n), so one kernel serves conv OIHW and FC
-weights; a ResNet-20 layer holds at most ~37k weights, so they run serially.
+weights. The training kernels (forward, backward, rounding) work weight by weight, so they run
+on the engine's pool over fixed chunks of weights, with results that cannot depend on the
+thread count.
 """
 
 import numba
 import numpy as np
 
 from ..errors import NptwofoldError
+from ..threads import run_parallel
 
 ENCODINGS = ("twos_complement", "offset_binary", "sign_magnitude")
 TWOS_COMPLEMENT, OFFSET_BINARY, SIGN_MAGNITUDE = range(len(ENCODINGS))  # codes the kernels take
+WEIGHTS_PER_CHUNK = 4096  # weights per work item of the training kernels
 MIN_BITS = 2
 MAX_BITS = 16
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _over_weight_chunks(n_weights, run_chunk):
+    """run_chunk(slice) over fixed chunks of n_weights weights, on the engine's pool."""
+    chunks = [slice(start, start + WEIGHTS_PER_CHUNK)
+              for start in range(0, n_weights, WEIGHTS_PER_CHUNK)]
+    run_parallel(lambda index: run_chunk(chunks[index]), len(chunks))
 
 
 def check_bits(b):
@@ -192,7 +203,7 @@ def _round_level(level, top, step):
     return step * np.rint(min(max(level, -top), top) / step)
 
 
-@numba.njit(cache=True)
+@numba.njit(nogil=True, cache=True)
 def _bits_forward_kernel(bits, scale, qmax, step, encoding, weights):
     top = _top_level(qmax, step)
     for i in range(weights.size):
@@ -200,7 +211,7 @@ def _bits_forward_kernel(bits, scale, qmax, step, encoding, weights):
                                       scale, qmax)
 
 
-@numba.njit(cache=True)
+@numba.njit(nogil=True, cache=True)
 def _bits_backward_kernel(bits, scale, qmax, step, encoding, grad_weights, grad_bits):
     b = bits.shape[0]
     top = _top_level(qmax, step)
@@ -220,7 +231,7 @@ def _bits_backward_kernel(bits, scale, qmax, step, encoding, grad_weights, grad_
             grad_bits[n, i] = low_factor * 2.0**n * grad_level
 
 
-@numba.njit(cache=True)
+@numba.njit(nogil=True, cache=True)
 def _rounded_levels_kernel(bits, qmax, step, encoding, levels):
     top = _top_level(qmax, step)
     for i in range(levels.size):
@@ -290,9 +301,10 @@ def bits_forward(bits, scale, dropped=0, encoding="twos_complement"):
     bits, b = check_bit_planes(bits)
     step = check_dropped_planes(dropped, b)
     weights = np.empty(bits.shape[1:], bits.dtype)
-    flat_bits = np.ascontiguousarray(bits).reshape(b, -1)
-    _bits_forward_kernel(flat_bits, float(scale), float(max_level(b)), float(step),
-                         encoding_code(encoding), weights.reshape(-1))
+    flat_bits, flat_weights = np.ascontiguousarray(bits).reshape(b, -1), weights.reshape(-1)
+    settings = (float(scale), float(max_level(b)), float(step), encoding_code(encoding))
+    _over_weight_chunks(flat_weights.size, lambda chunk: _bits_forward_kernel(
+        flat_bits[:, chunk], *settings, flat_weights[chunk]))
     return weights
 
 
@@ -312,9 +324,11 @@ def bits_backward(bits, scale, grad_weights, dropped=0, encoding="twos_complemen
             f"weight gradient shape {grad_weights.shape} does not match bit planes {bits.shape}"
         )
     grad_bits = np.empty_like(bits, order="C")
-    _bits_backward_kernel(np.ascontiguousarray(bits).reshape(b, -1), float(scale),
-                          float(max_level(b)), float(step), encoding_code(encoding),
-                          grad_weights.ravel(), grad_bits.reshape(b, -1))
+    flat_bits, flat_grad_bits = np.ascontiguousarray(bits).reshape(b, -1), grad_bits.reshape(b, -1)
+    flat_grad_weights = grad_weights.ravel()
+    settings = (float(scale), float(max_level(b)), float(step), encoding_code(encoding))
+    _over_weight_chunks(flat_grad_weights.size, lambda chunk: _bits_backward_kernel(
+        flat_bits[:, chunk], *settings, flat_grad_weights[chunk], flat_grad_bits[:, chunk]))
     return grad_bits
 
 
@@ -329,9 +343,10 @@ def rounded_levels(bits, dropped=0, encoding="twos_complement"):
     bits, b = check_bit_planes(bits)
     step = check_dropped_planes(dropped, b)
     levels = np.empty(bits.shape[1:], level_dtype(b))
-    flat_bits = np.ascontiguousarray(bits).reshape(b, -1)
-    _rounded_levels_kernel(flat_bits, float(max_level(b)), float(step), encoding_code(encoding),
-                           levels.reshape(-1))
+    flat_bits, flat_levels = np.ascontiguousarray(bits).reshape(b, -1), levels.reshape(-1)
+    settings = (float(max_level(b)), float(step), encoding_code(encoding))
+    _over_weight_chunks(flat_levels.size, lambda chunk: _rounded_levels_kernel(
+        flat_bits[:, chunk], *settings, flat_levels[chunk]))
     return levels
 
 
