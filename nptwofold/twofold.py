@@ -34,13 +34,14 @@ from .hardware import CELL_STATES, HardwareConfig
 from .kernels.lfsr import (kept_per_column, lfsr_keep_mask_for_kept, lfsr_width_for_rows,
                            weight_mask)
 from .kernels.quant import (ENCODINGS, STEM_CLIP, SIGN_MAGNITUDE, bits_backward, check_bits,
-                            clamp_bits, decompose, encoding_code, max_level,
-                            quantize_activations, rebinarize_bits, rounded_levels)
+                            clamp_bits, decompose, encoding_code, level_dtype, max_level,
+                            quantize_activations, real_levels, rebinarize_bits,
+                            rounded_levels)
 from .kernels.regularizers import reg_bit, reg_bit_plane_lasso, reg_net
 from .kernels.augment import to_float
 from .kernels.cim import weight_cells
 from .kernels.conv import im2col_3x3, im2col_rows
-from .kernels.energy import energy_regularizer, level_energy_table
+from .kernels.energy import energy_regularizer, energy_rounded_levels, level_energy_table
 from .kernels.loss import softmax_cross_entropy
 from .layers import WeightLayer
 from .options import at_least, between, check_fields, option
@@ -50,6 +51,12 @@ BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 LFSR_STREAM = 2  # random stream (seed, 2, layer index) picks each layer's LFSR seed
 REG_BIT_FORMS = {"poster": reg_bit, "plane_lasso": reg_bit_plane_lasso}
 ACTIVITY_BATCH = 100  # images per forward of the activity measurement
+
+
+def _check_energy_rounding(radius):
+    if 0 < radius < 0.5:
+        raise NptwofoldError("is below 0.5: a radius under half a step can never move a weight "
+                             "off its nearest level (use 0 for plain rounding)")
 
 
 @dataclasses.dataclass
@@ -100,6 +107,12 @@ class TwofoldConfig:
     activation_bits: int = option(8, "a, bits of the array's unsigned inputs, for the input "
                                   "activity a_i (HardwareConfig.activation_bits)",
                                   between(1, 16))
+    energy_rounding: float = option(
+        0.0, "post-training re-binarizations round energy-aware: a weight takes the cheaper (in "
+        "cell energy e(q) of --weight-encoding) of the two grid levels around q~ when it lies "
+        "within this many grid steps of q~; 0 = plain rounding, else in [0.5, 1) "
+        "(docs/energy-regularizer.md)", between(0, 1, high_open=True),
+        check=_check_energy_rounding)
 
     def validated(self):
         return check_fields(self)
@@ -319,10 +332,18 @@ class Twofold:
                     planes_dropped=planes_dropped)
 
     def rebinarize(self):
-        """Rounds every layer's bits to exact {0, 1} planes of its levels (dropped planes 0)."""
+        """Rounds every layer's bits to exact {0, 1} planes of its levels (dropped planes 0);
+        once hard-pruned (post-training), energy-aware if `energy_rounding` is set."""
+        b, encoding = self.config.bits, self.config.weight_encoding
         for layer in self.layers.values():
-            rebinarize_bits(layer.params["weight_bits"], layer.dropped_planes,
-                            self.config.weight_encoding)
+            bits = layer.params["weight_bits"]
+            if self.pruned and self.config.energy_rounding:
+                levels = energy_rounded_levels(real_levels(bits, encoding), self.energy_table,
+                                               layer.dropped_planes,
+                                               self.config.energy_rounding, level_dtype(b))
+                bits[...] = decompose(levels, b, encoding)
+            else:
+                rebinarize_bits(bits, layer.dropped_planes, encoding)
 
     def hard_prune(self):
         """Sets the planes of every weight outside the keep-masks to those of level 0.

@@ -7,7 +7,8 @@ import pytest
 from nptwofold.errors import NptwofoldError
 from nptwofold.hardware import HardwareConfig
 from nptwofold.kernels.cim import ENCODINGS
-from nptwofold.kernels.energy import energy_regularizer, level_cell_energy_pj, level_energy_table
+from nptwofold.kernels.energy import (energy_regularizer, energy_rounded_levels,
+                                      level_cell_energy_pj, level_energy_table)
 from nptwofold.kernels.quant import max_level
 
 CELL_PJ = HardwareConfig().cell_energy_pj
@@ -132,3 +133,41 @@ def test_energy_regularizer_refuses_bad_input():
         energy_regularizer(levels, np.zeros((3, 2), np.float32), table, 0.0, 0, 1.0)
     with pytest.raises(NptwofoldError, match="dropped"):
         energy_regularizer(levels, np.zeros((3, 2), np.float32), table, 1.0, 3, 1.0)
+
+
+def reference_energy_rounding(real, table, step, radius):
+    """Energy-aware rounding of one q~ at a time, from its definition."""
+    qmax = (len(table) - 1) // 2
+    top = step * (qmax // step)
+    levels = []
+    for q in np.ravel(real):
+        q = min(max(q, -top), top)
+        nearest = step * round(q / step)  # Python's round: half to even, like np.rint
+        lower = step * np.floor(q / step)
+        upper = min(lower + step, top)
+        energies = {lower: table[int(lower) + qmax], upper: table[int(upper) + qmax]}
+        cheaper = min(energies, key=energies.get) if len(set(energies.values())) > 1 else nearest
+        levels.append(cheaper if abs(cheaper - q) <= radius * step else nearest)
+    return np.array(levels).reshape(np.shape(real))
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("dropped", [0, 2])
+@pytest.mark.parametrize("radius", [0.5, 0.7, 0.95])
+def test_energy_rounding_matches_reference(encoding, dropped, radius):
+    rng = np.random.default_rng(dropped)
+    table = level_energy_table(8, encoding, CELL_PJ)
+    real = rng.uniform(-140, 140, (30, 7))
+    real[0, :4] = [0.0, 2.5, 4.0, 127.0]  # on the grid, a tie, clipped
+    got = energy_rounded_levels(real, table, dropped, radius)
+    want = reference_energy_rounding(real, table, 2**dropped, radius)
+    np.testing.assert_array_equal(got, want)
+    step = 2**dropped
+    clipped = np.clip(real, -(127 // step) * step, (127 // step) * step)
+    plain = step * np.rint(clipped / step)
+    assert (table[got.astype(int) + 127] <= table[plain.astype(int) + 127]).all()
+    assert (np.abs(got - clipped) <= radius * step + 1e-9).all()
+    if radius > 0.5:
+        assert (got != plain).any()  # the rounding does move some weights
+    with pytest.raises(NptwofoldError, match="radius must be in"):
+        energy_rounded_levels(real, table, dropped, 1.0)

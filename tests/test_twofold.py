@@ -418,3 +418,38 @@ def test_reg_bit_leaves_the_sign_magnitude_sign_plane_out():
     assert value == pytest.approx(want_value) and (dbits[7] == 0).all()
     np.testing.assert_array_equal(dbits[:7], want_grad[:7])
     assert bits[7].any()  # some weights are negative: the test would notice a counted sign
+
+
+def test_post_training_rebinarization_rounds_energy_aware():
+    """Before hard pruning the rounding is plain; after it, energy-aware (`energy_rounding`),
+    and the cut weights stay 0."""
+    from nptwofold.kernels.energy import energy_rounded_levels
+    from nptwofold.kernels.quant import real_levels
+    _, method = twofold_model(sparsity=0.5, weight_encoding="sign_magnitude",
+                              energy_rounding=0.9)
+    rng = np.random.default_rng(5)
+    for layer in method.layers.values():
+        bits = layer.params["weight_bits"]
+        bits[...] = np.clip(bits + rng.uniform(-0.3, 0.3, bits.shape), 0, 1)
+    plain = {name: method.levels(name).copy() for name in method.layers}
+    saved = {name: layer.params["weight_bits"].copy() for name, layer in method.layers.items()}
+    method.rebinarize()
+    assert all(np.array_equal(method.levels(name), plain[name]) for name in method.layers)
+    for name, layer in method.layers.items():
+        layer.params["weight_bits"][...] = saved[name]
+    method.hard_prune()
+    real = {name: real_levels(layer.params["weight_bits"], "sign_magnitude")
+            for name, layer in method.layers.items()}
+    method.rebinarize()
+    moved = 0
+    for name in method.layers:
+        want = energy_rounded_levels(real[name], method.energy_table, 0, 0.9)
+        got = method.levels(name)
+        assert np.array_equal(got, want) and (got[method.keep_mask(name) == 0] == 0).all()
+        moved += int((got != plain[name])[method.keep_mask(name) == 1].sum())
+    assert moved > 0
+
+
+def test_energy_rounding_below_half_a_step_is_refused():
+    with pytest.raises(NptwofoldError, match="--energy-rounding 0.3: is below 0.5"):
+        TwofoldConfig(energy_rounding=0.3).validated()

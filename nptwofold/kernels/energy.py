@@ -18,6 +18,13 @@ with e held at its edge value beyond +-qmax_k. This is the symmetric derivative 
 piecewise-linear interpolation of e through the grid levels (the smoothed cell energy), so
 the gradient is that of a continuous energy of the weight itself, not of the relaxed bits.
 Sums run in float64; the gradient comes back in the weights' dtype.
+
+Energy-aware rounding (post-training re-binarization): a real level q~, clipped to +-qmax_k,
+lies between two grid levels, lower = s_q floor(q~ / s_q) and upper = lower + s_q. It takes
+the one of lower energy e when that one lies within `radius` grid steps of q~ (radius in
+[0.5, 1)), else the nearest (round half to even, as plain rounding); equal energies take the
+nearest. So no weight moves further than radius * s_q from q~, and the choice trades at most
+that much distortion for a cheaper stored level; the fine-tune that follows recovers accuracy.
 """
 import numba
 import numpy as np
@@ -66,6 +73,44 @@ def _energy_regularizer_kernel(levels, rates, table, qmax, top, step, strength, 
         slope = (table[up + qmax] - table[down + qmax]) / (2.0 * step)
         grad_weights[i] = strength * rate * slope * to_weight
     return strength * total
+
+
+@numba.njit(cache=True)
+def _energy_rounding_kernel(real, table, qmax, top, step, radius, levels):
+    for i in range(real.size):
+        q = min(max(real[i], -top), top)
+        nearest = step * np.rint(q / step)
+        lower = step * np.floor(q / step)
+        upper = min(lower + step, top)
+        lower_energy = table[np.int64(lower) + qmax]
+        upper_energy = table[np.int64(upper) + qmax]
+        cheaper = nearest
+        if lower_energy < upper_energy:
+            cheaper = lower
+        elif upper_energy < lower_energy:
+            cheaper = upper
+        levels[i] = np.int64(cheaper if abs(cheaper - q) <= radius * step else nearest)
+
+
+def energy_rounded_levels(real, table, dropped, radius, dtype=np.int8):
+    """Integer levels of real levels q~ by energy-aware rounding (module docstring).
+
+    real: q~ (any shape, float); table: `level_energy_table` of the layer's bits and encoding;
+    dropped: the layer's dropped planes (grid step 2^dropped); radius in [0.5, 1).
+    """
+    real = np.asarray(real, np.float64)
+    table = np.asarray(table, np.float64)
+    qmax = (table.size - 1) // 2
+    step = check_dropped_planes(dropped, qmax.bit_length() + 1)
+    if not 0.5 <= radius < 1:
+        raise NptwofoldError(f"energy rounding radius must be in [0.5, 1), got {radius}")
+    if not np.all(np.isfinite(real)):
+        raise NptwofoldError("real levels contain NaN or inf")
+    levels = np.empty(real.shape, dtype)
+    _energy_rounding_kernel(np.ascontiguousarray(real).ravel(), table, qmax,
+                            float(step * (qmax // step)), float(step), float(radius),
+                            levels.reshape(-1))
+    return levels
 
 
 def energy_regularizer(levels, rates, table, scale, dropped, strength, dtype=np.float32):

@@ -232,6 +232,12 @@ def _bits_backward_kernel(bits, scale, qmax, step, encoding, grad_weights, grad_
 
 
 @numba.njit(nogil=True, cache=True)
+def _real_levels_kernel(bits, encoding, levels):
+    for i in range(levels.size):
+        levels[i] = _real_level(bits, i, encoding)
+
+
+@numba.njit(nogil=True, cache=True)
 def _rounded_levels_kernel(bits, qmax, step, encoding, levels):
     top = _top_level(qmax, step)
     for i in range(levels.size):
@@ -347,6 +353,17 @@ def rounded_levels(bits, dropped=0, encoding="twos_complement"):
     settings = (float(max_level(b)), float(step), encoding_code(encoding))
     _over_weight_chunks(flat_levels.size, lambda chunk: _rounded_levels_kernel(
         flat_bits[:, chunk], *settings, flat_levels[chunk]))
+    return levels
+
+
+def real_levels(bits, encoding="twos_complement"):
+    """q~ of continuous bit planes in `encoding`, before clipping and rounding (float64)."""
+    bits, b = check_bit_planes(bits)
+    levels = np.empty(bits.shape[1:], np.float64)
+    flat_bits, flat_levels = np.ascontiguousarray(bits).reshape(b, -1), levels.reshape(-1)
+    code = encoding_code(encoding)
+    _over_weight_chunks(flat_levels.size, lambda chunk: _real_levels_kernel(
+        flat_bits[:, chunk], code, flat_levels[chunk]))
     return levels
 
 
