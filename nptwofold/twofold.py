@@ -1,12 +1,15 @@
 """Twofold Sparsity applied to a model (SPEC sections 3 and 4).
 
 `Twofold` gives every mapped layer (all convs and the FC) an LFSR keep-mask and turns its
-weight into trained bit planes. The trainer calls its hooks: `regularize` after each backward
-pass (adds the Reg_Net and Reg_Bit gradients), `after_step` after each update (clamps bits to
-[0, 1], and once the model is hard-pruned keeps the cut weights at 0) and `end_epoch`
-(re-binarizes at the chosen epochs and re-measures the input activity). Post-training is `hard_prune`, then optionally
-`drop_planes` (the low bit planes the loss can spare), then `rebinarize`; `layer_report` gives
-the per-layer sparsity table.
+weight into trained bit planes, in the array's weight encoding (`weight_encoding`: two's
+complement, offset binary or sign-magnitude; `kernels.quant`), so what is trained is what the
+array stores. The trainer calls its hooks: `regularize` after each backward pass (adds the
+Reg_Net, Reg_Bit and energy regularizer gradients), `after_step` after each update (clamps bits
+to [0, 1], and once the model is hard-pruned keeps the cut weights at 0) and `end_epoch`
+(re-binarizes at the chosen epochs and re-measures the input activity). Post-training is
+`hard_prune`, then optionally `drop_planes` (the low bit planes the loss can spare), then
+`rebinarize` (energy-aware with `energy_rounding`); `layer_report` gives the per-layer sparsity
+table.
 
 Energy regularizer (issue 13, docs/energy-regularizer.md): with `lambda_energy` > 0 the
 objective gains R_E = lambda_E * sum_i a_i e(q_i) / E_ref over all mapped layers together, e(q)

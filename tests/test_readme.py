@@ -32,7 +32,7 @@ import pytest
 from helpers import REPO
 
 README = REPO / "README.md"
-MAX_README_BYTES = 12 * 1024
+MAX_README_BYTES = 16 * 1024  # a guide with the headline tables; details live in docs/ and results/
 
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 MARK = re.compile(r"<!--\s*test(?::\s*(.*?))?\s*-->\s*$")
@@ -117,7 +117,7 @@ def test_marked_blocks_run_as_written(document, tmp_path):
 
 def test_readme_is_a_short_guide():
     size = README.stat().st_size
-    assert size <= MAX_README_BYTES, f"README.md is {size} bytes; keep it under 12 KB"
+    assert size <= MAX_README_BYTES, f"README.md is {size} bytes; keep it under 16 KB"
     text = README.read_text()
     for fragment in ("../shared", "/work/", "SPEC", "issue "):
         assert fragment not in text, f"README.md mentions {fragment!r}"
