@@ -229,9 +229,14 @@ class Trainer:
 
     def _end_epoch(self):
         state = self.state
+        epoch = state["epoch"] + 1
+        if self.method is not None:
+            # first, so the test accuracy is that of the model the checkpoint stores (an
+            # energy-aware re-binarization changes the levels; a plain one does not)
+            self.method.end_epoch(epoch, last=epoch == self.config.epochs)
         test_loss, test_acc = evaluate(self.model, self.data.test_images, self.data.test_labels,
                                        self.config.eval_batch_size, self.progress)
-        record = dict(epoch=state["epoch"] + 1,
+        record = dict(epoch=epoch,
                       train_loss=state["epoch_loss_sum"] / state["epoch_seen"],
                       train_acc=state["epoch_correct"] / state["epoch_seen"],
                       test_loss=test_loss, test_acc=test_acc,
@@ -241,7 +246,6 @@ class Trainer:
         if self.method is not None:
             steps = state["step"]
             record.update(reg_net=state["epoch_reg_net"] / steps, reg_bit=state["epoch_reg_bit"] / steps)
-            self.method.end_epoch(record["epoch"], last=record["epoch"] == self.config.epochs)
         state["history"].append(record)
         improved = test_acc > state["best_accuracy"]
         if improved:

@@ -453,3 +453,21 @@ def test_post_training_rebinarization_rounds_energy_aware():
 def test_energy_rounding_below_half_a_step_is_refused():
     with pytest.raises(NptwofoldError, match="--energy-rounding 0.3: is below 0.5"):
         TwofoldConfig(energy_rounding=0.3).validated()
+
+
+def test_logged_accuracy_is_that_of_the_energy_rounded_checkpoint(pipeline, tiny_dataset,
+                                                                  tmp_path):
+    """The last epoch's energy-aware re-binarization changes levels; the logged test accuracy
+    and loss are those of the model the checkpoint stores."""
+    from nptwofold.steps import evaluate
+    root, _ = pipeline
+    common = dict(epochs=1, batch_size=16, eval_batch_size=10, warmup_epochs=0, seed=4)
+    twofold = dict(sparsity=0.5, lambda_net=0.5, beta_bit=5.0, energy_rounding=0.95)
+    post = Trainer(TrainConfig.from_preset("quick", **common, lr=0.5, twofold=twofold,
+                                           post_training=True, init=str(root / "twofold/last.h5")),
+                   tiny_dataset, tmp_path, progress=False)
+    post.run()
+    model, _, _ = load_model(tmp_path / "last.h5")
+    loss, accuracy = evaluate(model, tiny_dataset.test_images, tiny_dataset.test_labels, 10)
+    record = post.state["history"][-1]
+    assert (record["test_loss"], record["test_acc"]) == (loss, accuracy)
