@@ -37,7 +37,7 @@ from .hardware import CELL_STATES, HardwareConfig
 from .kernels.lfsr import (kept_per_column, lfsr_keep_mask_for_kept, lfsr_width_for_rows,
                            weight_mask)
 from .kernels.quant import (ENCODINGS, STEM_CLIP, SIGN_MAGNITUDE, bits_backward, check_bits,
-                            clamp_bits, decompose, encoding_code, level_dtype, max_level,
+                            clamp_bits, decompose, encoding_code, max_level,
                             quantize_activations, real_levels, rebinarize_bits,
                             rounded_levels)
 from .kernels.regularizers import reg_bit, reg_bit_plane_lasso, reg_net
@@ -342,8 +342,7 @@ class Twofold:
             bits = layer.params["weight_bits"]
             if self.pruned and self.config.energy_rounding:
                 levels = energy_rounded_levels(real_levels(bits, encoding), self.energy_table,
-                                               layer.dropped_planes,
-                                               self.config.energy_rounding, level_dtype(b))
+                                               layer.dropped_planes, self.config.energy_rounding)
                 bits[...] = decompose(levels, b, encoding)
             else:
                 rebinarize_bits(bits, layer.dropped_planes, encoding)

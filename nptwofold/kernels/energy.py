@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import NptwofoldError
 from .cim import N_CELL_STATES, _encoded_columns, columns_per_output
-from .quant import check_bits, check_dropped_planes, check_float_array, max_level
+from .quant import check_bits, check_dropped_planes, check_float_array, level_dtype, max_level
 
 
 def level_energy_table(bits, encoding, cell_energy_pj):
@@ -92,21 +92,23 @@ def _energy_rounding_kernel(real, table, qmax, top, step, radius, levels):
         levels[i] = np.int64(cheaper if abs(cheaper - q) <= radius * step else nearest)
 
 
-def energy_rounded_levels(real, table, dropped, radius, dtype=np.int8):
+def energy_rounded_levels(real, table, dropped, radius):
     """Integer levels of real levels q~ by energy-aware rounding (module docstring).
 
     real: q~ (any shape, float); table: `level_energy_table` of the layer's bits and encoding;
-    dropped: the layer's dropped planes (grid step 2^dropped); radius in [0.5, 1).
+    dropped: the layer's dropped planes (grid step 2^dropped); radius in [0.5, 1). The levels
+    come in the dtype of the table's bit width (`quant.level_dtype`).
     """
     real = np.asarray(real, np.float64)
     table = np.asarray(table, np.float64)
     qmax = (table.size - 1) // 2
-    step = check_dropped_planes(dropped, qmax.bit_length() + 1)
+    bits = qmax.bit_length() + 1
+    step = check_dropped_planes(dropped, bits)
     if not 0.5 <= radius < 1:
         raise NptwofoldError(f"energy rounding radius must be in [0.5, 1), got {radius}")
     if not np.all(np.isfinite(real)):
         raise NptwofoldError("real levels contain NaN or inf")
-    levels = np.empty(real.shape, dtype)
+    levels = np.empty(real.shape, level_dtype(bits))
     _energy_rounding_kernel(np.ascontiguousarray(real).ravel(), table, qmax,
                             float(step * (qmax // step)), float(step), float(radius),
                             levels.reshape(-1))
