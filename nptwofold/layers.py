@@ -124,6 +124,7 @@ class WeightLayer(Module):
                             self.dropped_planes, self.bit_encoding)
 
     def store_weight_grad(self, dweight):
+        self.weight_grad = dweight  # dL/dW of the last backward (the rounding's Fisher reads it)
         if not self.bit_width:
             self.grads["weight"][...] = dweight
             return

@@ -95,6 +95,7 @@ class Trainer:
         self.model, self.method = build_model(config, init_content)
         if self.method is not None:
             self.method.activity_images = self.data.train_images
+            self.method.check_labels = self.data.train_labels
         bit_names = self.method.bit_parameter_names() if self.method else set()
         self.optimizer = SGD(self.model, config.momentum, config.weight_decay, config.nesterov,
                              no_decay=bit_names)

@@ -27,6 +27,7 @@ two's complement e(q) over all levels): fixed by the activity, not by the weight
 same for every encoding, so lambda_E means the same across encodings. The activity is measured
 when first needed and again at the end of every epoch.
 """
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -44,7 +45,8 @@ from .kernels.regularizers import reg_bit, reg_bit_plane_lasso, reg_net
 from .kernels.augment import to_float
 from .kernels.cim import weight_cells
 from .kernels.conv import im2col_3x3, im2col_rows
-from .kernels.energy import energy_regularizer, energy_rounded_levels, level_energy_table
+from .kernels.energy import (budgeted_moves, energy_regularizer, energy_rounding_candidates,
+                             level_energy_table)
 from .kernels.loss import softmax_cross_entropy
 from .layers import WeightLayer
 from .options import at_least, between, check_fields, option
@@ -54,6 +56,7 @@ BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 LFSR_STREAM = 2  # random stream (seed, 2, layer index) picks each layer's LFSR seed
 REG_BIT_FORMS = {"poster": reg_bit, "plane_lasso": reg_bit_plane_lasso}
 ACTIVITY_BATCH = 100  # images per forward of the activity measurement
+FISHER_BATCH = 50  # images per backward of the rounding's Fisher estimate
 
 
 def _check_energy_rounding(radius):
@@ -116,9 +119,19 @@ class TwofoldConfig:
         "within this many grid steps of q~; 0 = plain rounding, else in [0.5, 1) "
         "(docs/energy-regularizer.md)", between(0, 1, high_open=True),
         check=_check_energy_rounding)
+    energy_rounding_budget: float = option(
+        0.0, "loss budget in nats of the energy-aware rounding: the moves to the cheaper level "
+        "are taken in order of cell energy saved per predicted loss increase 1/2 F_i dW_i^2 "
+        "(F_i: diagonal empirical Fisher on the --plane-drop-images check images) while their "
+        "summed prediction stays within it; 0 = take every move within the radius",
+        at_least(0))
 
     def validated(self):
-        return check_fields(self)
+        check_fields(self)
+        if self.energy_rounding_budget and not self.energy_rounding:
+            raise NptwofoldError("--energy-rounding-budget needs --energy-rounding (the radius "
+                                 "of the moves it chooses from)")
+        return self
 
 
 def layer_matrix_shape(weight_shape):
@@ -173,6 +186,7 @@ class Twofold:
         self.zero_planes = decompose(np.zeros(1, np.int64), config.bits,
                                      config.weight_encoding)[:, 0]
         self.activity_images = None  # uint8 images a_i is measured on, set by the trainer
+        self.check_labels = None  # their labels: the budgeted rounding's Fisher needs them
         self.activity = None         # name -> a_i in the weight's shape; None = to be measured
         self.energy_reference = None  # E_ref, pJ per image
 
@@ -302,7 +316,9 @@ class Twofold:
     def end_epoch(self, epoch, last):
         """Re-binarizes at the chosen epochs and after the last one (the forward is unchanged)."""
         if last or epoch in self.config.rebinarize_epochs:
-            self.rebinarize()
+            rounding = self.rebinarize()
+            if rounding:
+                tqdm.write(describe_rounding(rounding))
         if self.activity_images is not None:
             self.measure_activity()  # the next epoch weighs the inputs of the weights it has
 
@@ -336,16 +352,79 @@ class Twofold:
 
     def rebinarize(self):
         """Rounds every layer's bits to exact {0, 1} planes of its levels (dropped planes 0);
-        once hard-pruned (post-training), energy-aware if `energy_rounding` is set."""
+        once hard-pruned (post-training), energy-aware if `energy_rounding` is set, within
+        `energy_rounding_budget` if that is set too. Returns the rounding's figures (none for
+        a plain one)."""
         b, encoding = self.config.bits, self.config.weight_encoding
-        for layer in self.layers.values():
-            bits = layer.params["weight_bits"]
-            if self.pruned and self.config.energy_rounding:
-                levels = energy_rounded_levels(real_levels(bits, encoding), self.energy_table,
-                                               layer.dropped_planes, self.config.energy_rounding)
-                bits[...] = decompose(levels, b, encoding)
-            else:
-                rebinarize_bits(bits, layer.dropped_planes, encoding)
+        if not (self.pruned and self.config.energy_rounding):
+            for layer in self.layers.values():
+                rebinarize_bits(layer.params["weight_bits"], layer.dropped_planes, encoding)
+            return {}
+        candidates = {name: energy_rounding_candidates(
+            real_levels(layer.params["weight_bits"], encoding), self.energy_table,
+            layer.dropped_planes, self.config.energy_rounding)
+            for name, layer in self.layers.items()}
+        take = {name: cheaper != nearest for name, (nearest, cheaper) in candidates.items()}
+        figures = dict(rounding_candidates=int(sum(t.sum() for t in take.values())))
+        if self.config.energy_rounding_budget:
+            take, predicted = self._budgeted_rounding(candidates)
+            figures["rounding_predicted_loss"] = predicted
+        for name, layer in self.layers.items():
+            nearest, cheaper = candidates[name]
+            layer.params["weight_bits"][...] = decompose(np.where(take[name], cheaper, nearest),
+                                                         b, encoding)
+        figures["rounding_moved"] = int(sum(t.sum() for t in take.values()))
+        return figures
+
+    def _budgeted_rounding(self, candidates):
+        """Which candidate moves to take within the loss budget (`budgeted_moves` over all
+        layers together): the gain of moving weight i from its nearest level to the cheaper one
+        is a_i (e(nearest) - e(cheaper)), its predicted cost 1/2 F_i dW_i^2, F_i from
+        `weight_fisher`. Returns the per-layer choice and the summed predicted cost."""
+        if self.activity is None:
+            self.measure_activity()
+        fisher = self.weight_fisher()
+        qmax = max_level(self.config.bits)
+        gains, costs = [], []
+        for name, (nearest, cheaper) in candidates.items():
+            scale = float(self.layers[name].buffers["weight_scale"][0])
+            moved_weight = (cheaper.astype(np.float64) - nearest) * scale / qmax
+            energy_saved = (self.energy_table[nearest.astype(np.int64) + qmax]
+                            - self.energy_table[cheaper.astype(np.int64) + qmax])
+            gains.append((self.activity[name] * energy_saved).ravel())
+            costs.append((0.5 * fisher[name] * moved_weight ** 2).ravel())
+        gain, cost = np.concatenate(gains), np.concatenate(costs)
+        chosen = budgeted_moves(gain, cost, self.config.energy_rounding_budget)
+        take, start = {}, 0
+        for name, (nearest, _) in candidates.items():
+            take[name] = chosen[start:start + nearest.size].reshape(nearest.shape)
+            start += nearest.size
+        return take, float(cost[chosen].sum())
+
+    def weight_fisher(self):
+        """Diagonal empirical Fisher F_i of the mean cross-entropy in every mapped weight W_i,
+        on the first `plane_drop_images` training images: B times the mean over batches of B =
+        FISHER_BATCH images of the squared batch gradient (a batch gradient's square averages
+        to 1/B of a single image's when the mean gradient is small). BN runs on batch
+        statistics and its running statistics are left as they were."""
+        if self.activity_images is None or self.check_labels is None:
+            raise NptwofoldError("the budgeted energy rounding needs training images and labels; "
+                                 "none were given")
+        count = self.config.plane_drop_images
+        images, labels = self.activity_images[:count], self.check_labels[:count]
+        fisher = {name: np.zeros(layer.params["weight_bits"].shape[1:])
+                  for name, layer in self.layers.items()}
+        batches = range(0, len(images), FISHER_BATCH)
+        with kept_bn_statistics(self.model):
+            for start in batches:
+                logits = self.model.forward(to_float(images[start:start + FISHER_BATCH]))
+                dlogits = softmax_cross_entropy(logits, labels[start:start + FISHER_BATCH])[1]
+                self.model.backward(dlogits)
+                for name, layer in self.layers.items():
+                    fisher[name] += np.square(layer.weight_grad, dtype=np.float64)
+        for value in fisher.values():
+            value *= FISHER_BATCH / len(batches)
+        return fisher
 
     def hard_prune(self):
         """Sets the planes of every weight outside the keep-masks to those of level 0.
@@ -523,23 +602,46 @@ def start_post_training(method, model, data, eval_batch_size):
         tqdm.write(f"precision adjustment: {dropping['planes_dropped']} bit planes dropped, "
                    f"check loss {dropping['check_loss_before']:.4f} -> "
                    f"{dropping['check_loss_after']:.4f}")
-    method.rebinarize()
+    rounding = method.rebinarize()
+    if rounding:
+        tqdm.write(describe_rounding(rounding))
     after_prune = test_accuracy()
     tqdm.write(f"post-training: test accuracy {before:.4f} before, {after_prune:.4f} after "
                "hard pruning" + (", precision adjustment" if dropping else "")
                + " and re-binarization")
-    return dict(accuracy_before=before, accuracy_after_prune=after_prune, **dropping)
+    return dict(accuracy_before=before, accuracy_after_prune=after_prune, **dropping, **rounding)
+
+
+def describe_rounding(figures):
+    """One log line of an energy-aware rounding's figures (`Twofold.rebinarize`)."""
+    return (f"energy-aware rounding: {figures['rounding_moved']} of "
+            f"{figures['rounding_candidates']} candidate weights moved"
+            + (f", predicted loss +{figures['rounding_predicted_loss']:.4f} nats"
+               if "rounding_predicted_loss" in figures else ""))
+
+
+@contextlib.contextmanager
+def kept_bn_statistics(model):
+    """Runs the block with the model in training mode (BN on each batch's own statistics) and
+    puts the BN running statistics and the model's mode back afterwards: right after hard
+    pruning the running statistics are stale until the fine-tune re-estimates them, and would
+    judge the model on a broken network."""
+    bn_state = {name: value.copy() for name, value in model.state_arrays()
+                if name.rsplit(".", 1)[-1] in BN_STATISTICS}
+    training = model.training
+    model.train()
+    try:
+        yield
+    finally:
+        for name, value in model.state_arrays():
+            if name in bn_state:
+                value[...] = bn_state[name]
+        model.train(training)
 
 
 def plane_check_loss(model, images, labels):
-    """Cross-entropy on uint8 `images`, with BN on the images' own batch statistics: right
-    after hard pruning the running statistics are stale until the fine-tune re-estimates them,
-    and would judge the plane drops on a broken model. The running statistics are left as
-    they were."""
-    bn_state = {name: value.copy() for name, value in model.state_arrays()
-                if name.rsplit(".", 1)[-1] in BN_STATISTICS}
-    logits = model.train().forward(to_float(images))
-    for name, value in model.state_arrays():
-        if name in bn_state:
-            value[...] = bn_state[name]
+    """Cross-entropy on uint8 `images`, with BN on the images' own batch statistics
+    (`kept_bn_statistics`)."""
+    with kept_bn_statistics(model):
+        logits = model.forward(to_float(images))
     return softmax_cross_entropy(logits, labels)[0]

@@ -7,7 +7,7 @@ import pytest
 from nptwofold.errors import NptwofoldError
 from nptwofold.hardware import HardwareConfig
 from nptwofold.kernels.cim import ENCODINGS
-from nptwofold.kernels.energy import (energy_regularizer, energy_rounded_levels,
+from nptwofold.kernels.energy import (energy_regularizer, budgeted_moves, energy_rounding_candidates,
                                       level_cell_energy_pj, level_energy_table)
 from nptwofold.kernels.quant import max_level
 
@@ -159,15 +159,55 @@ def test_energy_rounding_matches_reference(encoding, dropped, radius):
     table = level_energy_table(8, encoding, CELL_PJ)
     real = rng.uniform(-140, 140, (30, 7))
     real[0, :4] = [0.0, 2.5, 4.0, 127.0]  # on the grid, a tie, clipped
-    got = energy_rounded_levels(real, table, dropped, radius)
+    nearest, got = energy_rounding_candidates(real, table, dropped, radius)
     want = reference_energy_rounding(real, table, 2**dropped, radius)
     np.testing.assert_array_equal(got, want)
     step = 2**dropped
     clipped = np.clip(real, -(127 // step) * step, (127 // step) * step)
     plain = step * np.rint(clipped / step)
+    np.testing.assert_array_equal(nearest, plain)
     assert (table[got.astype(int) + 127] <= table[plain.astype(int) + 127]).all()
     assert (np.abs(got - clipped) <= radius * step + 1e-9).all()
     if radius > 0.5:
         assert (got != plain).any()  # the rounding does move some weights
     with pytest.raises(NptwofoldError, match="radius must be in"):
-        energy_rounded_levels(real, table, dropped, 1.0)
+        energy_rounding_candidates(real, table, dropped, 1.0)
+
+
+def reference_budgeted_moves(gain, cost, budget):
+    """Take moves one at a time, best gain per cost first, until the next would overrun."""
+    def ratio(i):
+        return gain[i] / cost[i] if cost[i] else np.inf
+    order = sorted((i for i in range(len(gain)) if gain[i] > 0), key=lambda i: -ratio(i))
+    taken, spent = np.zeros(len(gain), bool), 0.0
+    for i in order:
+        if spent + cost[i] > budget:
+            break
+        taken[i], spent = True, spent + cost[i]
+    return taken
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.3, 2.0, 1e9])
+def test_budgeted_moves_take_the_best_gain_per_cost_within_the_budget(budget):
+    rng = np.random.default_rng(int(budget * 10) % 7)
+    gain = rng.uniform(0, 2, 200)
+    cost = rng.uniform(0, 0.1, 200)
+    gain[:5] = 0.0  # no gain: never taken
+    cost[5:10] = 0.0  # free: always taken
+    taken = budgeted_moves(gain, cost, budget)
+    np.testing.assert_array_equal(taken, reference_budgeted_moves(gain, cost, budget))
+    assert not taken[:5].any() and taken[5:10].all()
+    assert cost[taken].sum() <= budget
+    if budget == 1e9:
+        assert taken[5:].all()
+    elif budget == 0.3:
+        assert 10 < taken.sum() < 195
+
+
+def test_budgeted_moves_reject_bad_input():
+    with pytest.raises(NptwofoldError, match="does not match"):
+        budgeted_moves(np.ones(3), np.ones(4), 1.0)
+    with pytest.raises(NptwofoldError, match="finite and >= 0"):
+        budgeted_moves(np.ones(3), -np.ones(3), 1.0)
+    with pytest.raises(NptwofoldError, match="loss budget"):
+        budgeted_moves(np.ones(3), np.ones(3), -1.0)

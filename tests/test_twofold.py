@@ -423,7 +423,7 @@ def test_reg_bit_leaves_the_sign_magnitude_sign_plane_out():
 def test_post_training_rebinarization_rounds_energy_aware():
     """Before hard pruning the rounding is plain; after it, energy-aware (`energy_rounding`),
     and the cut weights stay 0."""
-    from nptwofold.kernels.energy import energy_rounded_levels
+    from nptwofold.kernels.energy import energy_rounding_candidates
     from nptwofold.kernels.quant import real_levels
     _, method = twofold_model(sparsity=0.5, weight_encoding="sign_magnitude",
                               energy_rounding=0.9)
@@ -443,7 +443,7 @@ def test_post_training_rebinarization_rounds_energy_aware():
     method.rebinarize()
     moved = 0
     for name in method.layers:
-        want = energy_rounded_levels(real[name], method.energy_table, 0, 0.9)
+        want = energy_rounding_candidates(real[name], method.energy_table, 0, 0.9)[1]
         got = method.levels(name)
         assert np.array_equal(got, want) and (got[method.keep_mask(name) == 0] == 0).all()
         moved += int((got != plain[name])[method.keep_mask(name) == 1].sum())
@@ -453,6 +453,83 @@ def test_post_training_rebinarization_rounds_energy_aware():
 def test_energy_rounding_below_half_a_step_is_refused():
     with pytest.raises(NptwofoldError, match="--energy-rounding 0.3: is below 0.5"):
         TwofoldConfig(energy_rounding=0.3).validated()
+    with pytest.raises(NptwofoldError, match="--energy-rounding-budget needs --energy-rounding"):
+        TwofoldConfig(energy_rounding_budget=0.01).validated()
+
+
+def fisher_model(sample, **settings):
+    model, method = twofold_model(sparsity=0.5, weight_encoding="sign_magnitude",
+                                  plane_drop_images=100, **settings)
+    method.activity_images = sample.train_images[:100]
+    method.check_labels = sample.train_labels[:100]
+    return model, method
+
+
+def test_weight_fisher_is_batch_size_times_the_mean_squared_batch_gradient(sample):
+    """Two batches of FISHER_BATCH images: F = B (g_1^2 + g_2^2) / 2, with each batch gradient
+    from its own forward and backward on BN batch statistics; the running statistics and the
+    model's mode are left as they were."""
+    from nptwofold.kernels.augment import to_float
+    from nptwofold.kernels.loss import softmax_cross_entropy
+    from nptwofold.twofold import FISHER_BATCH
+    model, method = fisher_model(sample)
+    model.eval()
+    bn_before = {name: value.copy() for name, value in model.state_arrays() if "running" in name}
+    fisher = method.weight_fisher()
+    assert not model.training
+    for name, value in model.state_arrays():
+        if name in bn_before:
+            np.testing.assert_array_equal(value, bn_before[name])
+    squares = {name: [] for name in method.layers}
+    for start in (0, FISHER_BATCH):
+        model.train()
+        images = to_float(sample.train_images[start:start + FISHER_BATCH])
+        model.backward(softmax_cross_entropy(
+            model.forward(images), sample.train_labels[start:start + FISHER_BATCH])[1])
+        for name, layer in method.layers.items():
+            squares[name].append(np.square(layer.weight_grad.astype(np.float64)))
+    for name in method.layers:
+        np.testing.assert_allclose(fisher[name], FISHER_BATCH * np.mean(squares[name], axis=0),
+                                   rtol=1e-6, atol=1e-30)
+    assert all(value.any() for value in fisher.values())
+
+
+def test_budgeted_energy_rounding_takes_the_best_moves_within_the_budget(sample):
+    """With a loss budget only some candidate moves are taken, those whose energy saved per
+    predicted loss (1/2 F dW^2) is highest, and their predicted loss is within the budget; the
+    rest round to the nearest level."""
+    from nptwofold.kernels.energy import budgeted_moves, energy_rounding_candidates
+    from nptwofold.kernels.quant import real_levels
+    budget = 2e-4
+    _, method = fisher_model(sample, energy_rounding=0.9, energy_rounding_budget=budget)
+    rng = np.random.default_rng(7)
+    for layer in method.layers.values():
+        bits = layer.params["weight_bits"]
+        bits[...] = np.clip(bits + rng.uniform(-0.3, 0.3, bits.shape), 0, 1)
+    method.hard_prune()
+    real = {name: real_levels(layer.params["weight_bits"], "sign_magnitude")
+            for name, layer in method.layers.items()}
+    fisher = method.weight_fisher()
+    method.measure_activity()
+    figures = method.rebinarize()
+    assert 0 < figures["rounding_moved"] < figures["rounding_candidates"]
+    assert 0 < figures["rounding_predicted_loss"] <= budget
+    gains, costs, chosen = [], [], []
+    for name, layer in method.layers.items():
+        nearest, cheaper = energy_rounding_candidates(real[name], method.energy_table, 0, 0.9)
+        got = method.levels(name)
+        assert ((got == nearest) | (got == cheaper)).all()
+        energy = method.energy_table
+        gains.append(method.activity[name] * (energy[nearest.astype(int) + 127]
+                                              - energy[cheaper.astype(int) + 127]))
+        moved = (cheaper.astype(np.float64) - nearest) * layer.buffers["weight_scale"][0] / 127
+        costs.append(0.5 * fisher[name] * moved ** 2)
+        chosen.append((got == cheaper) & (cheaper != nearest))
+    gain = np.concatenate([g.ravel() for g in gains])
+    cost = np.concatenate([c.ravel() for c in costs])
+    taken = np.concatenate([c.ravel() for c in chosen])
+    np.testing.assert_array_equal(taken, budgeted_moves(gain, cost, budget))
+    assert cost[taken].sum() == pytest.approx(figures["rounding_predicted_loss"])
 
 
 def test_logged_accuracy_is_that_of_the_energy_rounded_checkpoint(pipeline, tiny_dataset,

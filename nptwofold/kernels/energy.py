@@ -20,11 +20,12 @@ the gradient is that of a continuous energy of the weight itself, not of the rel
 Sums run in float64; the gradient comes back in the weights' dtype.
 
 Energy-aware rounding (post-training re-binarization): a real level q~, clipped to +-qmax_k,
-lies between two grid levels, lower = s_q floor(q~ / s_q) and upper = lower + s_q. It takes
-the one of lower energy e when that one lies within `radius` grid steps of q~ (radius in
+lies between two grid levels, lower = s_q floor(q~ / s_q) and upper = lower + s_q. Its candidate
+is the one of lower energy e when that one lies within `radius` grid steps of q~ (radius in
 [0.5, 1)), else the nearest (round half to even, as plain rounding); equal energies take the
-nearest. So no weight moves further than radius * s_q from q~, and the choice trades at most
-that much distortion for a cheaper stored level; the fine-tune that follows recovers accuracy.
+nearest. So no weight moves further than radius * s_q from q~. Which candidates are taken is
+the caller's choice: all of them, or (`budgeted_moves`) those that save the most energy per
+predicted loss increase, up to a loss budget; the fine-tune that follows recovers accuracy.
 """
 import numba
 import numpy as np
@@ -76,7 +77,8 @@ def _energy_regularizer_kernel(levels, rates, table, qmax, top, step, strength, 
 
 
 @numba.njit(cache=True)
-def _energy_rounding_kernel(real, table, qmax, top, step, radius, levels):
+def _energy_rounding_kernel(real, table, qmax, top, step, radius, nearest_levels,
+                            cheaper_levels):
     for i in range(real.size):
         q = min(max(real[i], -top), top)
         nearest = step * np.rint(q / step)
@@ -89,15 +91,17 @@ def _energy_rounding_kernel(real, table, qmax, top, step, radius, levels):
             cheaper = lower
         elif upper_energy < lower_energy:
             cheaper = upper
-        levels[i] = np.int64(cheaper if abs(cheaper - q) <= radius * step else nearest)
+        nearest_levels[i] = np.int64(nearest)
+        cheaper_levels[i] = np.int64(cheaper if abs(cheaper - q) <= radius * step else nearest)
 
 
-def energy_rounded_levels(real, table, dropped, radius):
-    """Integer levels of real levels q~ by energy-aware rounding (module docstring).
+def energy_rounding_candidates(real, table, dropped, radius):
+    """(nearest, cheaper): the plainly rounded levels of real levels q~ and their energy-aware
+    candidates (module docstring).
 
     real: q~ (any shape, float); table: `level_energy_table` of the layer's bits and encoding;
-    dropped: the layer's dropped planes (grid step 2^dropped); radius in [0.5, 1). The levels
-    come in the dtype of the table's bit width (`quant.level_dtype`).
+    dropped: the layer's dropped planes (grid step 2^dropped); radius in [0.5, 1). Both come in
+    the dtype of the table's bit width (`quant.level_dtype`).
     """
     real = np.asarray(real, np.float64)
     table = np.asarray(table, np.float64)
@@ -108,11 +112,40 @@ def energy_rounded_levels(real, table, dropped, radius):
         raise NptwofoldError(f"energy rounding radius must be in [0.5, 1), got {radius}")
     if not np.all(np.isfinite(real)):
         raise NptwofoldError("real levels contain NaN or inf")
-    levels = np.empty(real.shape, level_dtype(bits))
+    nearest = np.empty(real.shape, level_dtype(bits))
+    cheaper = np.empty_like(nearest)
     _energy_rounding_kernel(np.ascontiguousarray(real).ravel(), table, qmax,
                             float(step * (qmax // step)), float(step), float(radius),
-                            levels.reshape(-1))
-    return levels
+                            nearest.reshape(-1), cheaper.reshape(-1))
+    return nearest, cheaper
+
+
+def budgeted_moves(gain, cost, budget):
+    """Which moves to take: those of largest gain per cost first, as long as their summed cost
+    stays within `budget`.
+
+    gain, cost: float arrays of one shape (energy saved, predicted loss increase, both >= 0);
+    a move of no cost and positive gain is always taken, one of no gain never. The order is
+    gain / cost descending, ties by position; the longest prefix within the budget is taken.
+    Returns a boolean array of the inputs' shape.
+    """
+    gain = np.asarray(gain, np.float64)
+    cost = np.asarray(cost, np.float64)
+    if gain.shape != cost.shape:
+        raise NptwofoldError(f"gain shape {gain.shape} does not match cost shape {cost.shape}")
+    if not (np.all(np.isfinite(gain)) and np.all(np.isfinite(cost))
+            and (gain >= 0).all() and (cost >= 0).all()):
+        raise NptwofoldError("gains and costs must be finite and >= 0")
+    if not budget >= 0:
+        raise NptwofoldError(f"loss budget must be >= 0, got {budget}")
+    useful = np.flatnonzero(gain > 0)
+    with np.errstate(divide="ignore"):
+        ratio = gain.ravel()[useful] / cost.ravel()[useful]  # inf for a free move
+    order = useful[np.argsort(-ratio, kind="stable")]
+    taken_count = int(np.searchsorted(np.cumsum(cost.ravel()[order]), budget, side="right"))
+    taken = np.zeros(gain.size, bool)
+    taken[order[:taken_count]] = True
+    return taken.reshape(gain.shape)
 
 
 def energy_regularizer(levels, rates, table, scale, dropped, strength, dtype=np.float32):
