@@ -209,8 +209,8 @@ class Twofold:
             if self.config.lambda_net:
                 value, dweight = reg_net(layer.weight, self.keep_mask(name), self.config.lambda_net)
                 # Reg_Net acts on W = s q / qmax, so its gradient reaches the bits the STE way
-                layer.grads["weight_bits"] += bits_backward(bits, scale, dweight,
-                                                            layer.dropped_planes, encoding)
+                bits_backward(bits, scale, dweight, layer.dropped_planes, encoding,
+                              out=layer.grads["weight_bits"])
                 totals["reg_net"] += value
             if self.config.beta_bit:
                 value, dbits = self.reg_bit(name)
@@ -223,8 +223,8 @@ class Twofold:
                     bits.dtype)
                 # straight through the rounding to W, then to the bits like Reg_Net's, so the
                 # relaxed bits cannot absorb it (docs/energy-regularizer.md)
-                layer.grads["weight_bits"] += bits_backward(bits, scale, dweight,
-                                                            layer.dropped_planes, encoding)
+                bits_backward(bits, scale, dweight, layer.dropped_planes, encoding,
+                              out=layer.grads["weight_bits"])
                 totals["reg_energy"] += value
         return totals
 

@@ -331,6 +331,24 @@ def test_backward_rejects_mismatched_gradient_shape():
         quant.bits_backward(np.zeros((4, 3)), 1.0, np.zeros(2))
 
 
+@pytest.mark.parametrize("encoding", quant.ENCODINGS)
+def test_backward_into_out_adds_the_gradient(encoding):
+    """bits_backward(..., out=G) adds its gradient into G in place (the regularizers' path)."""
+    rng = np.random.default_rng(3)
+    bits = rng.random((8, 5, 7)).astype(np.float32)
+    grad_output = rng.standard_normal((5, 7)).astype(np.float32)
+    start = rng.standard_normal(bits.shape).astype(np.float32)
+    out = start.copy()
+    returned = quant.bits_backward(bits, 0.3, grad_output, 1, encoding, out=out)
+    assert returned is out
+    want = start.astype(np.float64) + quant.bits_backward(
+        bits.astype(np.float64), 0.3, grad_output.astype(np.float64), 1, encoding)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    assert not np.array_equal(out, start)
+    with pytest.raises(NptwofoldError, match="out must be a C-contiguous float32"):
+        quant.bits_backward(bits, 0.3, grad_output, 1, encoding, out=out.astype(np.float64))
+
+
 # --- the planes of each weight encoding ------------------------------------------------------
 
 def reference_encoded_planes(level, b, encoding):

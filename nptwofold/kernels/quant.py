@@ -169,26 +169,26 @@ def _compose_kernel(planes, levels, encoding):
             levels[i] = low - (top << (b - 1))
 
 
-@numba.njit(cache=True)
-def _low_planes(bits, i):
-    """sum_{n<b-1} 2^n B(n) of weight i: the magnitude in sign-magnitude."""
-    low = 0.0
-    for n in range(bits.shape[0] - 1):
-        low += 2.0**n * np.float64(bits[n, i])
-    return low
-
-
-@numba.njit(cache=True)
-def _real_level(bits, i, encoding):
-    """q~ of weight i from continuous bit planes, before clipping and rounding."""
+@numba.njit(nogil=True, cache=True)
+def _chunk_levels(bits, encoding, low, level):
+    """Fill low[i] = sum_{n<b-1} 2^n B(n)_i (the magnitude in sign-magnitude) and level[i] =
+    q~_i, before clipping and rounding. Plane by plane, so the inner loops run over
+    contiguous weights and vectorize; the sums keep the order n = 0, 1, ..., b - 2."""
     b = bits.shape[0]
-    low = _low_planes(bits, i)
-    top = np.float64(bits[b - 1, i])
-    if encoding == SIGN_MAGNITUDE:
-        return (1.0 - 2.0 * top) * low
-    if encoding == OFFSET_BINARY:
-        return low + 2.0 ** (b - 1) * (top - 1.0)
-    return low - 2.0 ** (b - 1) * top
+    low[:] = 0.0
+    weight = 1.0
+    for n in range(b - 1):
+        for i in range(low.size):
+            low[i] += weight * np.float64(bits[n, i])
+        weight *= 2.0
+    for i in range(low.size):  # weight is now 2^(b-1)
+        top = np.float64(bits[b - 1, i])
+        if encoding == SIGN_MAGNITUDE:
+            level[i] = (1.0 - 2.0 * top) * low[i]
+        elif encoding == OFFSET_BINARY:
+            level[i] = low[i] + weight * (top - 1.0)
+        else:
+            level[i] = low[i] - weight * top
 
 
 @numba.njit(cache=True)
@@ -205,43 +205,57 @@ def _round_level(level, top, step):
 
 @numba.njit(nogil=True, cache=True)
 def _bits_forward_kernel(bits, scale, qmax, step, encoding, weights):
+    low, level = np.empty(weights.size), np.empty(weights.size)
+    _chunk_levels(bits, encoding, low, level)
     top = _top_level(qmax, step)
     for i in range(weights.size):
-        weights[i] = _weight_of_level(_round_level(_real_level(bits, i, encoding), top, step),
-                                      scale, qmax)
+        weights[i] = _weight_of_level(_round_level(level[i], top, step), scale, qmax)
 
 
 @numba.njit(nogil=True, cache=True)
-def _bits_backward_kernel(bits, scale, qmax, step, encoding, grad_weights, grad_bits):
+def _bits_backward_kernel(bits, scale, qmax, step, encoding, grad_weights, grad_bits,
+                          accumulate):
     b = bits.shape[0]
+    low, grad_level = np.empty(grad_weights.size), np.empty(grad_weights.size)
+    _chunk_levels(bits, encoding, low, grad_level)
     top = _top_level(qmax, step)
     for i in range(grad_weights.size):
-        grad_weight = np.float64(grad_weights[i])
-        level = _real_level(bits, i, encoding)
-        grad_level = grad_weight * scale / qmax if -top <= level <= top else 0.0
-        low_factor = 1.0
+        inside = -top <= grad_level[i] <= top
+        grad_level[i] = np.float64(grad_weights[i]) * scale / qmax if inside else 0.0
+    high = 2.0 ** (b - 1)
+    for i in range(grad_weights.size):
         if encoding == SIGN_MAGNITUDE:
-            low_factor = 1.0 - 2.0 * np.float64(bits[b - 1, i])
-            grad_bits[b - 1, i] = -2.0 * _low_planes(bits, i) * grad_level
+            top_grad = -2.0 * low[i] * grad_level[i]
+            low[i] = 1.0 - 2.0 * np.float64(bits[b - 1, i])  # the low planes' factor
         elif encoding == OFFSET_BINARY:
-            grad_bits[b - 1, i] = 2.0 ** (b - 1) * grad_level
+            top_grad = high * grad_level[i]
+            low[i] = 1.0
         else:
-            grad_bits[b - 1, i] = -(2.0 ** (b - 1)) * grad_level
-        for n in range(b - 1):
-            grad_bits[n, i] = low_factor * 2.0**n * grad_level
+            top_grad = -high * grad_level[i]
+            low[i] = 1.0
+        grad_bits[b - 1, i] = grad_bits[b - 1, i] + top_grad if accumulate else top_grad
+    weight = 1.0
+    for n in range(b - 1):
+        for i in range(grad_weights.size):
+            if accumulate:
+                grad_bits[n, i] += low[i] * weight * grad_level[i]
+            else:
+                grad_bits[n, i] = low[i] * weight * grad_level[i]
+        weight *= 2.0
 
 
 @numba.njit(nogil=True, cache=True)
 def _real_levels_kernel(bits, encoding, levels):
-    for i in range(levels.size):
-        levels[i] = _real_level(bits, i, encoding)
+    _chunk_levels(bits, encoding, np.empty(levels.size), levels)
 
 
 @numba.njit(nogil=True, cache=True)
 def _rounded_levels_kernel(bits, qmax, step, encoding, levels):
+    real = np.empty(levels.size)
+    _chunk_levels(bits, encoding, np.empty(levels.size), real)
     top = _top_level(qmax, step)
     for i in range(levels.size):
-        levels[i] = np.int64(_round_level(_real_level(bits, i, encoding), top, step))
+        levels[i] = np.int64(_round_level(real[i], top, step))
 
 
 def quantize(weights, b):
@@ -314,8 +328,9 @@ def bits_forward(bits, scale, dropped=0, encoding="twos_complement"):
     return weights
 
 
-def bits_backward(bits, scale, grad_weights, dropped=0, encoding="twos_complement"):
-    """Training backward: given dL/dW, return dL/dbits in the dtype of bits.
+def bits_backward(bits, scale, grad_weights, dropped=0, encoding="twos_complement", out=None):
+    """Training backward: given dL/dW, return dL/dbits in the dtype of bits; with `out` (an
+    array like bits, C-contiguous) add it into `out` in place instead and return `out`.
 
     dL/dB(n) = dL/dW * s / qmax * dq~/dB(n) (module docstring) where q~ is inside
     [-qmax, qmax], else 0. The scale s is a buffer, not trained (`layers.WeightLayer`), so no
@@ -329,12 +344,17 @@ def bits_backward(bits, scale, grad_weights, dropped=0, encoding="twos_complemen
         raise NptwofoldError(
             f"weight gradient shape {grad_weights.shape} does not match bit planes {bits.shape}"
         )
-    grad_bits = np.empty_like(bits, order="C")
+    if out is not None and (out.shape != bits.shape or out.dtype != bits.dtype
+                            or not out.flags.c_contiguous):
+        raise NptwofoldError(f"out must be a C-contiguous {bits.dtype} array of shape "
+                             f"{bits.shape}")
+    grad_bits = np.empty_like(bits, order="C") if out is None else out
     flat_bits, flat_grad_bits = np.ascontiguousarray(bits).reshape(b, -1), grad_bits.reshape(b, -1)
     flat_grad_weights = grad_weights.ravel()
     settings = (float(scale), float(max_level(b)), float(step), encoding_code(encoding))
     _over_weight_chunks(flat_grad_weights.size, lambda chunk: _bits_backward_kernel(
-        flat_bits[:, chunk], *settings, flat_grad_weights[chunk], flat_grad_bits[:, chunk]))
+        flat_bits[:, chunk], *settings, flat_grad_weights[chunk], flat_grad_bits[:, chunk],
+        out is not None))
     return grad_bits
 
 

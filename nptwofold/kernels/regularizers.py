@@ -51,9 +51,10 @@ def _bit_count_norm_kernel(bits, strength):
     grad = np.zeros_like(bits)
     if norm > 0.0:
         for i in range(size):
-            grad_count = strength * bit_counts[i] / norm
-            for n in range(planes):
-                grad[n, i] = grad_count
+            bit_counts[i] = strength * bit_counts[i] / norm
+        for n in range(planes):  # plane-major: contiguous inner loop
+            for i in range(size):
+                grad[n, i] = bit_counts[i]
     return strength * norm, grad
 
 
