@@ -8,8 +8,9 @@ Reg_Net, Reg_Bit and energy regularizer gradients), `after_step` after each upda
 to [0, 1], and once the model is hard-pruned keeps the cut weights at 0) and `end_epoch`
 (re-binarizes at the chosen epochs and re-measures the input activity). Post-training is
 `hard_prune`, then optionally `drop_planes` (the low bit planes the loss can spare), then
-`rebinarize` (energy-aware with `energy_rounding`); `layer_report` gives the per-layer sparsity
-table.
+`rebinarize` (energy-aware with `energy_rounding`; with `energy_rounding_budget` only the
+moves that save the most energy per Fisher-predicted loss, `weight_fisher`); `layer_report`
+gives the per-layer sparsity table.
 
 Energy regularizer (issue 13, docs/energy-regularizer.md): with `lambda_energy` > 0 the
 objective gains R_E = lambda_E * sum_i a_i e(q_i) / E_ref over all mapped layers together, e(q)
