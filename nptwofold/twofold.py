@@ -120,6 +120,10 @@ class TwofoldConfig:
         "within this many grid steps of q~; 0 = plain rounding, else in [0.5, 1) "
         "(docs/energy-regularizer.md)", between(0, 1, high_open=True),
         check=_check_energy_rounding)
+    energy_rounding_last: float | None = option(
+        None, "radius of the energy-aware rounding after the last epoch, which no fine-tune "
+        "follows; none = --energy-rounding, 0 = plain rounding", between(0, 1, high_open=True),
+        check=_check_energy_rounding)
     energy_rounding_budget: float = option(
         0.0, "loss budget in nats of the energy-aware rounding: the moves to the cheaper level "
         "are taken in order of cell energy saved per predicted loss increase 1/2 F_i dW_i^2 "
@@ -129,7 +133,8 @@ class TwofoldConfig:
 
     def validated(self):
         check_fields(self)
-        if self.energy_rounding_budget and not self.energy_rounding:
+        if self.energy_rounding_budget and not (self.energy_rounding
+                                                or self.energy_rounding_last):
             raise NptwofoldError("--energy-rounding-budget needs --energy-rounding (the radius "
                                  "of the moves it chooses from)")
         return self
@@ -317,7 +322,7 @@ class Twofold:
     def end_epoch(self, epoch, last):
         """Re-binarizes at the chosen epochs and after the last one (the forward is unchanged)."""
         if last or epoch in self.config.rebinarize_epochs:
-            rounding = self.rebinarize()
+            rounding = self.rebinarize(last)
             if rounding:
                 tqdm.write(describe_rounding(rounding))
         if self.activity_images is not None:
@@ -351,19 +356,22 @@ class Twofold:
         return dict(check_loss_before=loss_before, check_loss_after=loss_after,
                     planes_dropped=planes_dropped)
 
-    def rebinarize(self):
+    def rebinarize(self, last=False):
         """Rounds every layer's bits to exact {0, 1} planes of its levels (dropped planes 0);
-        once hard-pruned (post-training), energy-aware if `energy_rounding` is set, within
-        `energy_rounding_budget` if that is set too. Returns the rounding's figures (none for
-        a plain one)."""
+        once hard-pruned (post-training), energy-aware with radius `energy_rounding` (after
+        the `last` epoch `energy_rounding_last`, if set) and within `energy_rounding_budget` if
+        that is set. Returns the rounding's figures (none for a plain one)."""
         b, encoding = self.config.bits, self.config.weight_encoding
-        if not (self.pruned and self.config.energy_rounding):
+        radius = self.config.energy_rounding
+        if last and self.config.energy_rounding_last is not None:
+            radius = self.config.energy_rounding_last
+        if not (self.pruned and radius):
             for layer in self.layers.values():
                 rebinarize_bits(layer.params["weight_bits"], layer.dropped_planes, encoding)
             return {}
         candidates = {name: energy_rounding_candidates(
             real_levels(layer.params["weight_bits"], encoding), self.energy_table,
-            layer.dropped_planes, self.config.energy_rounding)
+            layer.dropped_planes, radius)
             for name, layer in self.layers.items()}
         take = {name: cheaper != nearest for name, (nearest, cheaper) in candidates.items()}
         figures = dict(rounding_candidates=int(sum(t.sum() for t in take.values())))

@@ -450,6 +450,37 @@ def test_post_training_rebinarization_rounds_energy_aware():
     assert moved > 0
 
 
+def test_the_last_rounding_takes_its_own_radius():
+    """`energy_rounding_last` replaces the radius only after the last epoch; 0 there rounds
+    plainly."""
+    from nptwofold.kernels.energy import energy_rounding_candidates
+    from nptwofold.kernels.quant import real_levels
+    for last_radius, moves in ((0.0, False), (0.6, True)):
+        _, method = twofold_model(sparsity=0.5, weight_encoding="sign_magnitude",
+                                  energy_rounding=0.9, energy_rounding_last=last_radius)
+        rng = np.random.default_rng(5)
+        for layer in method.layers.values():
+            bits = layer.params["weight_bits"]
+            bits[...] = np.clip(bits + rng.uniform(-0.3, 0.3, bits.shape), 0, 1)
+        method.hard_prune()
+        saved = {name: layer.params["weight_bits"].copy() for name, layer in method.layers.items()}
+        real = {name: real_levels(bits, "sign_magnitude") for name, bits in saved.items()}
+        method.end_epoch(1, last=False)  # a re-binarization only after the last epoch
+        assert all(np.array_equal(layer.params["weight_bits"], saved[name])
+                   for name, layer in method.layers.items())
+        method.end_epoch(2, last=True)
+        for name in method.layers:
+            nearest, cheaper = energy_rounding_candidates(real[name], method.energy_table, 0,
+                                                          last_radius or 0.9)
+            np.testing.assert_array_equal(method.levels(name), cheaper if moves else nearest)
+        for name, layer in method.layers.items():
+            layer.params["weight_bits"][...] = saved[name]
+        method.rebinarize()  # not the last: the main radius
+        for name in method.layers:
+            cheaper = energy_rounding_candidates(real[name], method.energy_table, 0, 0.9)[1]
+            np.testing.assert_array_equal(method.levels(name), cheaper)
+
+
 def test_energy_rounding_below_half_a_step_is_refused():
     with pytest.raises(NptwofoldError, match="--energy-rounding 0.3: is below 0.5"):
         TwofoldConfig(energy_rounding=0.3).validated()
