@@ -420,6 +420,14 @@ def test_reg_bit_leaves_the_sign_magnitude_sign_plane_out():
     assert bits[7].any()  # some weights are negative: the test would notice a counted sign
 
 
+def unsettle_bits(method, seed):
+    """Moves every bit plane off {0, 1} by up to 0.3, so q~ lies between grid levels."""
+    rng = np.random.default_rng(seed)
+    for layer in method.layers.values():
+        bits = layer.params["weight_bits"]
+        bits[...] = np.clip(bits + rng.uniform(-0.3, 0.3, bits.shape), 0, 1)
+
+
 def test_post_training_rebinarization_rounds_energy_aware():
     """Before hard pruning the rounding is plain; after it, energy-aware (`energy_rounding`),
     and the cut weights stay 0."""
@@ -427,10 +435,7 @@ def test_post_training_rebinarization_rounds_energy_aware():
     from nptwofold.kernels.quant import real_levels
     _, method = twofold_model(sparsity=0.5, weight_encoding="sign_magnitude",
                               energy_rounding=0.9)
-    rng = np.random.default_rng(5)
-    for layer in method.layers.values():
-        bits = layer.params["weight_bits"]
-        bits[...] = np.clip(bits + rng.uniform(-0.3, 0.3, bits.shape), 0, 1)
+    unsettle_bits(method, seed=5)
     plain = {name: method.levels(name).copy() for name in method.layers}
     saved = {name: layer.params["weight_bits"].copy() for name, layer in method.layers.items()}
     method.rebinarize()
@@ -458,10 +463,7 @@ def test_the_last_rounding_takes_its_own_radius():
     for last_radius, moves in ((0.0, False), (0.6, True)):
         _, method = twofold_model(sparsity=0.5, weight_encoding="sign_magnitude",
                                   energy_rounding=0.9, energy_rounding_last=last_radius)
-        rng = np.random.default_rng(5)
-        for layer in method.layers.values():
-            bits = layer.params["weight_bits"]
-            bits[...] = np.clip(bits + rng.uniform(-0.3, 0.3, bits.shape), 0, 1)
+        unsettle_bits(method, seed=5)
         method.hard_prune()
         saved = {name: layer.params["weight_bits"].copy() for name, layer in method.layers.items()}
         real = {name: real_levels(bits, "sign_magnitude") for name, bits in saved.items()}
@@ -533,10 +535,7 @@ def test_budgeted_energy_rounding_takes_the_best_moves_within_the_budget(sample)
     from nptwofold.kernels.quant import real_levels
     budget = 2e-4
     _, method = fisher_model(sample, energy_rounding=0.9, energy_rounding_budget=budget)
-    rng = np.random.default_rng(7)
-    for layer in method.layers.values():
-        bits = layer.params["weight_bits"]
-        bits[...] = np.clip(bits + rng.uniform(-0.3, 0.3, bits.shape), 0, 1)
+    unsettle_bits(method, seed=7)
     method.hard_prune()
     real = {name: real_levels(layer.params["weight_bits"], "sign_magnitude")
             for name, layer in method.layers.items()}
