@@ -135,8 +135,9 @@ class TwofoldConfig:
         check_fields(self)
         if self.energy_rounding_budget and not (self.energy_rounding
                                                 or self.energy_rounding_last):
-            raise NptwofoldError("--energy-rounding-budget needs --energy-rounding (the radius "
-                                 "of the moves it chooses from)")
+            raise NptwofoldError("--energy-rounding-budget needs --energy-rounding or "
+                                 "--energy-rounding-last (the radius of the moves it chooses "
+                                 "from)")
         return self
 
 
@@ -309,8 +310,11 @@ class Twofold:
         """sum_i a_i e(q_i) of a layer: its cell energy per image (None until measured)."""
         if self.activity is None:
             return None
-        qmax = max_level(self.config.bits)
-        return float(np.sum(self.activity[name] * self.energy_table[self.levels(name).astype(np.int64) + qmax]))
+        return float(np.sum(self.activity[name] * self.level_energy(self.levels(name))))
+
+    def level_energy(self, levels):
+        """e(q) in pJ of integer levels in the config's bits and encoding (float64)."""
+        return self.energy_table[levels.astype(np.int64) + max_level(self.config.bits)]
 
     def after_step(self):
         for layer in self.layers.values():
@@ -322,9 +326,7 @@ class Twofold:
     def end_epoch(self, epoch, last):
         """Re-binarizes at the chosen epochs and after the last one (the forward is unchanged)."""
         if last or epoch in self.config.rebinarize_epochs:
-            rounding = self.rebinarize(last)
-            if rounding:
-                tqdm.write(describe_rounding(rounding))
+            self.rebinarize(last)
         if self.activity_images is not None:
             self.measure_activity()  # the next epoch weighs the inputs of the weights it has
 
@@ -360,7 +362,7 @@ class Twofold:
         """Rounds every layer's bits to exact {0, 1} planes of its levels (dropped planes 0);
         once hard-pruned (post-training), energy-aware with radius `energy_rounding` (after
         the `last` epoch `energy_rounding_last`, if set) and within `energy_rounding_budget` if
-        that is set. Returns the rounding's figures (none for a plain one)."""
+        that is set. Logs and returns the rounding's figures (none for a plain one)."""
         b, encoding = self.config.bits, self.config.weight_encoding
         radius = self.config.energy_rounding
         if last and self.config.energy_rounding_last is not None:
@@ -383,6 +385,10 @@ class Twofold:
             layer.params["weight_bits"][...] = decompose(np.where(take[name], cheaper, nearest),
                                                          b, encoding)
         figures["rounding_moved"] = int(sum(t.sum() for t in take.values()))
+        tqdm.write(f"energy-aware rounding: {figures['rounding_moved']} of "
+                   f"{figures['rounding_candidates']} candidate weights moved"
+                   + (f", predicted loss +{figures['rounding_predicted_loss']:.4f} nats"
+                      if self.config.energy_rounding_budget else ""))
         return figures
 
     def _budgeted_rounding(self, candidates):
@@ -398,8 +404,7 @@ class Twofold:
         for name, (nearest, cheaper) in candidates.items():
             scale = float(self.layers[name].buffers["weight_scale"][0])
             moved_weight = (cheaper.astype(np.float64) - nearest) * scale / qmax
-            energy_saved = (self.energy_table[nearest.astype(np.int64) + qmax]
-                            - self.energy_table[cheaper.astype(np.int64) + qmax])
+            energy_saved = self.level_energy(nearest) - self.level_energy(cheaper)
             gains.append((self.activity[name] * energy_saved).ravel())
             costs.append((0.5 * fisher[name] * moved_weight ** 2).ravel())
         gain, cost = np.concatenate(gains), np.concatenate(costs)
@@ -416,7 +421,8 @@ class Twofold:
         FISHER_BATCH images of the squared batch gradient (a batch gradient's square averages
         to 1/B of a single image's when the mean gradient is small). BN runs on batch
         statistics and its running statistics are left as they were."""
-        if self.activity_images is None or self.check_labels is None:
+        if (self.activity_images is None or self.check_labels is None
+                or not len(self.activity_images)):
             raise NptwofoldError("the budgeted energy rounding needs training images and labels; "
                                  "none were given")
         count = self.config.plane_drop_images
@@ -612,21 +618,11 @@ def start_post_training(method, model, data, eval_batch_size):
                    f"check loss {dropping['check_loss_before']:.4f} -> "
                    f"{dropping['check_loss_after']:.4f}")
     rounding = method.rebinarize()
-    if rounding:
-        tqdm.write(describe_rounding(rounding))
     after_prune = test_accuracy()
     tqdm.write(f"post-training: test accuracy {before:.4f} before, {after_prune:.4f} after "
                "hard pruning" + (", precision adjustment" if dropping else "")
                + " and re-binarization")
     return dict(accuracy_before=before, accuracy_after_prune=after_prune, **dropping, **rounding)
-
-
-def describe_rounding(figures):
-    """One log line of an energy-aware rounding's figures (`Twofold.rebinarize`)."""
-    return (f"energy-aware rounding: {figures['rounding_moved']} of "
-            f"{figures['rounding_candidates']} candidate weights moved"
-            + (f", predicted loss +{figures['rounding_predicted_loss']:.4f} nats"
-               if "rounding_predicted_loss" in figures else ""))
 
 
 @contextlib.contextmanager
