@@ -61,7 +61,7 @@ from .hardware import CELL_STATES, HardwareConfig, layer_energy_report
 from .kernels.augment import to_float
 from .kernels.cim import (EnergyCounts, N_CELL_STATES, PackedCrossbar, count_events,
                           full_scale_at_percentile, layer_matrix, map_layer, matrix_rows)
-from .kernels.conv import conv_output_size, im2col_3x3, im2col_rows
+from .kernels.conv import conv_output_size, im2col_batch, rows_matmul
 from .kernels.lfsr import feedback_mask, lfsr_in_range_rows, lfsr_keep_mask, weight_mask
 from .kernels.quant import (STEM_CLIP, decompose, dequantize, max_level, quantize,
                             quantize_activations)
@@ -143,9 +143,7 @@ class MappedLayer:
             self.exact_matrix.dtype)
         if not self.is_conv:
             return levels
-        stride = self.module.stride
-        return im2col_3x3(levels, stride, np.empty(im2col_rows(levels.shape, stride),
-                                                   levels.dtype))
+        return im2col_batch(levels, self.module.stride)
 
     def float_output(self, y, x, activation_bits):
         """The layer's float output (x's dtype and layout) from its integer matmul y (P, C)."""
@@ -331,7 +329,7 @@ class CimNetwork:
             inputs = layer.input_levels(x, bits)
             histograms[layer.name] = histograms[layer.name] + layer.packed.partial_sum_histograms(
                 inputs, bits, validate=False)
-            return layer.float_output(inputs @ layer.exact_matrix, x, bits)
+            return layer.float_output(rows_matmul(inputs, layer.exact_matrix), x, bits)
 
         with self.routed(count):
             for start in range(0, len(images), batch_size):
@@ -436,7 +434,7 @@ class CimNetwork:
         weight = layer.quantized_weight.astype(x.dtype)
         if layer.is_conv:
             stride = layer.module.stride
-            cols = im2col_3x3(x, stride, np.empty(im2col_rows(x.shape, stride), x.dtype))
+            cols = im2col_batch(x, stride)
             n_images, height, width, _ = x.shape
             return (cols @ layer_matrix(weight)).reshape(
                 n_images, conv_output_size(height, stride), conv_output_size(width, stride), -1)
@@ -462,7 +460,7 @@ class CimNetwork:
             inputs = layer.input_levels(x, bits)
             if count_energy:
                 self._count(layer, inputs)
-            return layer.float_output(inputs @ layer.exact_matrix, x, bits)
+            return layer.float_output(rows_matmul(inputs, layer.exact_matrix), x, bits)
 
         logits = self._run(images, fake_quant)
         if count_energy:

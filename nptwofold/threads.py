@@ -43,10 +43,9 @@ def engine_threads():
     return max(1, int(os.environ.get(_THREADS_VARIABLE, "1")))
 
 
-def image_chunks(n_images):
-    """(start, stop) of each chunk of a batch: CHUNK_IMAGES images, the last one shorter."""
-    return [(start, min(start + CHUNK_IMAGES, n_images))
-            for start in range(0, n_images, CHUNK_IMAGES)]
+def image_chunks(n_images, size=CHUNK_IMAGES):
+    """(start, stop) of each chunk of a batch: `size` images (or rows), the last one shorter."""
+    return [(start, min(start + size, n_images)) for start in range(0, n_images, size)]
 
 
 def run_parallel(function, count):

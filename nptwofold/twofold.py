@@ -45,7 +45,7 @@ from .kernels.quant import (ENCODINGS, STEM_CLIP, SIGN_MAGNITUDE, bits_backward,
 from .kernels.regularizers import reg_bit, reg_bit_plane_lasso, reg_net
 from .kernels.augment import to_float
 from .kernels.cim import weight_cells
-from .kernels.conv import im2col_3x3, im2col_rows
+from .kernels.conv import im2col_batch
 from .kernels.energy import (budgeted_moves, energy_regularizer, energy_rounding_candidates,
                              level_energy_table)
 from .kernels.loss import softmax_cross_entropy
@@ -272,8 +272,7 @@ class Twofold:
             for j in range(self.config.activation_bits):
                 ones += (codes >> j) & 1
             if x.ndim == 4:  # conv: rows in the im2col order (ky, kx, ci)
-                ones = im2col_3x3(ones, module.stride,
-                                  np.empty(im2col_rows(ones.shape, module.stride), ones.dtype))
+                ones = im2col_batch(ones, module.stride)
             driven[name] = driven[name] + ones.sum(axis=0)
             # the layer sees its quantized inputs, so the next layer's are those of the array
             return module.own_forward(levels * x.dtype.type(clip / full_scale))

@@ -11,8 +11,9 @@ import pytest
 from nptwofold.kernels.augment import CROP_PAD, crop_flip_to_float, to_float
 from nptwofold.kernels.batchnorm import (batchnorm_backward, batchnorm_forward_train,
                                          channel_affine, channel_moments)
+from nptwofold.kernels import conv
 from nptwofold.kernels.conv import (col2im_3x3, conv3x3_backward, conv3x3_forward, im2col_3x3,
-                                    im2col_rows)
+                                    im2col_batch, im2col_rows, rows_matmul)
 from nptwofold.kernels.elementwise import (add_relu_forward, global_avg_pool_backward,
                                            global_avg_pool_forward, relu_backward, relu_forward,
                                            shortcut_a_backward, shortcut_a_forward)
@@ -274,6 +275,39 @@ def test_im2col_patch_layout():
                     np.testing.assert_array_equal(cols[row], window.reshape(-1))
                     row += 1
         assert row == cols.shape[0]
+
+
+@pytest.mark.parametrize("images_per_block", [1, 3])
+def test_conv3x3_blocks_smaller_than_a_chunk(monkeypatch, images_per_block):
+    """Blocks of fewer images than a chunk (the 32x32 stage's case), the last one shorter."""
+    x, weight, stride, rng = conv_inputs((11, 4, 5, 3, 2, 1), np.float64, seed=15)
+    monkeypatch.setattr(conv, "BLOCK_VALUES", images_per_block * 4 * 5 * 9 * 3)
+    y = conv3x3_forward(x, weight, stride)
+    assert_close(y, reference_conv3x3(x, weight, stride), np.float64)
+    dy = rng.standard_normal(y.shape)
+    dx, dweight = conv3x3_backward(dy, x, weight, stride)
+    ref_dx, ref_dw = reference_conv3x3_backward(dy, x, weight, stride)
+    assert_close(dx, ref_dx, np.float64)
+    assert_close(dweight, ref_dw, np.float64)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_im2col_batch_is_im2col_of_the_whole_batch(stride):
+    x = random(np.random.default_rng(16), (19, 5, 4, 3), np.float32)  # 3 chunks, last short
+    expected = im2col_3x3(x, stride, np.empty(im2col_rows(x.shape, stride), np.float32))
+    np.testing.assert_array_equal(im2col_batch(x, stride), expected)
+
+
+def test_rows_matmul_is_exact_on_integer_levels():
+    """The CIM simulator's integer products: float32 sums below 2^24 are exact, so the row
+    chunks (5,000 rows: three of them) give the integer matmul exactly, inputs of any dtype."""
+    rng = np.random.default_rng(17)
+    levels = rng.integers(0, 256, (5000, 40)).astype(np.uint8)
+    weights = rng.integers(-127, 128, (40, 6))
+    product = rows_matmul(levels, weights.astype(np.float32))
+    assert product.dtype == np.float32
+    np.testing.assert_array_equal(product, levels.astype(np.int64) @ weights)
+    assert rows_matmul(levels, weights.astype(np.float64)).dtype == np.float64
 
 
 # --------------------------------------------------------------------------------------------

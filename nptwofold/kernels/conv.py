@@ -5,8 +5,10 @@ Weights arrive in OIHW, the checkpoint layout. The matmul view of a weight is
 of the NHWC input and the matmul result is already the NHWC output.
 
 The batch is cut into the fixed image chunks of `threads.image_chunks`, and a chunk into
-blocks of BLOCK_IMAGES images; a block's im2col matrix lives in a per-thread scratch array
-that stays in cache (2 images of 32x32x16: 1.2 MB), and the backward pass
+blocks of whole images whose patches hold at most BLOCK_VALUES values (at least one image); a
+block's im2col matrix lives in a per-thread scratch array that stays in the L2 cache (1.2 MB
+of float32 in every stage: 2, 4 and 8 images of the 32x32, 16x16 and 8x8 stages), and the
+backward pass
 recomputes it instead of keeping the batch's patches (9x the input) alive between the passes.
 Weight gradients are summed over the chunks in chunk order, so they do not depend on the
 thread count.
@@ -16,7 +18,8 @@ import numpy as np
 
 from ..threads import image_chunks, run_parallel, scratch
 
-BLOCK_IMAGES = 2
+BLOCK_VALUES = 2 * 32 * 32 * 9 * 16
+ROWS_PER_MATMUL = 2048  # rows of a whole-batch matmul per task
 
 
 @numba.njit(cache=True)
@@ -82,9 +85,41 @@ def im2col_rows(input_shape, stride):
     return n_img * conv_output_size(height, stride) * conv_output_size(width, stride), 9 * chans
 
 
-def _blocks(start, stop):
-    """Sub-ranges of BLOCK_IMAGES images of one chunk, whose patches fit in a core's L2 cache."""
-    return [(first, min(first + BLOCK_IMAGES, stop)) for first in range(start, stop, BLOCK_IMAGES)]
+def im2col_batch(x, stride):
+    """The whole batch's im2col matrix (for the CIM simulator, which needs every patch), filled
+    image chunk by image chunk on the pool."""
+    patches = np.empty(im2col_rows(x.shape, stride), x.dtype)
+    rows_per_image = patches.shape[0] // max(x.shape[0], 1)
+    chunks = image_chunks(x.shape[0])
+
+    def fill_chunk(index):
+        start, stop = chunks[index]
+        im2col_3x3(x[start:stop], stride, patches[start * rows_per_image:stop * rows_per_image])
+
+    run_parallel(fill_chunk, len(chunks))
+    return patches
+
+
+def rows_matmul(a, matrix):
+    """a @ matrix with a's rows in fixed chunks on the pool, each converted to the matrix's
+    dtype as it is multiplied (a whole-batch matmul runs on one BLAS thread)."""
+    out = np.empty((a.shape[0], matrix.shape[1]), np.result_type(matrix.dtype, np.float32))
+    chunks = image_chunks(a.shape[0], ROWS_PER_MATMUL)
+
+    def multiply_chunk(index):
+        rows = slice(*chunks[index])
+        np.matmul(a[rows].astype(matrix.dtype, copy=False), matrix, out=out[rows])
+
+    run_parallel(multiply_chunk, len(chunks))
+    return out
+
+
+def _blocks(start, stop, values_per_image):
+    """Sub-ranges of one chunk whose patches fit in a core's L2 cache. The later stages have
+    fewer patch values per image, so their blocks take more images: fewer, larger matmuls and
+    fewer Python calls per chunk."""
+    size = max(1, BLOCK_VALUES // values_per_image)
+    return [(first, min(first + size, stop)) for first in range(start, stop, size)]
 
 
 def conv3x3_forward(x, weight_oihw, stride):
@@ -96,7 +131,7 @@ def conv3x3_forward(x, weight_oihw, stride):
     chunks = image_chunks(n_img)
 
     def forward_chunk(index):
-        for start, stop in _blocks(*chunks[index]):
+        for start, stop in _blocks(*chunks[index], out_h * out_w * 9 * in_ch):
             patches = scratch("cols", im2col_rows((stop - start, height, width, in_ch), stride),
                               x.dtype)
             im2col_3x3(x[start:stop], stride, patches)
@@ -112,12 +147,13 @@ def conv3x3_backward(dy, x, weight_oihw, stride, need_input_grad=True):
     n_img, height, width, _ = x.shape
     matrix = weight_as_matrix(weight_oihw)
     chunks = image_chunks(n_img)
+    patch_values = conv_output_size(height, stride) * conv_output_size(width, stride) * 9 * in_ch
     partial_dweight = np.zeros((len(chunks), 9 * in_ch, out_ch), dtype=dy.dtype)
     dx = np.empty_like(x) if need_input_grad else None
 
     def backward_chunk(index):
         block_dweight = scratch("dweight", partial_dweight.shape[1:], dy.dtype)
-        for start, stop in _blocks(*chunks[index]):  # in order: the sum is reproducible
+        for start, stop in _blocks(*chunks[index], patch_values):  # in order: reproducible
             patches = scratch("cols", im2col_rows((stop - start, height, width, in_ch), stride),
                               x.dtype)
             im2col_3x3(x[start:stop], stride, patches)
