@@ -60,11 +60,13 @@ from .errors import NptwofoldError
 from .hardware import CELL_STATES, HardwareConfig, layer_energy_report
 from .kernels.augment import to_float
 from .kernels.cim import (EnergyCounts, N_CELL_STATES, PackedCrossbar, count_events,
-                          full_scale_at_percentile, layer_matrix, map_layer, matrix_rows)
-from .kernels.conv import conv_output_size, im2col_batch, rows_matmul
+                          count_events_of_row_ones, full_scale_at_percentile, layer_matrix,
+                          map_layer, matrix_rows)
+from .kernels.conv import (conv3x3_forward, conv_output_size, im2col_batch, im2col_column_sums,
+                           rows_matmul)
 from .kernels.lfsr import feedback_mask, lfsr_in_range_rows, lfsr_keep_mask, weight_mask
-from .kernels.quant import (STEM_CLIP, decompose, dequantize, max_level, quantize,
-                            quantize_activations)
+from .kernels.quant import (STEM_CLIP, activation_ones, decompose, dequantize, max_level,
+                            quantize, quantize_activations)
 from .layers import WeightLayer
 
 DEFAULT_WEIGHT_BITS = 8  # b of a float model's layers (SPEC 2 [assumption])
@@ -134,13 +136,17 @@ class MappedLayer:
         # |x_int q| can reach 2^24; otherwise the fake-quant matmul runs in float64
         largest_sum = ((1 << hardware.activation_bits) - 1) * np.abs(matrix).sum(axis=0).max()
         self.exact_matrix = matrix.astype(np.float32 if largest_sum < 2 ** 24 else np.float64)
+        self.exact_levels = self.kept_levels.astype(self.exact_matrix.dtype)  # the same, OIHW
         self.quantized_weight = dequantize(self.kept_levels, self.scale, self.bits)
+
+    def activation_levels(self, x, activation_bits):
+        """The integer inputs (as floats of the exact matmul's dtype) in x's layout."""
+        return quantize_activations(x, self.clip, activation_bits).astype(self.exact_matrix.dtype)
 
     def input_levels(self, x, activation_bits):
         """(P, R) integer inputs (as floats) of the array: im2col patches of a conv (rows in the
         matrix order, positions NHWC) or the FC's inputs."""
-        levels = quantize_activations(x, self.clip, activation_bits).astype(
-            self.exact_matrix.dtype)
+        levels = self.activation_levels(x, activation_bits)
         if not self.is_conv:
             return levels
         return im2col_batch(levels, self.module.stride)
@@ -457,6 +463,15 @@ class CimNetwork:
 
         def fake_quant(module, x):
             layer = self._by_module[id(module)]
+            if layer.is_conv and not (count_energy and self.hardware.skip_zero_tiles):
+                # the engine's convolution, in cache: the integer sums are exact in any order;
+                # the counting needs only each row's 1-bits, not the whole batch's patches
+                levels = layer.activation_levels(x, bits)
+                y = conv3x3_forward(levels, layer.exact_levels, module.stride)
+                if count_energy:
+                    self._count_row_ones(layer, im2col_column_sums(
+                        activation_ones(levels), module.stride), y.size // y.shape[-1])
+                return layer.float_output(y.reshape(-1, y.shape[-1]), x, bits)
             inputs = layer.input_levels(x, bits)
             if count_energy:
                 self._count(layer, inputs)
@@ -509,6 +524,13 @@ class CimNetwork:
             counts = count_events(layer.crossbar, inputs, bits, skip, validate=False)
         baseline = counts if layer.dense_crossbar is layer.crossbar else count_events(
             layer.dense_crossbar, inputs, bits, skip, validate=False)
+        self.ledger.add(layer.name, counts, baseline)
+
+    def _count_row_ones(self, layer, row_ones, n_positions):
+        """`_count` from the inputs' 1-bits per matrix row (no tile skipping)."""
+        bits = self.activation_bits
+        counts, baseline = (count_events_of_row_ones(crossbar, row_ones, n_positions, bits)
+                            for crossbar in (layer.crossbar, layer.dense_crossbar))
         self.ledger.add(layer.name, counts, baseline)
 
     # --- reports ----------------------------------------------------------------------------

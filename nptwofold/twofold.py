@@ -38,14 +38,15 @@ from .errors import NptwofoldError
 from .hardware import CELL_STATES, HardwareConfig
 from .kernels.lfsr import (kept_per_column, lfsr_keep_mask_for_kept, lfsr_width_for_rows,
                            weight_mask)
-from .kernels.quant import (ENCODINGS, STEM_CLIP, SIGN_MAGNITUDE, bits_backward, check_bits,
+from .kernels.quant import (ENCODINGS, STEM_CLIP, SIGN_MAGNITUDE, activation_ones,
+                            bits_backward, check_bits,
                             clamp_bits, decompose, encoding_code, max_level,
                             quantize_activations, real_levels, rebinarize_bits,
                             rounded_levels)
 from .kernels.regularizers import reg_bit, reg_bit_plane_lasso, reg_net
 from .kernels.augment import to_float
 from .kernels.cim import weight_cells
-from .kernels.conv import im2col_batch
+from .kernels.conv import im2col_column_sums
 from .kernels.energy import (budgeted_moves, energy_regularizer, energy_rounding_candidates,
                              level_energy_table)
 from .kernels.loss import softmax_cross_entropy
@@ -267,13 +268,11 @@ class Twofold:
             clip = STEM_CLIP if name == first else maxima[name]
             levels = (quantize_activations(x, clip, self.config.activation_bits) if clip > 0
                       else np.zeros_like(x))
-            codes = levels.astype(np.int64)
-            ones = np.zeros(x.shape, np.float64)
-            for j in range(self.config.activation_bits):
-                ones += (codes >> j) & 1
+            ones = activation_ones(levels)
             if x.ndim == 4:  # conv: rows in the im2col order (ky, kx, ci)
-                ones = im2col_batch(ones, module.stride)
-            driven[name] = driven[name] + ones.sum(axis=0)
+                driven[name] = driven[name] + im2col_column_sums(ones, module.stride)
+            else:
+                driven[name] = driven[name] + ones.sum(axis=0)
             # the layer sees its quantized inputs, so the next layer's are those of the array
             return module.own_forward(levels * x.dtype.type(clip / full_scale))
 

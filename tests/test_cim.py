@@ -149,7 +149,12 @@ def test_simulation_packed_and_counting_agree_with_the_reference(encoding, case)
                 reference_histograms(levels, keep, bits, encoding, rows_per_tile, cols, x,
                                      activation_bits))
             counted = cim.count_events(crossbar, x, activation_bits, skip_zero_tiles)
-            for found in (packed[1], counted):
+            found_counts = [packed[1], counted]
+            if not skip_zero_tiles:  # from the 1-bits per row alone
+                row_ones = sum((x >> j) & 1 for j in range(activation_bits)).sum(axis=0)
+                found_counts.append(cim.count_events_of_row_ones(crossbar, row_ones, len(x),
+                                                                 activation_bits))
+            for found in found_counts:
                 np.testing.assert_array_equal(found.cell_state_counts, counts.cell_state_counts)
                 assert found[1:] == counts[1:]
 

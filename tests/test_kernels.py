@@ -13,11 +13,13 @@ from nptwofold.kernels.batchnorm import (batchnorm_backward, batchnorm_forward_t
                                          channel_affine, channel_moments)
 from nptwofold.kernels import conv
 from nptwofold.kernels.conv import (col2im_3x3, conv3x3_backward, conv3x3_forward, im2col_3x3,
-                                    im2col_batch, im2col_rows, rows_matmul)
+                                    im2col_batch, im2col_column_sums, im2col_rows,
+                                    rows_matmul)
 from nptwofold.kernels.elementwise import (add_relu_forward, global_avg_pool_backward,
                                            global_avg_pool_forward, relu_backward, relu_forward,
                                            shortcut_a_backward, shortcut_a_forward)
 from nptwofold.kernels.linear import linear_backward, linear_forward
+from nptwofold.kernels.quant import activation_ones
 from nptwofold.kernels.loss import softmax_cross_entropy
 from nptwofold.kernels.optim import sgd_momentum_update
 from nptwofold.layers import BatchNorm, ShortcutA
@@ -296,6 +298,20 @@ def test_im2col_batch_is_im2col_of_the_whole_batch(stride):
     x = random(np.random.default_rng(16), (19, 5, 4, 3), np.float32)  # 3 chunks, last short
     expected = im2col_3x3(x, stride, np.empty(im2col_rows(x.shape, stride), np.float32))
     np.testing.assert_array_equal(im2col_batch(x, stride), expected)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(3, 5, 4, 2), (2, 6, 7, 3), (1, 1, 1, 1)])
+def test_im2col_column_sums_are_the_patch_matrix_column_sums(shape, stride):
+    counts = np.random.default_rng(18).integers(0, 9, shape).astype(np.float64)
+    patches = im2col_3x3(counts, stride, np.empty(im2col_rows(shape, stride)))
+    np.testing.assert_array_equal(im2col_column_sums(counts, stride), patches.sum(axis=0))
+
+
+def test_activation_ones_counts_the_bits_of_each_level():
+    levels = np.random.default_rng(19).integers(0, 256, (19, 3, 2, 5)).astype(np.float32)
+    expected = np.array([bin(int(level)).count("1") for level in levels.ravel()])
+    np.testing.assert_array_equal(activation_ones(levels), expected.reshape(levels.shape))
 
 
 def test_rows_matmul_is_exact_on_integer_levels():

@@ -514,22 +514,33 @@ def count_events(crossbar, x, activation_bits, skip_zero_tiles=False, validate=T
     if validate:
         x, activation_bits = _check_inputs(crossbar, x, activation_bits)
     block_rows, _, block_columns = _blocks(crossbar)
-    # cells on each word line, by state, over the column tiles that store the row
-    exists = crossbar.stored[crossbar.column_tile]
-    row_cells = np.stack([((crossbar.cells == s) & exists).sum(axis=0)
-                          for s in range(N_CELL_STATES)], 1)
     n_chunks = -(-x.shape[0] // POSITIONS_PER_CHUNK)
     chunk_ones = np.zeros((n_chunks, crossbar.n_rows), np.int64)
     chunk_conversions = np.zeros((n_chunks, len(block_columns)), np.int64)
-    _count_kernel(x, row_cells, block_rows, block_columns, activation_bits,
+    _count_kernel(x, _row_cells(crossbar), block_rows, block_columns, activation_bits,
                   bool(skip_zero_tiles), chunk_ones, chunk_conversions)
-    cell_counts = chunk_ones.sum(axis=0) @ row_cells
+    counts = count_events_of_row_ones(crossbar, chunk_ones.sum(axis=0), x.shape[0],
+                                      activation_bits)
     if skip_zero_tiles:
-        conversions = int(chunk_conversions.sum())
-    else:
-        conversions = x.shape[0] * activation_bits * int(block_columns.sum())
-    return EnergyCounts(cell_counts.astype(np.int64), conversions,
-                        crossbar.lfsr_steps * x.shape[0])
+        counts = counts._replace(adc_conversions=int(chunk_conversions.sum()))
+    return counts
+
+
+def count_events_of_row_ones(crossbar, row_ones, n_positions, activation_bits):
+    """The EnergyCounts of `n_positions` input vectors whose 1-bits, summed over positions and
+    input bits, are `row_ones` (R,) per matrix row, with every tile converted (no skipping):
+    the cell events depend on the inputs only through these sums."""
+    _, _, block_columns = _blocks(crossbar)
+    cell_counts = np.asarray(row_ones, np.int64) @ _row_cells(crossbar)
+    return EnergyCounts(cell_counts, n_positions * activation_bits * int(block_columns.sum()),
+                        crossbar.lfsr_steps * n_positions)
+
+
+def _row_cells(crossbar):
+    """(R, 4): cells on each word line, by state, over the column tiles that store the row."""
+    exists = crossbar.stored[crossbar.column_tile]
+    return np.stack([((crossbar.cells == s) & exists).sum(axis=0)
+                     for s in range(N_CELL_STATES)], 1)
 
 
 BYTE_ONES = np.uint64(0x0101010101010101)   # bit 0 of every byte

@@ -100,6 +100,22 @@ def im2col_batch(x, stride):
     return patches
 
 
+def im2col_column_sums(x, stride):
+    """im2col(x).sum(axis=0), (9*C,) float64, without the patches: column (ky, kx, ci) sums
+    the pixels its window offset reads, a strided block of the zero-padded sum over images.
+    Exact for integer-valued x (1-bit counts), whatever the order of the sums."""
+    _, height, width, chans = x.shape
+    out_h, out_w = conv_output_size(height, stride), conv_output_size(width, stride)
+    padded = np.zeros((height + 2, width + 2, chans))
+    padded[1:-1, 1:-1] = x.sum(axis=0, dtype=np.float64)
+    sums = np.empty((3, 3, chans))
+    for ky in range(3):
+        for kx in range(3):
+            sums[ky, kx] = padded[ky:ky + stride * (out_h - 1) + 1:stride,
+                                  kx:kx + stride * (out_w - 1) + 1:stride].sum(axis=(0, 1))
+    return sums.reshape(-1)
+
+
 def rows_matmul(a, matrix):
     """a @ matrix with a's rows in fixed chunks on the pool, each converted to the matrix's
     dtype as it is multiplied (a whole-batch matmul runs on one BLAS thread)."""
