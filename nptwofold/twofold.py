@@ -39,9 +39,8 @@ from .hardware import CELL_STATES, HardwareConfig
 from .kernels.lfsr import (kept_per_column, lfsr_keep_mask_for_kept, lfsr_width_for_rows,
                            weight_mask)
 from .kernels.quant import (ENCODINGS, STEM_CLIP, SIGN_MAGNITUDE, activation_ones,
-                            bits_backward, check_bits,
-                            clamp_bits, decompose, encoding_code, max_level,
-                            quantize_activations, real_levels, rebinarize_bits,
+                            bits_backward, check_bits, clamp_bits, decompose, encoding_code,
+                            max_level, quantize_activations, real_levels, rebinarize_bits,
                             rounded_levels)
 from .kernels.regularizers import reg_bit, reg_bit_plane_lasso, reg_net
 from .kernels.augment import to_float
