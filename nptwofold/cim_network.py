@@ -59,14 +59,14 @@ from .checkpoint import store_group
 from .errors import NptwofoldError
 from .hardware import CELL_STATES, HardwareConfig, layer_energy_report
 from .kernels.augment import to_float
-from .kernels.cim import (EnergyCounts, N_CELL_STATES, PackedCrossbar, count_events,
-                          count_events_of_row_ones, full_scale_at_percentile, layer_matrix,
+from .kernels.cim import (EnergyCounts, N_CELL_STATES, PackedCrossbar, activation_ones,
+                          count_events, count_events_of_row_ones, full_scale_at_percentile, layer_matrix,
                           map_layer, matrix_rows)
 from .kernels.conv import (conv3x3_forward, conv_output_size, im2col_batch, im2col_column_sums,
                            rows_matmul)
 from .kernels.lfsr import feedback_mask, lfsr_in_range_rows, lfsr_keep_mask, weight_mask
-from .kernels.quant import (STEM_CLIP, activation_ones, decompose, dequantize, max_level,
-                            quantize, quantize_activations)
+from .kernels.quant import (STEM_CLIP, decompose, dequantize, max_level, quantize,
+                            quantize_activations)
 from .layers import WeightLayer
 
 DEFAULT_WEIGHT_BITS = 8  # b of a float model's layers (SPEC 2 [assumption])

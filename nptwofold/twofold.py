@@ -38,13 +38,13 @@ from .errors import NptwofoldError
 from .hardware import CELL_STATES, HardwareConfig
 from .kernels.lfsr import (kept_per_column, lfsr_keep_mask_for_kept, lfsr_width_for_rows,
                            weight_mask)
-from .kernels.quant import (ENCODINGS, STEM_CLIP, SIGN_MAGNITUDE, activation_ones,
-                            bits_backward, check_bits, clamp_bits, decompose, encoding_code,
-                            max_level, quantize_activations, real_levels, rebinarize_bits,
+from .kernels.quant import (ENCODINGS, STEM_CLIP, SIGN_MAGNITUDE, bits_backward, check_bits,
+                            clamp_bits, decompose, encoding_code, max_level,
+                            quantize_activations, real_levels, rebinarize_bits,
                             rounded_levels)
 from .kernels.regularizers import reg_bit, reg_bit_plane_lasso, reg_net
 from .kernels.augment import to_float
-from .kernels.cim import weight_cells
+from .kernels.cim import activation_ones, weight_cells
 from .kernels.conv import im2col_column_sums
 from .kernels.energy import (budgeted_moves, energy_regularizer, energy_rounding_candidates,
                              level_energy_table)

@@ -11,6 +11,7 @@ import pytest
 from nptwofold.kernels.augment import CROP_PAD, crop_flip_to_float, to_float
 from nptwofold.kernels.batchnorm import (batchnorm_backward, batchnorm_forward_train,
                                          channel_affine, channel_moments)
+from nptwofold.kernels.cim import activation_ones
 from nptwofold.kernels import conv
 from nptwofold.kernels.conv import (col2im_3x3, conv3x3_backward, conv3x3_forward, im2col_3x3,
                                     im2col_batch, im2col_column_sums, im2col_rows,
@@ -19,7 +20,6 @@ from nptwofold.kernels.elementwise import (add_relu_forward, global_avg_pool_bac
                                            global_avg_pool_forward, relu_backward, relu_forward,
                                            shortcut_a_backward, shortcut_a_forward)
 from nptwofold.kernels.linear import linear_backward, linear_forward
-from nptwofold.kernels.quant import activation_ones
 from nptwofold.kernels.loss import softmax_cross_entropy
 from nptwofold.kernels.optim import sgd_momentum_update
 from nptwofold.layers import BatchNorm, ShortcutA

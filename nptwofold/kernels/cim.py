@@ -75,7 +75,7 @@ from numba.extending import intrinsic
 
 from ..checks import check_integer
 from ..errors import NptwofoldError
-from ..threads import run_parallel
+from ..threads import image_chunks, run_parallel
 from .conv import weight_as_matrix
 from .quant import ENCODINGS, check_bits, max_level
 
@@ -505,6 +505,23 @@ def _count_kernel(x, row_cells, block_rows, block_columns, activation_bits, skip
                         if block_rows[b, r]:
                             tile_bits |= np.int64(x[p, r])
                     chunk_conversions[chunk, b] += _popcount(tile_bits) * block_columns[b]
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_ones(levels, out):
+    source, target = levels.reshape(-1), out.reshape(-1)
+    for i in range(source.size):
+        target[i] = _popcount(np.int64(source[i]))
+
+
+def activation_ones(levels):
+    """1-bits of each unsigned input level (C-contiguous floats holding integers), as float64:
+    the input bits that drive a word line. Image chunks on the engine's pool."""
+    ones = np.empty(levels.shape, np.float64)
+    chunks = image_chunks(levels.shape[0])
+    run_parallel(lambda index: _count_ones(levels[slice(*chunks[index])],
+                                           ones[slice(*chunks[index])]), len(chunks))
+    return ones
 
 
 def count_events(crossbar, x, activation_bits, skip_zero_tiles=False, validate=True):

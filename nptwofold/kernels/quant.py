@@ -42,7 +42,7 @@ import numba
 import numpy as np
 
 from ..errors import NptwofoldError
-from ..threads import image_chunks, run_parallel
+from ..threads import run_parallel
 
 ENCODINGS = ("twos_complement", "offset_binary", "sign_magnitude")
 TWOS_COMPLEMENT, OFFSET_BINARY, SIGN_MAGNITUDE = range(len(ENCODINGS))  # codes the kernels take
@@ -405,24 +405,3 @@ def quantize_activations(x, clip, activation_bits):
     """Unsigned levels round(clip(x, 0, clip) / clip * (2^a - 1)) of the inputs a CIM-mapped
     layer sees, as floats of x's dtype (rounding half to even, like the weights)."""
     return np.rint(np.clip(x, 0, clip) / clip * ((1 << activation_bits) - 1)).astype(x.dtype)
-
-
-@numba.njit(nogil=True, cache=True)
-def _count_ones(levels, out):
-    source, target = levels.reshape(-1), out.reshape(-1)
-    for i in range(source.size):
-        value, ones = np.int64(source[i]), 0
-        while value:
-            value &= value - 1
-            ones += 1
-        target[i] = ones
-
-
-def activation_ones(levels):
-    """1-bits of each unsigned level (C-contiguous floats holding integers), as float64: the
-    input bits that drive a word line, which the cell energy counts. Image chunks on the pool."""
-    ones = np.empty(levels.shape, np.float64)
-    chunks = image_chunks(levels.shape[0])
-    run_parallel(lambda index: _count_ones(levels[slice(*chunks[index])],
-                                           ones[slice(*chunks[index])]), len(chunks))
-    return ones
