@@ -2,7 +2,9 @@
 
 Activations are NHWC inside the engine (contiguous channels suit im2col and the per-channel
 kernels); weights keep the checkpoint layouts (conv OIHW, FC (out, in)). Every layer has an
-explicit `forward(x)` and `backward(dy)`; `backward` fills `grads` and returns dL/dx.
+explicit `forward(x)` and `backward(dy)`; `backward` fills `grads` and returns dL/dx. Only a
+training forward writes the cache: in inference mode a forward leaves the layer untouched, so
+several image chunks may run through the same model at once (`steps.predict`).
 """
 import numpy as np
 
@@ -147,10 +149,10 @@ class Conv3x3(WeightLayer):
         self.grads["weight"] = np.zeros_like(self.params["weight"])
 
     def own_forward(self, x):
-        # the backward pass recomputes the patches from it; inference keeps no activations
-        self.x = x if self.training else None
-        self.weight = self.effective_weight()
-        return conv3x3_forward(x, self.weight, self.stride)
+        weight = self.effective_weight()
+        if self.training:  # the backward pass recomputes the patches from x
+            self.x, self.weight = x, weight
+        return conv3x3_forward(x, weight, self.stride)
 
     def backward(self, dy):
         dx, dweight = conv3x3_backward(dy, self.x, self.weight, self.stride,
@@ -215,7 +217,8 @@ class ShortcutA(Module):
     def forward(self, x):
         if self.identity:
             return x
-        self.input_shape = x.shape
+        if self.training:
+            self.input_shape = x.shape
         return shortcut_a_forward(x, self.out_channels)
 
     def backward(self, dy):
@@ -227,7 +230,8 @@ class ShortcutA(Module):
 
 class GlobalAvgPool(Module):
     def forward(self, x):
-        self.input_shape = x.shape
+        if self.training:
+            self.input_shape = x.shape
         return global_avg_pool_forward(x)
 
     def backward(self, dy):
@@ -246,9 +250,10 @@ class Linear(WeightLayer):
         self.grads = {name: np.zeros_like(value) for name, value in self.params.items()}
 
     def own_forward(self, x):
-        self.x = x
-        self.weight = self.effective_weight()
-        return linear_forward(x, self.weight, self.params["bias"])
+        weight = self.effective_weight()
+        if self.training:
+            self.x, self.weight = x, weight
+        return linear_forward(x, weight, self.params["bias"])
 
     def backward(self, dy):
         dx, dweight, self.grads["bias"][...] = linear_backward(dy, self.x, self.weight)

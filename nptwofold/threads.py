@@ -21,6 +21,7 @@ CHUNK_IMAGES = 8
 _THREADS_VARIABLE = "NPTWOFOLD_THREADS"
 _pool = None
 _scratch = threading.local()
+_in_pool_task = threading.local()  # .active: this thread is running a run_parallel call
 
 
 def configure_threads(threads, numba_threads=1):
@@ -52,11 +53,13 @@ def run_parallel(function, count):
     """function(0), ..., function(count - 1) on the pool; returns when all have run.
 
     The calls must be independent of each other (each writes its own outputs). Threads take
-    the next index from a shared counter, so uneven chunks balance themselves.
+    the next index from a shared counter, so uneven chunks balance themselves. A call made
+    from inside a pool task (a kernel of a chunk that runs the whole network, `steps.predict`)
+    runs its indices in order on that thread: waiting on the pool from the pool can deadlock.
     """
     global _pool
     threads = min(engine_threads(), count)
-    if threads == 1:
+    if threads == 1 or getattr(_in_pool_task, "active", False):
         for index in range(count):
             function(index)
         return
@@ -65,10 +68,14 @@ def run_parallel(function, count):
     indices = itertools.count()  # next() on it is atomic under the GIL
 
     def worker():
-        for index in indices:
-            if index >= count:
-                return
-            function(index)
+        _in_pool_task.active = True
+        try:
+            for index in indices:
+                if index >= count:
+                    return
+                function(index)
+        finally:
+            _in_pool_task.active = False
 
     helpers = [_pool.submit(worker) for _ in range(threads - 1)]
     worker()

@@ -91,3 +91,50 @@ def test_scratch_reuses_and_grows_its_buffer():
     assert np.shares_memory(small, again)
     bigger = scratch("test", (4, 5), np.float64)
     assert bigger.shape == (4, 5) and bigger.dtype == np.float64
+
+
+def test_run_parallel_inside_a_pool_task_runs_in_order_on_that_thread(monkeypatch):
+    monkeypatch.setenv("NPTWOFOLD_THREADS", "2")
+    calls = []
+
+    def outer(index):
+        inner = []
+        run_parallel(inner.append, 4)  # would wait on the pool's only helper if it used it
+        calls.append((index, inner))
+
+    run_parallel(outer, 6)
+    assert sorted(index for index, _ in calls) == list(range(6))
+    assert all(inner == [0, 1, 2, 3] for _, inner in calls)
+
+
+PREDICT = """
+import hashlib, sys
+from nptwofold.threads import configure_threads
+configure_threads(int(sys.argv[1]))
+import numpy as np
+from nptwofold.data import load_sample
+from nptwofold.kernels.augment import to_float
+from nptwofold.model import ResNet20
+from nptwofold.steps import predict
+rng = np.random.default_rng(3)
+images = load_sample().test_images[:37]
+model = ResNet20(rng)
+for _, module in model.named_modules():  # BN statistics away from the identity
+    if "running_var" in module.buffers:
+        module.buffers["running_mean"][...] = rng.normal(0, 0.1, module.buffers["running_mean"].shape)
+        module.buffers["running_var"][...] = rng.uniform(0.5, 2, module.buffers["running_var"].shape)
+logits = predict(model, images)
+whole = model.eval().forward(to_float(images))
+print(np.abs(logits - whole).max() / np.abs(whole).max(), hashlib.sha256(logits.tobytes()).hexdigest())
+"""
+
+
+def test_predict_matches_the_batch_forward_at_any_thread_count():
+    outputs = {}
+    for threads in (1, 3):
+        result = subprocess.run([sys.executable, "-c", PREDICT, str(threads)], cwd=REPO,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        error, outputs[threads] = result.stdout.split()
+        assert float(error) < 1e-6, threads
+    assert outputs[3] == outputs[1]
