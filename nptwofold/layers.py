@@ -154,6 +154,12 @@ class Conv3x3(WeightLayer):
             self.x, self.weight = x, weight
         return conv3x3_forward(x, weight, self.stride)
 
+    def folded_forward(self, x, scale, shift, relu):
+        """Inference: relu?(conv(x) * scale + shift) per output channel, the scale folded into
+        the weights (a batch norm's `inference_affine`)."""
+        weight = self.effective_weight() * scale[:, None, None, None]
+        return conv3x3_forward(x, weight, self.stride, shift, relu)
+
     def backward(self, dy):
         dx, dweight = conv3x3_backward(dy, self.x, self.weight, self.stride,
                                        need_input_grad=not self.first)
@@ -175,12 +181,16 @@ class BatchNorm(Module):
         self.buffers["running_var"] = np.ones(channels, dtype)
         self.buffers["num_batches_tracked"] = np.zeros((), np.int64)
 
+    def inference_affine(self, dtype):
+        """(scale, shift) per channel of the inference-mode normalisation, y = x scale + shift."""
+        scale = self.params["weight"] / np.sqrt(self.buffers["running_var"] + self.eps)
+        shift = self.params["bias"] - self.buffers["running_mean"] * scale
+        return scale.astype(dtype), shift.astype(dtype)
+
     def forward(self, x):
         gamma, beta = self.params["weight"], self.params["bias"]
         if not self.training:
-            scale = gamma / np.sqrt(self.buffers["running_var"] + self.eps)
-            shift = beta - self.buffers["running_mean"] * scale
-            return channel_affine(x, scale.astype(x.dtype), shift.astype(x.dtype))
+            return channel_affine(x, *self.inference_affine(x.dtype))
         y, self.xhat, mean, var, self.inv_std = batchnorm_forward_train(x, gamma, beta, self.eps)
         rows = x.size // x.shape[-1]
         unbiased_var = var * rows / max(rows - 1, 1)

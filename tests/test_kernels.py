@@ -216,6 +216,16 @@ def test_conv3x3_forward(case, dtype):
     assert_close(y, reference_conv3x3(x, weight, stride), dtype)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv3x3_forward_with_shift_and_relu(case, relu):
+    x, weight, stride, rng = conv_inputs(case, np.float64, seed=12)
+    shift = rng.standard_normal(weight.shape[0])
+    y = conv3x3_forward(x, weight, stride, shift, relu)
+    expected = reference_conv3x3(x, weight, stride) + shift
+    assert_close(y, np.maximum(expected, 0) if relu else expected, np.float64)
+
+
 @pytest.mark.parametrize("need_input_grad", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CONV_CASES)

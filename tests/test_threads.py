@@ -138,3 +138,24 @@ def test_predict_matches_the_batch_forward_at_any_thread_count():
         error, outputs[threads] = result.stdout.split()
         assert float(error) < 1e-6, threads
     assert outputs[3] == outputs[1]
+
+
+def test_inference_with_folded_batch_norm_matches_the_layer_by_layer_forward():
+    from nptwofold.data import load_sample
+    from nptwofold.kernels.augment import to_float
+    from nptwofold.model import ResNet20
+    rng = np.random.default_rng(4)
+    model = ResNet20(rng, dtype=np.float64).eval()
+    for _, module in model.named_modules():
+        if "running_var" in module.buffers:
+            for name in ("weight", "bias", "running_mean"):
+                values = {**module.params, **module.buffers}[name]
+                values[...] = rng.normal(values, 0.2)
+            module.buffers["running_var"][...] = rng.uniform(0.5, 2, module.buffers["running_var"].shape)
+    x = to_float(load_sample().test_images[:9]).astype(np.float64)
+    folded = model.forward(x)
+    convs = [module for _, module in model.named_modules() if hasattr(module, "folded_forward")]
+    for conv in convs:  # a forward hook owns the conv: conv, BN and ReLU run one by one
+        conv.use_forward_op(lambda layer, inputs: layer.own_forward(inputs))
+    layer_by_layer = model.forward(x)
+    np.testing.assert_allclose(folded, layer_by_layer, rtol=1e-10, atol=1e-10)

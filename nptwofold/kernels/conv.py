@@ -138,8 +138,23 @@ def _blocks(start, stop, values_per_image):
     return [(first, min(first + size, stop)) for first in range(start, stop, size)]
 
 
-def conv3x3_forward(x, weight_oihw, stride):
-    """NHWC output of the convolution; the patches live in per-thread scratch arrays."""
+@numba.njit(nogil=True, cache=True)
+def _add_shift(rows, shift, relu):
+    """rows (R, C) += shift per channel, then ReLU if `relu`, in place."""
+    n_rows, chans = rows.shape
+    for i in range(n_rows):
+        for c in range(chans):
+            value = rows[i, c] + shift[c]
+            rows[i, c] = value if value > 0 or not relu else 0.0
+
+
+def conv3x3_forward(x, weight_oihw, stride, shift=None, relu=False):
+    """NHWC output of the convolution; the patches live in per-thread scratch arrays.
+
+    `shift` (Cout,) is added per output channel, then a ReLU if `relu`: with the weights
+    scaled by an inference-mode batch norm's scale, that is conv -> BN (-> ReLU) in one pass,
+    on each block's output while it is still in the cache.
+    """
     n_img, height, width, in_ch = x.shape
     out_h, out_w = conv_output_size(height, stride), conv_output_size(width, stride)
     matrix = weight_as_matrix(weight_oihw)
@@ -151,7 +166,10 @@ def conv3x3_forward(x, weight_oihw, stride):
             patches = scratch("cols", im2col_rows((stop - start, height, width, in_ch), stride),
                               x.dtype)
             im2col_3x3(x[start:stop], stride, patches)
-            np.matmul(patches, matrix, out=y[start:stop].reshape(patches.shape[0], -1))
+            rows = y[start:stop].reshape(patches.shape[0], -1)
+            np.matmul(patches, matrix, out=rows)
+            if shift is not None:
+                _add_shift(rows, shift, relu)
 
     run_parallel(forward_chunk, len(chunks))
     return y
