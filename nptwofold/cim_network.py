@@ -68,6 +68,7 @@ from .kernels.lfsr import feedback_mask, lfsr_in_range_rows, lfsr_keep_mask, wei
 from .kernels.quant import (STEM_CLIP, decompose, dequantize, max_level, quantize,
                             quantize_activations)
 from .layers import WeightLayer
+from .steps import predict
 
 DEFAULT_WEIGHT_BITS = 8  # b of a float model's layers (SPEC 2 [assumption])
 STEM = "conv1"           # the layer fed by the image, pixel / 255 in [0, 1]
@@ -448,7 +449,8 @@ class CimNetwork:
 
     def float_logits(self, images):
         """The model as trained: its own weights (unmasked), float activations."""
-        return self.model.forward(self._network_input(images))
+        self._network_input(images[:1])  # checks the images' type and shape
+        return predict(self.model, images)
 
     def fake_quant_logits(self, images, count_energy=False):
         """Forward with weights s (q K) / qmax and inputs x_int clip / (2^a - 1).
