@@ -11,8 +11,9 @@ The hook: every mapped layer is a `WeightLayer`, whose `forward(x)` goes through
 its own `use_forward_op` method. A run sets one op on every mapped layer for its duration
 (`routed`) and clears it afterwards; the op finds the layer's `MappedLayer` by identity. So
 the path from `HardwareConfig.adc_bits` to the kernel is: `CimNetwork.cim_logits` ->
-`routed(self._on_array)` -> `MappedLayer.array_output` -> `PackedCrossbar.matmul(adc=
-HardwareConfig.adc_for(crossbar, full scales))`.
+`routed(op)` -> `MappedLayer.array_output` -> `PackedCrossbar.matmul(adc=
+HardwareConfig.adc_for(crossbar, full scales))`; a conv whose ADC reads every partial sum
+exactly takes the fake-quant path instead, which gives the same output and events bit for bit.
 
 Quantization of a mapped layer (SPEC 2):
 - weights: integer levels q with W = s q / qmax, qmax = 2^(b-1) - 1. A twofold model gives its
@@ -466,14 +467,7 @@ class CimNetwork:
         def fake_quant(module, x):
             layer = self._by_module[id(module)]
             if layer.is_conv and not (count_energy and self.hardware.skip_zero_tiles):
-                # the engine's convolution, in cache: the integer sums are exact in any order;
-                # the counting needs only each row's 1-bits, not the whole batch's patches
-                levels = layer.activation_levels(x, bits)
-                y = conv3x3_forward(levels, layer.exact_levels, module.stride)
-                if count_energy:
-                    self._count_row_ones(layer, im2col_column_sums(
-                        activation_ones(levels), module.stride), y.size // y.shape[-1])
-                return layer.float_output(y.reshape(-1, y.shape[-1]), x, bits)
+                return self._integer_conv_output(layer, x, count_energy)
             inputs = layer.input_levels(x, bits)
             if count_energy:
                 self._count(layer, inputs)
@@ -494,12 +488,32 @@ class CimNetwork:
             predictions.append(self.fake_quant_logits(batch, count_energy=True).argmax(axis=1))
         return np.concatenate(predictions)
 
+    def _integer_conv_output(self, layer, x, count):
+        """A conv layer's float output from the engine's convolution of its integer input levels
+        with its integer weights (exact in any order, in cache), its events counted from each
+        row's summed 1-bits if `count` (no tile skipping: that needs every patch)."""
+        bits, stride = self.activation_bits, layer.module.stride
+        levels = layer.activation_levels(x, bits)
+        y = conv3x3_forward(levels, layer.exact_levels, stride)
+        if count:
+            self._count_row_ones(layer, im2col_column_sums(activation_ones(levels), stride),
+                                 y.size // y.shape[-1])
+        return layer.float_output(y.reshape(-1, y.shape[-1]), x, bits)
+
     def array_output(self, layer, x, count=True, trace=None):
         """A mapped layer's float output with its matmul on the array; adds its events to the
-        ledger if `count`, and (integer inputs, integer outputs) to `trace` if a dict."""
+        ledger if `count`, and (integer inputs, integer outputs) to `trace` if a dict.
+
+        Where the layer's ADC reads every partial sum exactly (`AdcSteps.is_ideal`), the
+        array's output is x @ q exactly (`kernels.cim`), so a conv without a trace or tile
+        skipping takes the fake-quant path, which gives the same output and events bit for
+        bit without building the batch's patches."""
         bits, hardware = self.activation_bits, self.hardware
-        inputs = layer.input_levels(x, bits)
         adc = hardware.adc_for(layer.crossbar, layer.full_scale(hardware.adc_percentile))
+        if (layer.is_conv and trace is None and not hardware.skip_zero_tiles
+                and adc.is_ideal(layer.crossbar, layer.packed.largest_sums)):
+            return self._integer_conv_output(layer, x, count)
+        inputs = layer.input_levels(x, bits)
         y, counts = layer.packed.matmul(inputs, bits, adc, hardware.skip_zero_tiles,
                                         validate=False, count=count)
         if count:

@@ -65,6 +65,10 @@ def test_ideal_cim_forward_equals_fake_quant_and_counted_energy(network, images,
     counted = network.with_hardware(HardwareConfig(weight_encoding=encoding))
     counted.fake_quant_logits(images, count_energy=True)
     assert counted.energy_report() == variant.energy_report()
+    # without a trace the exact-ADC convs skip the array kernels: same logits, same events
+    untraced = network.with_hardware(HardwareConfig(weight_encoding=encoding))
+    np.testing.assert_array_equal(untraced.cim_logits(images), logits)
+    assert untraced.energy_report() == variant.energy_report()
 
 
 def test_each_layers_exact_matmul_is_its_float_matmul(network, images):
