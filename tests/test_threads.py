@@ -5,6 +5,7 @@ Thread counts are read when NumPy and Numba load, so each count trains in its ow
 import json
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -102,7 +103,11 @@ def test_run_parallel_inside_a_pool_task_runs_in_order_on_that_thread(monkeypatc
         run_parallel(inner.append, 4)  # would wait on the pool's only helper if it used it
         calls.append((index, inner))
 
-    run_parallel(outer, 6)
+    # a deadlock would hang the test run; a daemon thread turns it into a failure
+    caller = threading.Thread(target=run_parallel, args=(outer, 6), daemon=True)
+    caller.start()
+    caller.join(timeout=30)
+    assert not caller.is_alive(), "a run_parallel call inside a pool task waited on the pool"
     assert sorted(index for index, _ in calls) == list(range(6))
     assert all(inner == [0, 1, 2, 3] for _, inner in calls)
 
