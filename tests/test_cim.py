@@ -122,6 +122,7 @@ CASES = [
     (8, 40, 7, 17, 1, 8, 20, 8),    # several column and row tiles, per-column masks
     (4, 30, 6, 12, 3, 16, 16, 5),   # grouped masks
     (2, 25, 5, 25, 1, 7, 12, 3),    # dense
+    (8, 300, 4, 280, 1, 256, 20, 6),  # row tiles of 2 to 5 words of 64 rows
 ]
 
 

@@ -56,8 +56,8 @@ Energy events (integers, so two computations of the same events agree exactly):
 
 Bit-packed evaluation: bit j of the inputs of position p is packed along R into 64-bit words.
 Each crossbar (block) has, per word and physical column, a HI and a LO mask of the stored rows
-whose cell state has the high or low bit; S = 2 popcount(X & HI) + popcount(X & LO), and
-the ADC reads it through a table of the code of every reachable sum. A block with no driven
+whose cell state has the high or low bit; S = 2 popcount(X & HI) + popcount(X & LO), read
+by the ADC in the same vector loop (`_adc_code`'s arithmetic). A block with no driven
 word for a bit reads 0 on every column and is skipped. An ADC that reads every sum a column can
 reach exactly (the ideal one, or steps of 1 with top codes at or above
 `Crossbar.largest_partial_sums`) is linear: sum_j 2^j sum_t S = sum_r x_r cells[k, r], so
@@ -626,25 +626,36 @@ def _pack_cell_masks(cells, block_rows, block_first, block_columns, n_words):
 
 
 @numba.njit(cache=True)
-def _add_partial_sums(word, high, low, sums):
-    """sums[k] += 2 popcount(word & high[k]) + popcount(word & low[k]): one contiguous loop,
-    which LLVM vectorizes."""
-    for k in range(sums.size):
-        sums[k] += 2 * _popcount(word & high[k]) + _popcount(word & low[k])
+def _pair_sum(word0, high0, low0, word1, high1, low1):
+    """The partial sum of one column over two input words: 2 popcount(word & high) +
+    popcount(word & low) for each."""
+    return (2 * (_popcount(word0 & high0) + _popcount(word1 & high1))
+            + _popcount(word0 & low0) + _popcount(word1 & low1))
 
 
 @numba.njit(parallel=True, cache=True)
-def _packed_kernel(input_words, masks, spans, offsets, block_first, block_columns, code_table,
-                   table_start, channel, histograms, codes):
-    """Fills `codes` (P, K) with sum_j 2^j sum_t code(S), code(S) = code_table[table_start[k]
-    + S]; with `histograms` of shape (chunks, channels, 3T + 1)
-    it instead counts every partial sum S by channel and leaves `codes` alone."""
+def _packed_kernel(input_words, masks, spans, offsets, block_first, block_columns, step, top,
+                   channel, histograms, codes):
+    """Fills `codes` (P, K) with sum_j 2^j sum_t code(S), code(S) = min(rint(S / step[k]),
+    top[k]) as in `_adc_code`; with `histograms` of shape (chunks, channels, 3T + 1) it instead
+    counts every partial sum S by channel and leaves `codes` alone.
+
+    A block's driven (non-zero) words are taken two at a time: the last pair's popcounts, the
+    ADC reading and the accumulation happen in one loop over the columns, which LLVM
+    vectorizes (division and rounding included), with no partial sums stored in between; only
+    a block with more than two driven words keeps running sums (`carried`). That is 1.4-2x
+    faster than summing every word into memory and reading the codes from a table.
+    """
     n_positions, activation_bits, _ = input_words.shape
     n_blocks = block_columns.size
     record = histograms.shape[0] > 0
+    most_words = max(1, (spans[:, 1] - spans[:, 0]).max())
     n_chunks = (n_positions + POSITIONS_PER_CHUNK - 1) // POSITIONS_PER_CHUNK
     for chunk in prange(n_chunks):
-        all_sums = np.empty(block_columns.max(), np.int64)  # per chunk, not per position
+        # running sums of blocks with more than two driven words; zero between blocks
+        all_carried = np.zeros(block_columns.max(), np.int64)
+        live_words = np.zeros(most_words + 1, np.uint64)  # +1: an odd count is padded with 0
+        live_masks = np.zeros(most_words + 1, np.int64)   # offset of each word's masks
         for p in range(chunk * POSITIONS_PER_CHUNK,
                        min((chunk + 1) * POSITIONS_PER_CHUNK, n_positions)):
             if not record:
@@ -652,42 +663,52 @@ def _packed_kernel(input_words, masks, spans, offsets, block_first, block_column
             for j in range(activation_bits):
                 for b in range(n_blocks):
                     n_columns = block_columns[b]
-                    sums = all_sums[:n_columns]
-                    sums[:] = 0
-                    driven = False
+                    first = block_first[b]
+                    n_live = 0
                     for w in range(spans[b, 0], spans[b, 1]):
                         word = input_words[p, j, w]
-                        if word == 0:  # common: high input bits and ReLU zeros
-                            continue
-                        driven = True
-                        base = offsets[b] + (w - spans[b, 0]) * 2 * n_columns
-                        _add_partial_sums(word, masks[base:base + n_columns],
-                                          masks[base + n_columns:base + 2 * n_columns], sums)
-                    first = block_first[b]
+                        if word != 0:  # zero words are common: high input bits, ReLU zeros
+                            live_words[n_live] = word
+                            live_masks[n_live] = offsets[b] + (w - spans[b, 0]) * 2 * n_columns
+                            n_live += 1
+                    if n_live == 0:  # every S is 0, read as the code 0 by any ADC
+                        if record:
+                            for k in range(n_columns):
+                                histograms[chunk, channel[first + k], 0] += 1
+                        continue
+                    live_words[n_live] = 0
+                    live_masks[n_live] = live_masks[0]
+                    carried = all_carried[:n_columns]
+                    last = (n_live - 1) // 2 * 2  # the first word of the last pair
+                    for pair in range(0, last, 2):
+                        word0, word1 = live_words[pair], live_words[pair + 1]
+                        base0, base1 = live_masks[pair], live_masks[pair + 1]
+                        for k in range(n_columns):
+                            carried[k] += _pair_sum(
+                                word0, masks[base0 + k], masks[base0 + n_columns + k],
+                                word1, masks[base1 + k], masks[base1 + n_columns + k])
+                    word0, word1 = live_words[last], live_words[last + 1]
+                    high0 = masks[live_masks[last]:live_masks[last] + n_columns]
+                    low0 = masks[live_masks[last] + n_columns:live_masks[last] + 2 * n_columns]
+                    high1 = masks[live_masks[last + 1]:live_masks[last + 1] + n_columns]
+                    low1 = masks[live_masks[last + 1] + n_columns:
+                                 live_masks[last + 1] + 2 * n_columns]
                     if record:
                         for k in range(n_columns):
-                            histograms[chunk, channel[first + k], sums[k]] += 1
-                    elif driven:  # else every S is 0, read as the code 0 by any ADC
-                        # one flat table and contiguous slices: a loop LLVM turns into
-                        # vector gathers (2x faster than a 2-D table indexed per column)
+                            partial_sum = carried[k] + _pair_sum(word0, high0[k], low0[k],
+                                                                 word1, high1[k], low1[k])
+                            histograms[chunk, channel[first + k], partial_sum] += 1
+                    else:
                         block_codes = codes[p, first:first + n_columns]
-                        starts = table_start[first:first + n_columns]
+                        block_step = step[first:first + n_columns]
+                        block_top = top[first:first + n_columns]
                         for k in range(n_columns):
-                            block_codes[k] += code_table[starts[k] + sums[k]] << j
-
-
-def _code_tables(adc, largest_sum):
-    """The ADC's code of every partial sum 0..largest_sum, once per distinct (step, top) of
-    the columns, the tables laid end to end: (codes (T * (largest_sum + 1),) int64, start of
-    each column's table (K,) int64). The same float64 operations as `_adc_code`, so the codes
-    are the same."""
-    pairs = sorted(set(zip(adc.step.tolist(), adc.top.tolist())))
-    index = {pair: i for i, pair in enumerate(pairs)}
-    sums = np.arange(largest_sum + 1, dtype=np.int64)
-    tables = np.concatenate([np.minimum(np.rint(sums / step).astype(np.int64), top)
-                             for step, top in pairs])
-    return tables, np.array([index[pair] * sums.size
-                             for pair in zip(adc.step.tolist(), adc.top.tolist())], np.int64)
+                            partial_sum = carried[k] + _pair_sum(word0, high0[k], low0[k],
+                                                                 word1, high1[k], low1[k])
+                            block_codes[k] += min(np.int64(np.rint(partial_sum / block_step[k])),
+                                                  block_top[k]) << j
+                    if last:
+                        carried[:] = 0
 
 
 class PackedCrossbar:
@@ -716,10 +737,9 @@ class PackedCrossbar:
         ideal = adc.is_ideal(crossbar, self.largest_sums) and not histograms.shape[0]
         if ideal:
             return self._exact_codes(x, activation_bits)
-        tables, table_start = _code_tables(adc, MAX_CELL_STATE * crossbar.rows_per_tile)
         codes = np.empty((x.shape[0], crossbar.n_columns), np.int64)
         _packed_kernel(_pack_input_bits(x, activation_bits, self.n_words), *self._pack(),
-                       tables, table_start, crossbar.channel, histograms, codes)
+                       adc.step, adc.top, crossbar.channel, histograms, codes)
         return codes
 
     def _exact_codes(self, x, activation_bits):
