@@ -693,11 +693,13 @@ def _packed_kernel(input_words, masks, spans, offsets, block_first, block_column
                     high1 = masks[live_masks[last + 1]:live_masks[last + 1] + n_columns]
                     low1 = masks[live_masks[last + 1] + n_columns:
                                  live_masks[last + 1] + 2 * n_columns]
-                    if record:
+                    if record:  # the sums first: a loop with the scatter would not vectorize
                         for k in range(n_columns):
-                            partial_sum = carried[k] + _pair_sum(word0, high0[k], low0[k],
-                                                                 word1, high1[k], low1[k])
-                            histograms[chunk, channel[first + k], partial_sum] += 1
+                            carried[k] += _pair_sum(word0, high0[k], low0[k],
+                                                    word1, high1[k], low1[k])
+                        for k in range(n_columns):
+                            histograms[chunk, channel[first + k], carried[k]] += 1
+                        carried[:] = 0
                     else:
                         block_codes = codes[p, first:first + n_columns]
                         block_step = step[first:first + n_columns]
@@ -707,8 +709,8 @@ def _packed_kernel(input_words, masks, spans, offsets, block_first, block_column
                                                                  word1, high1[k], low1[k])
                             block_codes[k] += min(np.int64(np.rint(partial_sum / block_step[k])),
                                                   block_top[k]) << j
-                    if last:
-                        carried[:] = 0
+                        if last:  # more than two driven words left running sums behind
+                            carried[:] = 0
 
 
 class PackedCrossbar:
