@@ -57,7 +57,7 @@ Energy events (integers, so two computations of the same events agree exactly):
 Bit-packed evaluation: bit j of the inputs of position p is packed along R into 64-bit words.
 Each crossbar (block) has, per word and physical column, a HI and a LO mask of the stored rows
 whose cell state has the high or low bit; S = 2 popcount(X & HI) + popcount(X & LO), read
-by the ADC in the same vector loop (`_adc_code`'s arithmetic). A block with no driven
+by the ADC (`_adc_code`'s arithmetic) in the same vector loop. A block with no driven
 word for a bit reads 0 on every column and is skipped. An ADC that reads every sum a column can
 reach exactly (the ideal one, or steps of 1 with top codes at or above
 `Crossbar.largest_partial_sums`) is linear: sum_j 2^j sum_t S = sum_r x_r cells[k, r], so
@@ -626,6 +626,12 @@ def _pack_cell_masks(cells, block_rows, block_first, block_columns, n_words):
 
 
 @numba.njit(cache=True)
+def _word_masks(masks, base, n_columns):
+    """(high, low): one input word's masks of a block's columns, laid from `base`."""
+    return masks[base:base + n_columns], masks[base + n_columns:base + 2 * n_columns]
+
+
+@numba.njit(cache=True)
 def _pair_sum(word0, high0, low0, word1, high1, low1):
     """The partial sum of one column over two input words: 2 popcount(word & high) +
     popcount(word & low) for each."""
@@ -643,8 +649,9 @@ def _packed_kernel(input_words, masks, spans, offsets, block_first, block_column
     A block's driven (non-zero) words are taken two at a time: the last pair's popcounts, the
     ADC reading and the accumulation happen in one loop over the columns, which LLVM
     vectorizes (division and rounding included), with no partial sums stored in between; only
-    a block with more than two driven words keeps running sums (`carried`). That is 1.4-2x
-    faster than summing every word into memory and reading the codes from a table.
+    a block with more than two driven words keeps running sums (`carried`). Against summing
+    every word into memory and reading the codes from a table: 1.4-2x on single layers (one
+    thread), 1.2x on a whole CIM run (docs/cim-model.md).
     """
     n_positions, activation_bits, _ = input_words.shape
     n_blocks = block_columns.size
@@ -682,17 +689,14 @@ def _packed_kernel(input_words, masks, spans, offsets, block_first, block_column
                     last = (n_live - 1) // 2 * 2  # the first word of the last pair
                     for pair in range(0, last, 2):
                         word0, word1 = live_words[pair], live_words[pair + 1]
-                        base0, base1 = live_masks[pair], live_masks[pair + 1]
+                        high0, low0 = _word_masks(masks, live_masks[pair], n_columns)
+                        high1, low1 = _word_masks(masks, live_masks[pair + 1], n_columns)
                         for k in range(n_columns):
-                            carried[k] += _pair_sum(
-                                word0, masks[base0 + k], masks[base0 + n_columns + k],
-                                word1, masks[base1 + k], masks[base1 + n_columns + k])
+                            carried[k] += _pair_sum(word0, high0[k], low0[k],
+                                                    word1, high1[k], low1[k])
                     word0, word1 = live_words[last], live_words[last + 1]
-                    high0 = masks[live_masks[last]:live_masks[last] + n_columns]
-                    low0 = masks[live_masks[last] + n_columns:live_masks[last] + 2 * n_columns]
-                    high1 = masks[live_masks[last + 1]:live_masks[last + 1] + n_columns]
-                    low1 = masks[live_masks[last + 1] + n_columns:
-                                 live_masks[last + 1] + 2 * n_columns]
+                    high0, low0 = _word_masks(masks, live_masks[last], n_columns)
+                    high1, low1 = _word_masks(masks, live_masks[last + 1], n_columns)
                     if record:  # the sums first: a loop with the scatter would not vectorize
                         for k in range(n_columns):
                             carried[k] += _pair_sum(word0, high0[k], low0[k],
@@ -704,7 +708,8 @@ def _packed_kernel(input_words, masks, spans, offsets, block_first, block_column
                         block_codes = codes[p, first:first + n_columns]
                         block_step = step[first:first + n_columns]
                         block_top = top[first:first + n_columns]
-                        for k in range(n_columns):
+                        for k in range(n_columns):  # `_adc_code` written out: called, it
+                            # kept LLVM from vectorizing the loop (2-3x slower)
                             partial_sum = carried[k] + _pair_sum(word0, high0[k], low0[k],
                                                                  word1, high1[k], low1[k])
                             block_codes[k] += min(np.int64(np.rint(partial_sum / block_step[k])),
