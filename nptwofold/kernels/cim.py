@@ -687,24 +687,23 @@ def _packed_kernel(input_words, masks, spans, offsets, block_first, block_column
                     live_masks[n_live] = live_masks[0]
                     carried = all_carried[:n_columns]
                     last = (n_live - 1) // 2 * 2  # the first word of the last pair
-                    for pair in range(0, last, 2):
+                    # the histograms take every pair into the running sums first: a loop with
+                    # their scatter would not vectorize
+                    for pair in range(0, n_live if record else last, 2):
                         word0, word1 = live_words[pair], live_words[pair + 1]
                         high0, low0 = _word_masks(masks, live_masks[pair], n_columns)
                         high1, low1 = _word_masks(masks, live_masks[pair + 1], n_columns)
                         for k in range(n_columns):
                             carried[k] += _pair_sum(word0, high0[k], low0[k],
                                                     word1, high1[k], low1[k])
-                    word0, word1 = live_words[last], live_words[last + 1]
-                    high0, low0 = _word_masks(masks, live_masks[last], n_columns)
-                    high1, low1 = _word_masks(masks, live_masks[last + 1], n_columns)
-                    if record:  # the sums first: a loop with the scatter would not vectorize
-                        for k in range(n_columns):
-                            carried[k] += _pair_sum(word0, high0[k], low0[k],
-                                                    word1, high1[k], low1[k])
+                    if record:
                         for k in range(n_columns):
                             histograms[chunk, channel[first + k], carried[k]] += 1
                         carried[:] = 0
                     else:
+                        word0, word1 = live_words[last], live_words[last + 1]
+                        high0, low0 = _word_masks(masks, live_masks[last], n_columns)
+                        high1, low1 = _word_masks(masks, live_masks[last + 1], n_columns)
                         block_codes = codes[p, first:first + n_columns]
                         block_step = step[first:first + n_columns]
                         block_top = top[first:first + n_columns]
