@@ -57,8 +57,8 @@ Energy events (integers, so two computations of the same events agree exactly):
 Bit-packed evaluation: bit j of the inputs of position p is packed along R into 64-bit words.
 Each crossbar (block) has, per word and physical column, a HI and a LO mask of the stored rows
 whose cell state has the high or low bit; S = 2 popcount(X & HI) + popcount(X & LO), read
-by the ADC (`_adc_code`'s arithmetic) in the same vector loop. A block with no driven
-word for a bit reads 0 on every column and is skipped. An ADC that reads every sum a column can
+by the ADC (`_adc_code`'s arithmetic) in the same vector loop, for every input bit j at once
+(a zero word gives S = 0, read as the code 0 by any ADC). An ADC that reads every sum a column can
 reach exactly (the ideal one, or steps of 1 with top codes at or above
 `Crossbar.largest_partial_sums`) is linear: sum_j 2^j sum_t S = sum_r x_r cells[k, r], so
 there Q is one exact matmul of the integer inputs with the cell states (in a float type that
@@ -66,6 +66,7 @@ holds every sum exactly), with no bit-serial pass. Work is split over output pos
 chunks, and every per-chunk partial result is an exact integer, so results do not depend on
 the thread count.
 """
+import functools
 from typing import NamedTuple
 
 import numba
@@ -639,82 +640,102 @@ def _pair_sum(word0, high0, low0, word1, high1, low1):
             + _popcount(word0 & low0) + _popcount(word1 & low1))
 
 
-@numba.njit(parallel=True, cache=True)
-def _packed_kernel(input_words, masks, spans, offsets, block_first, block_columns, step, top,
-                   channel, histograms, codes):
-    """Fills `codes` (P, K) with sum_j 2^j sum_t code(S), code(S) = min(rint(S / step[k]),
-    top[k]) as in `_adc_code`; with `histograms` of shape (chunks, channels, 3T + 1) it instead
-    counts every partial sum S by channel and leaves `codes` alone.
+@numba.njit(cache=True)
+def _load_pair(input_words, p, w, stop, words0, words1):
+    """Every input bit's words w and w + 1 of position p into words0 and words1, the second
+    zero where w + 1 is the block's end `stop`; returns the index of the second word's masks
+    (w where it is zero, whose masks then meet only zeros)."""
+    second = min(w + 1, stop - 1)
+    for j in range(words0.size):
+        words0[j] = input_words[p, j, w]
+        words1[j] = input_words[p, j, second] if second > w else np.uint64(0)
+    return second
 
-    A block's driven (non-zero) words are taken two at a time: the last pair's popcounts, the
-    ADC reading and the accumulation happen in one loop over the columns, which LLVM
-    vectorizes (division and rounding included), with no partial sums stored in between; only
-    a block with more than two driven words keeps running sums (`carried`). Against summing
-    every word into memory and reading the codes from a table: 1.4-2x on single layers (one
-    thread), 1.2x on a whole CIM run (docs/cim-model.md).
-    """
-    n_positions, activation_bits, _ = input_words.shape
-    n_blocks = block_columns.size
-    record = histograms.shape[0] > 0
-    most_words = max(1, (spans[:, 1] - spans[:, 0]).max())
-    n_chunks = (n_positions + POSITIONS_PER_CHUNK - 1) // POSITIONS_PER_CHUNK
-    for chunk in prange(n_chunks):
-        # running sums of blocks with more than two driven words; zero between blocks
-        all_carried = np.zeros(block_columns.max(), np.int64)
-        live_words = np.zeros(most_words + 1, np.uint64)  # +1: an odd count is padded with 0
-        live_masks = np.zeros(most_words + 1, np.int64)   # offset of each word's masks
-        for p in range(chunk * POSITIONS_PER_CHUNK,
-                       min((chunk + 1) * POSITIONS_PER_CHUNK, n_positions)):
-            if not record:
-                codes[p, :] = 0
-            for j in range(activation_bits):
-                for b in range(n_blocks):
-                    n_columns = block_columns[b]
-                    first = block_first[b]
-                    n_live = 0
-                    for w in range(spans[b, 0], spans[b, 1]):
-                        word = input_words[p, j, w]
-                        if word != 0:  # zero words are common: high input bits, ReLU zeros
-                            live_words[n_live] = word
-                            live_masks[n_live] = offsets[b] + (w - spans[b, 0]) * 2 * n_columns
-                            n_live += 1
-                    if n_live == 0:  # every S is 0, read as the code 0 by any ADC
-                        if record:
-                            for k in range(n_columns):
-                                histograms[chunk, channel[first + k], 0] += 1
-                        continue
-                    live_words[n_live] = 0
-                    live_masks[n_live] = live_masks[0]
-                    carried = all_carried[:n_columns]
-                    last = (n_live - 1) // 2 * 2  # the first word of the last pair
-                    # the histograms take every pair into the running sums first: a loop with
+
+@functools.cache
+def _packed_kernel(activation_bits):
+    """The bit-serial kernel for `activation_bits`-bit inputs, compiled once per width (the
+    width is a constant in it, so LLVM unrolls the loop over the input bits)."""
+
+    @numba.njit(parallel=True, cache=True)
+    def kernel(input_words, masks, spans, offsets, block_first, block_columns, step, top,
+               channel, histograms, codes):
+        """Fills `codes` (P, K) with sum_j 2^j sum_t code(S), code(S) = min(rint(S / step[k]),
+        top[k]) as in `_adc_code`; with `histograms` of shape (chunks, channels, 3T + 1) it
+        instead counts every partial sum S by channel and leaves `codes` alone.
+
+        Per position and block, one loop over the block's columns computes every input bit's
+        partial sum, ADC reading and shifted sum: the column's masks are loaded once for all
+        the bits and the loop vectorizes over columns. A block spans at most two words in the
+        usual case (crossbars of up to 128 rows); a longer one first sums its earlier word
+        pairs into `carried` (column-major, so that loop vectorizes too). Against a loop per
+        input bit that skipped zero words: 1.4-1.6x on a whole network (docs/cim-model.md).
+        """
+        n_positions = input_words.shape[0]
+        record = histograms.shape[0] > 0
+        n_chunks = (n_positions + POSITIONS_PER_CHUNK - 1) // POSITIONS_PER_CHUNK
+        for chunk in prange(n_chunks):
+            carried = np.zeros((block_columns.max(), activation_bits), np.int64)
+            words0 = np.zeros(activation_bits, np.uint64)
+            words1 = np.zeros(activation_bits, np.uint64)
+            for p in range(chunk * POSITIONS_PER_CHUNK,
+                           min((chunk + 1) * POSITIONS_PER_CHUNK, n_positions)):
+                if not record:
+                    codes[p, :] = 0
+                for b in range(block_columns.size):
+                    n_columns, first = block_columns[b], block_first[b]
+                    start, stop = spans[b, 0], spans[b, 1]
+                    last = start + (stop - start - 1) // 2 * 2  # first word of the last pair
+                    # histograms: every pair into the running sums first, as a loop with
                     # their scatter would not vectorize
-                    for pair in range(0, n_live if record else last, 2):
-                        word0, word1 = live_words[pair], live_words[pair + 1]
-                        high0, low0 = _word_masks(masks, live_masks[pair], n_columns)
-                        high1, low1 = _word_masks(masks, live_masks[pair + 1], n_columns)
+                    for w in range(start, stop if record else last, 2):
+                        second = _load_pair(input_words, p, w, stop, words0, words1)
+                        high0, low0 = _word_masks(masks, offsets[b] + (w - start) * 2 * n_columns,
+                                                  n_columns)
+                        high1, low1 = _word_masks(
+                            masks, offsets[b] + (second - start) * 2 * n_columns, n_columns)
                         for k in range(n_columns):
-                            carried[k] += _pair_sum(word0, high0[k], low0[k],
-                                                    word1, high1[k], low1[k])
+                            for j in range(activation_bits):
+                                carried[k, j] += _pair_sum(words0[j], high0[k], low0[k],
+                                                           words1[j], high1[k], low1[k])
                     if record:
                         for k in range(n_columns):
-                            histograms[chunk, channel[first + k], carried[k]] += 1
-                        carried[:] = 0
-                    else:
-                        word0, word1 = live_words[last], live_words[last + 1]
-                        high0, low0 = _word_masks(masks, live_masks[last], n_columns)
-                        high1, low1 = _word_masks(masks, live_masks[last + 1], n_columns)
-                        block_codes = codes[p, first:first + n_columns]
-                        block_step = step[first:first + n_columns]
-                        block_top = top[first:first + n_columns]
-                        for k in range(n_columns):  # `_adc_code` written out: called, it
-                            # kept LLVM from vectorizing the loop (2-3x slower)
-                            partial_sum = carried[k] + _pair_sum(word0, high0[k], low0[k],
-                                                                 word1, high1[k], low1[k])
-                            block_codes[k] += min(np.int64(np.rint(partial_sum / block_step[k])),
+                            for j in range(activation_bits):
+                                histograms[chunk, channel[first + k], carried[k, j]] += 1
+                                carried[k, j] = 0
+                        continue
+                    second = _load_pair(input_words, p, last, stop, words0, words1)
+                    high0, low0 = _word_masks(masks, offsets[b] + (last - start) * 2 * n_columns,
+                                              n_columns)
+                    high1, low1 = _word_masks(masks, offsets[b] + (second - start) * 2 * n_columns,
+                                              n_columns)
+                    block_codes = codes[p, first:first + n_columns]
+                    block_step = step[first:first + n_columns]
+                    block_top = top[first:first + n_columns]
+                    # `_adc_code` is written out in the two loops below: called, it kept LLVM
+                    # from vectorizing them (2-3x slower); the first one, without running
+                    # sums, is 1.5x faster than the second on blocks of two words
+                    if last == start:
+                        for k in range(n_columns):
+                            block_code = np.int64(0)
+                            for j in range(activation_bits):
+                                partial_sum = _pair_sum(words0[j], high0[k], low0[k],
+                                                        words1[j], high1[k], low1[k])
+                                block_code += min(np.int64(np.rint(partial_sum / block_step[k])),
                                                   block_top[k]) << j
-                        if last:  # more than two driven words left running sums behind
-                            carried[:] = 0
+                            block_codes[k] += block_code
+                    else:
+                        for k in range(n_columns):
+                            block_code = np.int64(0)
+                            for j in range(activation_bits):
+                                partial_sum = carried[k, j] + _pair_sum(
+                                    words0[j], high0[k], low0[k], words1[j], high1[k], low1[k])
+                                block_code += min(np.int64(np.rint(partial_sum / block_step[k])),
+                                                  block_top[k]) << j
+                                carried[k, j] = 0
+                            block_codes[k] += block_code
+
+    return kernel
 
 
 class PackedCrossbar:
@@ -744,8 +765,9 @@ class PackedCrossbar:
         if ideal:
             return self._exact_codes(x, activation_bits)
         codes = np.empty((x.shape[0], crossbar.n_columns), np.int64)
-        _packed_kernel(_pack_input_bits(x, activation_bits, self.n_words), *self._pack(),
-                       adc.step, adc.top, crossbar.channel, histograms, codes)
+        _packed_kernel(activation_bits)(_pack_input_bits(x, activation_bits, self.n_words),
+                                        *self._pack(), adc.step, adc.top, crossbar.channel,
+                                        histograms, codes)
         return codes
 
     def _exact_codes(self, x, activation_bits):
