@@ -160,6 +160,23 @@ def test_simulation_packed_and_counting_agree_with_the_reference(encoding, case)
                 assert found[1:] == counts[1:]
 
 
+@pytest.mark.parametrize("n_rows, activation_bits", [(1, 1), (63, 3), (64, 8), (130, 8),
+                                                     (577, 5), (65, 16)])
+def test_input_bit_packing_against_a_bit_by_bit_loop(n_rows, activation_bits):
+    rng = np.random.default_rng(n_rows)
+    x = rng.integers(0, 1 << activation_bits, (70, n_rows)) * (rng.random((70, n_rows)) < 0.6)
+    n_words = -(-n_rows // 64)
+    expected = np.zeros((70, activation_bits, n_words), np.uint64)
+    for p in range(70):
+        for r in range(n_rows):
+            for j in range(activation_bits):
+                if (int(x[p, r]) >> j) & 1:
+                    expected[p, j, r // 64] |= np.uint64(1 << (r % 64))
+    for inputs in (x, x.astype(np.float32)):
+        np.testing.assert_array_equal(cim._pack_input_bits(inputs, activation_bits, n_words),
+                                      expected)
+
+
 @pytest.mark.parametrize("encoding", ENCODINGS)
 def test_an_adc_reading_every_reachable_sum_exactly_is_ideal(encoding):
     """Top code at each column's largest reachable partial sum: the packed kernel may merge the
