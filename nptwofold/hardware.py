@@ -33,9 +33,10 @@ class HardwareConfig:
         SAR/flash ADC's energy roughly doubles per bit]**: E(n) = adc_energy_pj *
         adc_energy_per_bit ** (n - adc_reference_bits).
     adc_bits: ADC resolution; 0 = ideal **[option]**.
-    adc_range: "fixed": full scale 0..3 x crossbar_rows for every column (the ADC does not know
-        a layer's ranges); "calibrated": per layer and ADC channel (cell significance and kind of
-        column), the adc_percentile-th percentile of the partial sums on calibration images.
+    adc_range: "calibrated" (default, SPEC 7): per layer and ADC channel (cell significance and
+        kind of column), the adc_percentile-th percentile of the partial sums on calibration
+        images; "fixed": full scale 0..3 x crossbar_rows for every column (the ADC does not
+        know a layer's ranges).
     adc_percentile: percentile of the calibrated ranges **[assumption: 99.99]**.
     weight_encoding: how signed weights are stored: twos_complement (with a sign column),
         offset_binary (reference column, offset removed digitally) or sign_magnitude
@@ -53,7 +54,7 @@ class HardwareConfig:
     adc_reference_bits: int = 8
     adc_energy_per_bit: float = 2.0
     adc_bits: int = 0
-    adc_range: str = "fixed"
+    adc_range: str = "calibrated"
     adc_percentile: float = 99.99
     weight_encoding: str = "twos_complement"
     crossbar_rows: int = 128
