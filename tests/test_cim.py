@@ -160,6 +160,21 @@ def test_simulation_packed_and_counting_agree_with_the_reference(encoding, case)
                 assert found[1:] == counts[1:]
 
 
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_steps_of_one_clip_only_where_the_driven_rows_reach_the_top(encoding):
+    """An ADC of steps of 1 whose top code some sums exceed (the packed path: exact sums less
+    the clipped excess) against the row-by-row reference: sparse inputs whose crossbars cannot
+    reach the top (skipped), dense ones whose sums clip."""
+    rng = np.random.default_rng(11)
+    levels, keep = random_layer(rng, 300, 9, 8, 280, 1)
+    crossbar = cim.map_layer(levels, 8, 128, 40, encoding, keep)
+    x = np.concatenate([random_inputs(rng, 20, 300, 8, density) for density in (0.05, 0.45, 0.9)])
+    adc = uniform_adc(crossbar, 1.0, 40)
+    expected = cim.cim_matmul(crossbar, x, 8, adc)[0]
+    assert not np.array_equal(expected[20:], cim.cim_matmul(crossbar, x[20:], 8)[0])  # clipped
+    np.testing.assert_array_equal(cim.cim_matmul_packed(crossbar, x, 8, adc)[0], expected)
+
+
 @pytest.mark.parametrize("n_rows, activation_bits", [(1, 1), (63, 3), (64, 8), (130, 8),
                                                      (577, 5), (65, 16)])
 def test_input_bit_packing_against_a_bit_by_bit_loop(n_rows, activation_bits):

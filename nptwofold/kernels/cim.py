@@ -757,6 +757,43 @@ def _packed_kernel(activation_bits):
     return kernel
 
 
+@numba.njit(parallel=True, cache=True)
+def _clipping_kernel(input_words, masks, spans, offsets, block_first, block_columns, top,
+                     codes):
+    """Subtracts from the exact sums `codes` (P, K) what an ADC of steps of 1 clips: its
+    reading min(S, top) is S - max(S - top, 0). S is at most 3 x the crossbar's driven rows
+    for that bit, so a crossbar whose driven rows cannot reach its lowest top code is skipped
+    after one popcount of its words: nearly all of them, so this costs a fraction of the
+    bit-serial kernel."""
+    n_positions, activation_bits, _ = input_words.shape
+    n_blocks = block_columns.size
+    n_chunks = (n_positions + POSITIONS_PER_CHUNK - 1) // POSITIONS_PER_CHUNK
+    for chunk in prange(n_chunks):
+        lowest_top = np.empty(n_blocks, np.int64)
+        for b in range(n_blocks):
+            lowest_top[b] = top[block_first[b]:block_first[b] + block_columns[b]].min()
+        for p in range(chunk * POSITIONS_PER_CHUNK,
+                       min((chunk + 1) * POSITIONS_PER_CHUNK, n_positions)):
+            for j in range(activation_bits):
+                for b in range(n_blocks):
+                    start, stop = spans[b, 0], spans[b, 1]
+                    driven = 0
+                    for w in range(start, stop):
+                        driven += _popcount(input_words[p, j, w])
+                    if MAX_CELL_STATE * driven <= lowest_top[b]:
+                        continue
+                    n_columns, first = block_columns[b], block_first[b]
+                    for k in range(n_columns):
+                        partial_sum = 0
+                        for w in range(start, stop):
+                            high, low = _word_masks(
+                                masks, offsets[b] + (w - start) * 2 * n_columns, n_columns)
+                            word = input_words[p, j, w]
+                            partial_sum += 2 * _popcount(word & high[k]) + _popcount(word & low[k])
+                        if partial_sum > top[first + k]:
+                            codes[p, first + k] -= (partial_sum - top[first + k]) << j
+
+
 class PackedCrossbar:
     """A Crossbar's cell masks, packed once per physical crossbar for `matmul` and
     `partial_sum_histograms`; an ADC that reads every partial sum this crossbar can produce
@@ -780,9 +817,14 @@ class PackedCrossbar:
 
     def _run(self, x, activation_bits, adc, histograms):
         crossbar = self.crossbar
-        ideal = adc.is_ideal(crossbar, self.largest_sums) and not histograms.shape[0]
-        if ideal:
-            return self._exact_codes(x, activation_bits)
+        if not histograms.shape[0]:
+            if adc.is_ideal(crossbar, self.largest_sums):
+                return self._exact_codes(x, activation_bits)
+            if np.all(adc.step == 1.0):
+                codes = self._exact_codes(x, activation_bits)
+                _clipping_kernel(_pack_input_bits(x, activation_bits, self.n_words),
+                                 *self._pack(), adc.top, codes)
+                return codes
         codes = np.empty((x.shape[0], crossbar.n_columns), np.int64)
         _packed_kernel(activation_bits)(_pack_input_bits(x, activation_bits, self.n_words),
                                         *self._pack(), adc.step, adc.top, crossbar.channel,
