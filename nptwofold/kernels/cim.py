@@ -62,7 +62,10 @@ by the ADC (`_adc_code`'s arithmetic) in the same vector loop, for every input b
 reach exactly (the ideal one, or steps of 1 with top codes at or above
 `Crossbar.largest_partial_sums`) is linear: sum_j 2^j sum_t S = sum_r x_r cells[k, r], so
 there Q is one exact matmul of the integer inputs with the cell states (in a float type that
-holds every sum exactly), with no bit-serial pass. Work is split over output positions in fixed
+holds every sum exactly), with no bit-serial pass. An ADC of steps of 1 whose top code a
+column could exceed reads min(S, top) = S - max(S - top, 0): the exact matmul, less the
+excess of the few partial sums above the top (`_clipping_kernel`; S is at most 3 x the driven
+rows, so most crossbars are ruled out by one popcount). Work is split over output positions in fixed
 chunks, and every per-chunk partial result is an exact integer, so results do not depend on
 the thread count.
 """
