@@ -56,26 +56,26 @@ Energy events (integers, so two computations of the same events agree exactly):
 
 Bit-packed evaluation: bit j of the inputs of position p is packed along R into 64-bit words.
 Each crossbar (block) has, per word and physical column, a HI and a LO mask of the stored rows
-whose cell state has the high or low bit; S = 2 popcount(X & HI) + popcount(X & LO), read
-by the ADC (`_adc_code`'s arithmetic) in the same vector loop, for every input bit j at once
-(a zero word gives S = 0, read as the code 0 by any ADC). An ADC that reads every sum a column can
+whose cell state has the high or low bit; S = 2 popcount(X & HI) + popcount(X & LO), read by
+the ADC (`_adc_code`'s arithmetic) in the same vector loop, for every input bit j at once (a
+zero word gives S = 0, read as the code 0 by any ADC). An ADC that reads every sum a column can
 reach exactly (the ideal one, or steps of 1 with top codes at or above
 `Crossbar.largest_partial_sums`) is linear: sum_j 2^j sum_t S = sum_r x_r cells[k, r], so
 there Q is one exact matmul of the integer inputs with the cell states (in a float type that
 holds every sum exactly), with no bit-serial pass. An ADC of steps of 1 whose top code a
 column could exceed reads min(S, top) = S - max(S - top, 0): the exact matmul, less the
 excess of the few partial sums above the top (`_clipping_kernel`; S is at most 3 x the driven
-rows, so most crossbars are ruled out by one popcount). Work is split over output positions in fixed
-chunks, and every per-chunk partial result is an exact integer, so results do not depend on
-the thread count.
+rows, so most crossbars are ruled out by one popcount). Work is split over output positions
+in fixed chunks, and every per-chunk partial result is an exact integer, so results do not
+depend on the thread count.
 """
 import functools
 from typing import NamedTuple
 
 import numba
 import numpy as np
-from numba import prange, types
 from llvmlite import ir
+from numba import prange, types
 from numba.extending import intrinsic
 
 from ..checks import check_integer
@@ -691,7 +691,8 @@ def _packed_kernel(activation_bits):
         the bits and the loop vectorizes over columns. A block spans at most two words in the
         usual case (crossbars of up to 128 rows); a longer one first sums its earlier word
         pairs into `carried` (column-major, so that loop vectorizes too). Against a loop per
-        input bit that skipped zero words: 1.4-1.6x on a whole network (docs/cim-model.md).
+        input bit that skipped zero words: 1.5x for the kernel, 1.4x for a whole CIM run
+        (docs/cim-model.md).
         """
         n_positions = input_words.shape[0]
         record = histograms.shape[0] > 0
