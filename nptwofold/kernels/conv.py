@@ -30,46 +30,63 @@ def conv_output_size(size, stride):
 
 @numba.njit(nogil=True, cache=True)
 def im2col_3x3(x, stride, out):
-    """(N, H, W, C) -> `out` (N*Ho*Wo, 9*C) patches, zero where the window hangs over the padding."""
+    """(N, H, W, C) -> `out` (N*Ho*Wo, 9*C) patches, zero where the window hangs over the padding.
+
+    A patch row's (ky, kx, ci) values for one ky are the 3*C contiguous values of three
+    neighbouring input pixels, so each is copied as one run (zero-filled past the edges):
+    1.3-2x faster than copying pixel by pixel, whose C-long copies fell into LLVM's scalar
+    remainder loop at 16 channels and below (docs/engine.md)."""
     n_img, height, width, chans = x.shape
     out_h, out_w = conv_output_size(height, stride), conv_output_size(width, stride)
-    cols = out.reshape(n_img, out_h, out_w, 3, 3, chans)
+    cols = out.reshape(n_img, out_h, out_w, 3, 3 * chans)
+    run, row_values = 3 * chans, width * chans
     for n in range(n_img):
         for oy in range(out_h):
-            for ox in range(out_w):
-                for ky in range(3):
-                    iy = oy * stride + ky - 1
-                    for kx in range(3):
-                        ix = ox * stride + kx - 1
-                        if 0 <= iy < height and 0 <= ix < width:
-                            for c in range(chans):
-                                cols[n, oy, ox, ky, kx, c] = x[n, iy, ix, c]
-                        else:
-                            for c in range(chans):
-                                cols[n, oy, ox, ky, kx, c] = 0.0
+            for ky in range(3):
+                iy = oy * stride + ky - 1
+                if iy < 0 or iy >= height:
+                    cols[n, oy, :, ky, :] = 0.0
+                    continue
+                row = x[n, iy].reshape(row_values)
+                for ox in range(out_w):
+                    patch = cols[n, oy, ox, ky]
+                    first = (ox * stride - 1) * chans  # the run's first value in the row
+                    if first >= 0 and first + run <= row_values:
+                        for t in range(run):
+                            patch[t] = row[first + t]
+                    else:
+                        for t in range(run):
+                            source = first + t
+                            patch[t] = row[source] if 0 <= source < row_values else 0.0
     return out
 
 
 @numba.njit(nogil=True, cache=True)
 def col2im_3x3(dcols, stride, out):
-    """Adjoint of im2col_3x3: `out` (N, H, W, C) = the patch gradients scatter-added back."""
+    """Adjoint of im2col_3x3: `out` (N, H, W, C) = the patch gradients scatter-added back, one
+    run of 3*C values per patch row and ky, as im2col_3x3 copies them."""
     n_img, height, width, chans = out.shape
     out_h, out_w = conv_output_size(height, stride), conv_output_size(width, stride)
-    patches = dcols.reshape(n_img, out_h, out_w, 3, 3, chans)
+    patches = dcols.reshape(n_img, out_h, out_w, 3, 3 * chans)
+    run, row_values = 3 * chans, width * chans
     out[...] = 0.0
     for n in range(n_img):
         for oy in range(out_h):
-            for ox in range(out_w):
-                for ky in range(3):
-                    iy = oy * stride + ky - 1
-                    if iy < 0 or iy >= height:
-                        continue
-                    for kx in range(3):
-                        ix = ox * stride + kx - 1
-                        if ix < 0 or ix >= width:
-                            continue
-                        for c in range(chans):
-                            out[n, iy, ix, c] += patches[n, oy, ox, ky, kx, c]
+            for ky in range(3):
+                iy = oy * stride + ky - 1
+                if iy < 0 or iy >= height:
+                    continue
+                row = out[n, iy].reshape(row_values)
+                for ox in range(out_w):
+                    patch = patches[n, oy, ox, ky]
+                    first = (ox * stride - 1) * chans
+                    if first >= 0 and first + run <= row_values:
+                        for t in range(run):
+                            row[first + t] += patch[t]
+                    else:
+                        for t in range(run):
+                            if 0 <= first + t < row_values:
+                                row[first + t] += patch[t]
     return out
 
 
