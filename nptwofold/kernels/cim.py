@@ -790,10 +790,10 @@ def _clipping_kernel(input_words, masks, spans, offsets, block_first, block_colu
                     for k in range(n_columns):
                         partial_sum = 0
                         for w in range(start, stop):
-                            high, low = _word_masks(
-                                masks, offsets[b] + (w - start) * 2 * n_columns, n_columns)
+                            high = offsets[b] + (w - start) * 2 * n_columns + k  # low: + n_columns
                             word = input_words[p, j, w]
-                            partial_sum += 2 * _popcount(word & high[k]) + _popcount(word & low[k])
+                            partial_sum += (2 * _popcount(word & masks[high])
+                                            + _popcount(word & masks[high + n_columns]))
                         if partial_sum > top[first + k]:
                             codes[p, first + k] -= (partial_sum - top[first + k]) << j
 
