@@ -287,6 +287,10 @@ def test_im2col_patch_layout():
                     np.testing.assert_array_equal(cols[row], window.reshape(-1))
                     row += 1
         assert row == cols.shape[0]
+        mirrored = x[:, :, ::-1, :]  # a strided view: the same patches as its copy
+        np.testing.assert_array_equal(
+            im2col_3x3(mirrored, stride, np.empty_like(cols)),
+            im2col_3x3(np.ascontiguousarray(mirrored), stride, np.empty_like(cols)))
 
 
 @pytest.mark.parametrize("images_per_block", [1, 3])

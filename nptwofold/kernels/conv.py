@@ -47,7 +47,7 @@ def im2col_3x3(x, stride, out):
                 if iy < 0 or iy >= height:
                     cols[n, oy, :, ky, :] = 0.0
                     continue
-                row = x[n, iy].reshape(row_values)
+                row = np.ascontiguousarray(x[n, iy]).reshape(row_values)  # a copy only if x is strided
                 for ox in range(out_w):
                     patch = cols[n, oy, ox, ky]
                     first = (ox * stride - 1) * chans  # the run's first value in the row
@@ -63,30 +63,24 @@ def im2col_3x3(x, stride, out):
 
 @numba.njit(nogil=True, cache=True)
 def col2im_3x3(dcols, stride, out):
-    """Adjoint of im2col_3x3: `out` (N, H, W, C) = the patch gradients scatter-added back, one
-    run of 3*C values per patch row and ky, as im2col_3x3 copies them."""
+    """Adjoint of im2col_3x3: `out` (N, H, W, C) = the patch gradients scatter-added back."""
     n_img, height, width, chans = out.shape
     out_h, out_w = conv_output_size(height, stride), conv_output_size(width, stride)
-    patches = dcols.reshape(n_img, out_h, out_w, 3, 3 * chans)
-    run, row_values = 3 * chans, width * chans
+    patches = dcols.reshape(n_img, out_h, out_w, 3, 3, chans)
     out[...] = 0.0
     for n in range(n_img):
         for oy in range(out_h):
-            for ky in range(3):
-                iy = oy * stride + ky - 1
-                if iy < 0 or iy >= height:
-                    continue
-                row = out[n, iy].reshape(row_values)
-                for ox in range(out_w):
-                    patch = patches[n, oy, ox, ky]
-                    first = (ox * stride - 1) * chans
-                    if first >= 0 and first + run <= row_values:
-                        for t in range(run):
-                            row[first + t] += patch[t]
-                    else:
-                        for t in range(run):
-                            if 0 <= first + t < row_values:
-                                row[first + t] += patch[t]
+            for ox in range(out_w):
+                for ky in range(3):
+                    iy = oy * stride + ky - 1
+                    if iy < 0 or iy >= height:
+                        continue
+                    for kx in range(3):
+                        ix = ox * stride + kx - 1
+                        if ix < 0 or ix >= width:
+                            continue
+                        for c in range(chans):
+                            out[n, iy, ix, c] += patches[n, oy, ox, ky, kx, c]
     return out
 
 
