@@ -47,7 +47,8 @@ def im2col_3x3(x, stride, out):
                 if iy < 0 or iy >= height:
                     cols[n, oy, :, ky, :] = 0.0
                     continue
-                row = np.ascontiguousarray(x[n, iy]).reshape(row_values)  # a copy only if x is strided
+                # a copy only where x is strided
+                row = np.ascontiguousarray(x[n, iy]).reshape(row_values)
                 for ox in range(out_w):
                     patch = cols[n, oy, ox, ky]
                     first = (ox * stride - 1) * chans  # the run's first value in the row
