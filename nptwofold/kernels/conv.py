@@ -13,13 +13,17 @@ recomputes it instead of keeping the batch's patches (9x the input) alive betwee
 Weight gradients are summed over the chunks in chunk order, so they do not depend on the
 thread count.
 """
+import functools
+
 import numba
 import numpy as np
 
 from ..threads import image_chunks, run_parallel, scratch
+from .simd import fma_broadcast, lanes, store_block, zero_block
 
 BLOCK_VALUES = 2 * 32 * 32 * 9 * 16
 ROWS_PER_MATMUL = 2048  # rows of a whole-batch matmul per task
+ACCUMULATOR_VECTORS = 16  # a direct kernel's sums in registers (of AVX-512's 32)
 
 
 @numba.njit(cache=True)
@@ -83,6 +87,146 @@ def col2im_3x3(dcols, stride, out):
                         for c in range(chans):
                             out[n, iy, ix, c] += patches[n, oy, ox, ky, kx, c]
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def pad_border(x, out):
+    """`out` (N, H+2, W+2, C) = x inside a border of zeros."""
+    n_img, height, width, _ = x.shape
+    for n in range(n_img):
+        out[n, 0] = 0.0
+        out[n, height + 1] = 0.0
+        for iy in range(height):
+            out[n, iy + 1, 0] = 0.0
+            out[n, iy + 1, width + 1] = 0.0
+            out[n, iy + 1, 1:width + 1] = x[n, iy]
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _window_sums(block, padded, first, pixel_step, matrix):
+    """block[r] += the 3x3 window of (N, Hp, Wp, Cin) `padded` at flat index first +
+    r * pixel_step, times the (9*Cin, Cout) `matrix`: one FMA per (pixel, output vector) for
+    each of the window's values."""
+    _, _, pad_w, in_ch = padded.shape
+    out_ch = matrix.shape[1]
+    source, weights = padded.reshape(-1), matrix.reshape(-1)
+    for ky in range(3):
+        for kx in range(3):
+            window = first + (ky * pad_w + kx) * in_ch
+            tap = (ky * 3 + kx) * in_ch
+            for c in range(in_ch):
+                block = fma_broadcast(block, source, window + c, pixel_step, weights,
+                                      (tap + c) * out_ch)
+    return block
+
+
+@functools.cache
+def _direct_conv_kernel(rows, vectors):
+    """conv(padded, matrix, stride, out): `out` (N, Ho, Wo, Cout) = the convolution of the
+    zero-padded input with the (9*Cin, Cout) matrix, `rows` output pixels of a row at a time
+    with their Cout = `vectors` vectors of sums in registers. Compiled once per block shape."""
+
+    @numba.njit(nogil=True, cache=True)
+    def conv(padded, matrix, stride, out):
+        _, pad_h, pad_w, in_ch = padded.shape
+        n_img, out_h, out_w, out_ch = out.shape
+        source, target = padded.reshape(-1), out.reshape(-1)
+        pixel_step = stride * in_ch
+        whole = out_w - out_w % rows
+        for n in range(n_img):
+            for oy in range(out_h):
+                first = (n * pad_h + oy * stride) * pad_w * in_ch
+                target_first = (n * out_h + oy) * out_w * out_ch
+                for ox in range(0, whole, rows):
+                    block = _window_sums(zero_block(source, rows, vectors), padded,
+                                         first + ox * pixel_step, pixel_step, matrix)
+                    store_block(block, target, target_first + ox * out_ch, out_ch)
+                for ox in range(whole, out_w):
+                    block = _window_sums(zero_block(source, 1, vectors), padded,
+                                         first + ox * pixel_step, pixel_step, matrix)
+                    store_block(block, target, target_first + ox * out_ch, out_ch)
+        return out
+
+    return conv
+
+
+@numba.njit(nogil=True, cache=True)
+def _tap_sums(block, padded, dy, ky, kx, channel, stride):
+    """block[r] += sum over the output pixels of padded[the pixel's (ky, kx) tap, channel + r]
+    times dy[the pixel]: a `rows`-channel slice of one tap's weight gradient."""
+    _, pad_h, pad_w, in_ch = padded.shape
+    n_img, out_h, out_w, out_ch = dy.shape
+    source, grads = padded.reshape(-1), dy.reshape(-1)
+    for n in range(n_img):
+        for oy in range(out_h):
+            first = ((n * pad_h + oy * stride + ky) * pad_w + kx) * in_ch + channel
+            grad_first = (n * out_h + oy) * out_w * out_ch
+            for ox in range(out_w):
+                block = fma_broadcast(block, source, first + ox * stride * in_ch, 1, grads,
+                                      grad_first + ox * out_ch)
+    return block
+
+
+@functools.cache
+def _direct_weight_grad_kernel(rows, vectors):
+    """weight_grad(padded, dy, stride, out): `out` (9*Cin, Cout) = the weight gradient, in
+    blocks of `rows` input channels of one tap by Cout = `vectors` vectors, each summed in
+    registers over all the output pixels. Compiled once per block shape."""
+
+    @numba.njit(nogil=True, cache=True)
+    def weight_grad(padded, dy, stride, out):
+        in_ch = padded.shape[3]
+        out_ch = dy.shape[3]
+        target = out.reshape(-1)
+        whole = in_ch - in_ch % rows
+        for tap in range(9):
+            ky, kx = tap // 3, tap % 3
+            for c in range(0, whole, rows):
+                block = _tap_sums(zero_block(target, rows, vectors), padded, dy, ky, kx, c,
+                                  stride)
+                store_block(block, target, (tap * in_ch + c) * out_ch, out_ch)
+            for c in range(whole, in_ch):
+                block = _tap_sums(zero_block(target, 1, vectors), padded, dy, ky, kx, c, stride)
+                store_block(block, target, (tap * in_ch + c) * out_ch, out_ch)
+        return out
+
+    return weight_grad
+
+
+def _vectors(channels, dtype):
+    """SIMD vectors per pixel of `channels` values, or 0 if they do not fill whole vectors
+    (then the im2col + BLAS path runs)."""
+    if dtype not in (np.float32, np.float64) or channels % lanes(np.dtype(dtype)):
+        return 0
+    return channels // lanes(np.dtype(dtype))
+
+
+def _padded(name, x):
+    """x inside a border of zeros, in a per-thread scratch array."""
+    n_img, height, width, chans = x.shape
+    return pad_border(x, scratch(name, (n_img, height + 2, width + 2, chans), x.dtype))
+
+
+def direct_conv3x3(x, matrix, stride, out):
+    """`out` = the convolution of NHWC `x` with the (9*Cin, Cout) `matrix`, Cout a whole
+    number of vectors: register-blocked, no im2col."""
+    vectors = _vectors(matrix.shape[1], matrix.dtype)
+    rows = min(max(1, ACCUMULATOR_VECTORS // vectors), out.shape[2])
+    return _direct_conv_kernel(rows, vectors)(_padded("padded", x), matrix, stride, out)
+
+
+def direct_weight_grad(x, dy, stride, out):
+    """`out` (9*Cin, Cout) = the weight gradient as a matrix, Cout a whole number of vectors."""
+    vectors = _vectors(dy.shape[3], dy.dtype)
+    rows = min(max(1, ACCUMULATOR_VECTORS // vectors), x.shape[3])
+    return _direct_weight_grad_kernel(rows, vectors)(_padded("padded", x), dy, stride, out)
+
+
+def flipped_matrix(weight_oihw):
+    """(9*Cout, Cin) matrix of the input gradient's convolution: dx = conv(dy, flipped), the
+    taps reversed and the channels swapped."""
+    return weight_as_matrix(weight_oihw[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
 
 
 def weight_as_matrix(weight_oihw):
@@ -161,34 +305,52 @@ def _add_shift(rows, shift, relu):
 
 
 def conv3x3_forward(x, weight_oihw, stride, shift=None, relu=False):
-    """NHWC output of the convolution; the patches live in per-thread scratch arrays.
+    """NHWC output of the convolution, image chunk by image chunk on the pool.
 
-    `shift` (Cout,) is added per output channel, then a ReLU if `relu`: with the weights
-    scaled by an inference-mode batch norm's scale, that is conv -> BN (-> ReLU) in one pass,
-    on each block's output while it is still in the cache.
+    Register-blocked (`direct_conv3x3`) where Cout fills whole SIMD vectors; otherwise im2col
+    into per-thread scratch arrays and a BLAS matmul per block. `shift` (Cout,) is added per
+    output channel, then a ReLU if `relu`: with the weights scaled by an inference-mode batch
+    norm's scale, that is conv -> BN (-> ReLU) in one pass, on each chunk's or block's output
+    while it is still in the cache.
     """
     n_img, height, width, in_ch = x.shape
     out_h, out_w = conv_output_size(height, stride), conv_output_size(width, stride)
     matrix = weight_as_matrix(weight_oihw)
     y = np.empty((n_img, out_h, out_w, matrix.shape[1]), dtype=x.dtype)
     chunks = image_chunks(n_img)
+    direct = _vectors(matrix.shape[1], x.dtype) > 0
+
+    def finish(rows):
+        if shift is not None:
+            _add_shift(rows, shift, relu)
 
     def forward_chunk(index):
+        if direct:
+            start, stop = chunks[index]
+            direct_conv3x3(x[start:stop], matrix, stride, y[start:stop])
+            finish(y[start:stop].reshape(-1, matrix.shape[1]))
+            return
         for start, stop in _blocks(*chunks[index], out_h * out_w * 9 * in_ch):
             patches = scratch("cols", im2col_rows((stop - start, height, width, in_ch), stride),
                               x.dtype)
             im2col_3x3(x[start:stop], stride, patches)
             rows = y[start:stop].reshape(patches.shape[0], -1)
             np.matmul(patches, matrix, out=rows)
-            if shift is not None:
-                _add_shift(rows, shift, relu)
+            finish(rows)
 
     run_parallel(forward_chunk, len(chunks))
     return y
 
 
 def conv3x3_backward(dy, x, weight_oihw, stride, need_input_grad=True):
-    """Gradients to the NHWC input `x` (None if not needed, as for the stem) and the OIHW weight."""
+    """Gradients to the NHWC input `x` (None if not needed, as for the stem) and the OIHW weight.
+
+    Per image chunk: the weight gradient register-blocked (`direct_weight_grad`) where Cout
+    fills whole SIMD vectors, and the input gradient of a stride-1 convolution as the
+    convolution of dy with the flipped weights (`direct_conv3x3`) where Cin does; otherwise
+    per block the patches are recomputed (im2col) for the weight gradient's matmul, and dy @
+    W^T is scattered back (col2im) for the input gradient.
+    """
     out_ch, in_ch = weight_oihw.shape[:2]
     n_img, height, width, _ = x.shape
     matrix = weight_as_matrix(weight_oihw)
@@ -196,16 +358,27 @@ def conv3x3_backward(dy, x, weight_oihw, stride, need_input_grad=True):
     patch_values = conv_output_size(height, stride) * conv_output_size(width, stride) * 9 * in_ch
     partial_dweight = np.zeros((len(chunks), 9 * in_ch, out_ch), dtype=dy.dtype)
     dx = np.empty_like(x) if need_input_grad else None
+    direct_weight = _vectors(out_ch, dy.dtype) > 0
+    direct_input = need_input_grad and stride == 1 and _vectors(in_ch, dy.dtype) > 0
+    flipped = flipped_matrix(weight_oihw) if direct_input else None
 
     def backward_chunk(index):
+        first, last = chunks[index]
+        if direct_weight:
+            direct_weight_grad(x[first:last], dy[first:last], stride, partial_dweight[index])
+        if direct_input:
+            direct_conv3x3(dy[first:last], flipped, 1, dx[first:last])
+        if direct_weight and (direct_input or not need_input_grad):
+            return
         block_dweight = scratch("dweight", partial_dweight.shape[1:], dy.dtype)
-        for start, stop in _blocks(*chunks[index], patch_values):  # in order: reproducible
+        for start, stop in _blocks(first, last, patch_values):  # in order: reproducible
             patches = scratch("cols", im2col_rows((stop - start, height, width, in_ch), stride),
                               x.dtype)
-            im2col_3x3(x[start:stop], stride, patches)
             dy_rows = dy[start:stop].reshape(patches.shape[0], out_ch)
-            partial_dweight[index] += np.matmul(patches.T, dy_rows, out=block_dweight)
-            if need_input_grad:
+            if not direct_weight:
+                im2col_3x3(x[start:stop], stride, patches)
+                partial_dweight[index] += np.matmul(patches.T, dy_rows, out=block_dweight)
+            if need_input_grad and not direct_input:
                 dpatches = np.matmul(dy_rows, matrix.T, out=patches)  # the patches are spent
                 col2im_3x3(dpatches, stride, dx[start:stop])
 
