@@ -91,15 +91,25 @@ def col2im_3x3(dcols, stride, out):
 
 @numba.njit(nogil=True, cache=True)
 def pad_border(x, out):
-    """`out` (N, H+2, W+2, C) = x inside a border of zeros."""
-    n_img, height, width, _ = x.shape
+    """`out` (N, H+2, W+2, C) = x inside a border of zeros.
+
+    In flat runs per image: each input row is one run, and the right border of a row and the
+    left border of the next are one run of zeros. The runs are views indexed from 0, so that
+    LLVM sees non-negative indices and vectorizes the copies (indexing the whole array at a
+    run's offset plus t, or 2-D slice copies, were 3-4x slower)."""
+    n_img, height, width, chans = x.shape
+    row, padded_row = width * chans, (width + 2) * chans
     for n in range(n_img):
-        out[n, 0] = 0.0
-        out[n, height + 1] = 0.0
+        image, padded = np.ascontiguousarray(x[n]).reshape(-1), out[n].reshape(-1)
+        padded[:padded_row + chans] = 0.0  # the top row and row 1's left border
         for iy in range(height):
-            out[n, iy + 1, 0] = 0.0
-            out[n, iy + 1, width + 1] = 0.0
-            out[n, iy + 1, 1:width + 1] = x[n, iy]
+            source = image[iy * row:(iy + 1) * row]
+            target = padded[(iy + 1) * padded_row + chans:(iy + 2) * padded_row + 2 * chans]
+            for t in range(row):
+                target[t] = source[t]
+            for t in range(row, row + 2 * chans):
+                target[t] = 0.0
+        padded[(height + 1) * padded_row + chans:] = 0.0
     return out
 
 
