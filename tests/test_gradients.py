@@ -101,6 +101,10 @@ def check_layer(layer, x, rng, pattern=None, max_skipped=0):
     (2, 6, 6, 2, 3, 2),
     (1, 9, 9, 5, 3, 1),
     (2, 3, 4, 3, 2, 2),
+    # channels that fill whole float64 vectors (8 lanes): the register-blocked kernels
+    (2, 5, 6, 8, 8, 1),
+    (1, 6, 5, 16, 8, 2),
+    (1, 4, 11, 3, 16, 1),
 ])
 def test_conv3x3(n_img, height, width, in_ch, out_ch, stride):
     rng = np.random.default_rng(100 + height * stride)

@@ -188,6 +188,13 @@ CONV_CASES = [
     (1, 8, 8, 4, 4, 2),
     (1, 1, 1, 3, 2, 1),
     (1, 2, 3, 3, 5, 2),
+    # output channels filling whole SIMD vectors (16 float32 or 8 float64 lanes): the
+    # register-blocked kernels, with pixel and channel blocks that leave tails
+    (2, 5, 6, 16, 16, 1),
+    (2, 4, 19, 20, 16, 1),
+    (3, 6, 7, 16, 32, 2),
+    (1, 6, 6, 8, 64, 1),
+    (2, 5, 3, 3, 48, 2),
 ]
 
 
@@ -242,6 +249,40 @@ def test_conv3x3_backward(case, dtype, need_input_grad):
         assert_close(dx, ref_dx, dtype)
     else:
         assert dx is None
+
+
+DIRECT_CASES = [case for case in CONV_CASES if case[4] % 16 == 0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", DIRECT_CASES)
+def test_register_blocked_kernels(case, dtype):
+    """The direct kernels themselves (the layer's functions fall back to im2col silently):
+    forward, weight gradient and, as the convolution of dy with the flipped weights, the
+    stride-1 input gradient."""
+    x, weight, stride, rng = conv_inputs(case, dtype, seed=16)
+    out_ch, in_ch = weight.shape[:2]
+    matrix = conv.weight_as_matrix(weight)
+    y = conv.direct_conv3x3(x, matrix, stride, np.full((x.shape[0], out_size(x.shape[1], stride),
+                                                       out_size(x.shape[2], stride), out_ch),
+                                                      np.nan, dtype))
+    assert_close(y, reference_conv3x3(x, weight, stride), dtype)
+    dy = random(rng, y.shape, dtype)
+    ref_dx, ref_dw = reference_conv3x3_backward(dy, x, weight, stride)
+    dweight = conv.direct_weight_grad(x, dy, stride, np.full((9 * in_ch, out_ch), np.nan, dtype))
+    assert_close(dweight.reshape(3, 3, in_ch, out_ch).transpose(3, 2, 0, 1), ref_dw, dtype)
+    if stride == 1 and in_ch % conv.lanes(np.dtype(dtype)) == 0:
+        dx = conv.direct_conv3x3(dy, conv.flipped_matrix(weight), 1, np.full(x.shape, np.nan, dtype))
+        assert_close(dx, ref_dx, dtype)
+
+
+def test_pad_border():
+    x = np.random.default_rng(17).standard_normal((3, 4, 5, 6))
+    padded = conv.pad_border(x, np.full((3, 6, 7, 6), np.nan))
+    np.testing.assert_array_equal(padded, np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
+    mirrored = x[:, :, ::-1]  # strided
+    np.testing.assert_array_equal(conv.pad_border(mirrored, np.empty((3, 6, 7, 6))),
+                                  np.pad(mirrored, ((0, 0), (1, 1), (1, 1), (0, 0))))
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
