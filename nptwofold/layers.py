@@ -1,7 +1,7 @@
 """Layers: hold parameters, gradients, buffers and the forward cache, and call the kernels.
 
-Activations are NHWC inside the engine (contiguous channels suit im2col and the per-channel
-kernels); weights keep the checkpoint layouts (conv OIHW, FC (out, in)). Every layer has an
+Activations are NHWC inside the engine (contiguous channels suit the convolutions' SIMD
+vectors and the per-channel kernels); weights keep the checkpoint layouts (conv OIHW, FC (out, in)). Every layer has an
 explicit `forward(x)` and `backward(dy)`; `backward` fills `grads` and returns dL/dx. Only a
 training forward writes the cache: in inference mode a forward leaves the layer untouched, so
 several image chunks may run through the same model at once (`steps.predict`).

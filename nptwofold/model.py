@@ -1,7 +1,7 @@
 """ResNet-20 for CIFAR (He et al. 2016) built from the layers, with PyTorch parameter names."""
 import numpy as np
 
-from .kernels.elementwise import add_relu_forward, relu_backward
+from .kernels.elementwise import add, add_relu_forward, relu_backward
 from .layers import BatchNorm, Conv3x3, GlobalAvgPool, Linear, Module, ReLU, Sequential, ShortcutA
 
 STAGE_CHANNELS = (16, 32, 64)
@@ -41,7 +41,7 @@ class BasicBlock(Module):
         dsum = relu_backward(dy, self.y)
         dbranch = self.conv1.backward(self.bn1.backward(self.relu1.backward(
             self.conv2.backward(self.bn2.backward(dsum)))))
-        return dbranch + self.shortcut.backward(dsum)
+        return add(dbranch, self.shortcut.backward(dsum))
 
 
 class ResNet20(Module):

@@ -1,15 +1,15 @@
 """The engine's one thread pool, and the thread set-up applied before NumPy and Numba load.
 
 Work is split by images into chunks of a fixed size, `CHUNK_IMAGES`, whatever the thread
-count: every chunk runs im2col, a single-threaded BLAS matmul and single-threaded (nogil)
-Numba kernels on its own images, and anything summed over the batch (weight gradients, batch
-norm statistics) is summed chunk by chunk in chunk order. A chunk's result therefore does not
-depend on which thread computed it, and training is bit-identical at any thread count.
+count: every chunk runs single-threaded (nogil) Numba kernels and, where a kernel falls back
+to im2col, single-threaded BLAS matmuls on its own images, and anything summed over the batch
+(weight gradients, batch norm statistics) is summed chunk by chunk in chunk order. A chunk's
+result therefore does not depend on which thread computed it, and training is bit-identical
+at any thread count.
 
 One pool only: Python threads, which spend nearly all their time in code that has released
 the GIL. BLAS and Numba are each held to one thread, so no two pools spin against each
-other; a chunk of 8 images also keeps the skinny im2col matrices in cache, which is worth
-about 2x on the matmuls over one batch-sized matrix.
+other; a chunk of 8 images also keeps its activations in the core's L2 cache.
 """
 import itertools
 import os

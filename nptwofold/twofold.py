@@ -52,6 +52,7 @@ from .kernels.loss import softmax_cross_entropy
 from .layers import WeightLayer
 from .options import at_least, between, check_fields, option
 from .steps import evaluate
+from .threads import run_parallel
 
 BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 LFSR_STREAM = 2  # random stream (seed, 2, layer index) picks each layer's LFSR seed
@@ -206,34 +207,49 @@ class Twofold:
 
     def regularize(self):
         """Adds the Reg_Net, Reg_Bit and energy regularizer gradients to the layers' grads;
-        returns their values."""
-        totals = {"reg_net": 0.0, "reg_bit": 0.0, "reg_energy": 0.0}
+        returns their values.
+
+        The layers are independent, so they run on the pool, one task per layer; the values
+        are summed in layer order afterwards, the same at any thread count."""
         if self.config.lambda_energy and self.activity is None:
             self.measure_activity()
-        encoding = self.config.weight_encoding
-        for name, layer in self.layers.items():
-            bits, scale = layer.params["weight_bits"], layer.buffers["weight_scale"][0]
-            if self.config.lambda_net:
-                value, dweight = reg_net(layer.weight, self.keep_mask(name), self.config.lambda_net)
-                # Reg_Net acts on W = s q / qmax, so its gradient reaches the bits the STE way
-                bits_backward(bits, scale, dweight, layer.dropped_planes, encoding,
-                              out=layer.grads["weight_bits"])
-                totals["reg_net"] += value
-            if self.config.beta_bit:
-                value, dbits = self.reg_bit(name)
-                layer.grads["weight_bits"] += dbits
-                totals["reg_bit"] += value
-            if self.config.lambda_energy:
-                value, dweight = energy_regularizer(
-                    self.levels(name), self.activity[name], self.energy_table, scale,
-                    layer.dropped_planes, self.config.lambda_energy / self.energy_reference,
-                    bits.dtype)
-                # straight through the rounding to W, then to the bits like Reg_Net's, so the
-                # relaxed bits cannot absorb it (docs/energy-regularizer.md)
-                bits_backward(bits, scale, dweight, layer.dropped_planes, encoding,
-                              out=layer.grads["weight_bits"])
-                totals["reg_energy"] += value
+        names = list(self.layers)
+        values = [None] * len(names)
+
+        def regularize_layer(index):
+            values[index] = self._regularize_layer(names[index])
+
+        run_parallel(regularize_layer, len(names))
+        totals = {"reg_net": 0.0, "reg_bit": 0.0, "reg_energy": 0.0}
+        for layer_values in values:
+            for key, value in layer_values.items():
+                totals[key] += value
         return totals
+
+    def _regularize_layer(self, name):
+        layer = self.layers[name]
+        encoding = self.config.weight_encoding
+        bits, scale = layer.params["weight_bits"], layer.buffers["weight_scale"][0]
+        values = {}
+        if self.config.lambda_net:
+            values["reg_net"], dweight = reg_net(layer.weight, self.keep_mask(name),
+                                                 self.config.lambda_net)
+            # Reg_Net acts on W = s q / qmax, so its gradient reaches the bits the STE way
+            bits_backward(bits, scale, dweight, layer.dropped_planes, encoding,
+                          out=layer.grads["weight_bits"])
+        if self.config.beta_bit:
+            values["reg_bit"], dbits = self.reg_bit(name)
+            layer.grads["weight_bits"] += dbits
+        if self.config.lambda_energy:
+            values["reg_energy"], dweight = energy_regularizer(
+                self.levels(name), self.activity[name], self.energy_table, scale,
+                layer.dropped_planes, self.config.lambda_energy / self.energy_reference,
+                bits.dtype)
+            # straight through the rounding to W, then to the bits like Reg_Net's, so the
+            # relaxed bits cannot absorb it (docs/energy-regularizer.md)
+            bits_backward(bits, scale, dweight, layer.dropped_planes, encoding,
+                          out=layer.grads["weight_bits"])
+        return values
 
     def reg_bit(self, name):
         """(Reg_Bit, its gradient on the planes) of a layer, over its cell planes."""

@@ -16,7 +16,7 @@ from nptwofold.kernels import conv
 from nptwofold.kernels.conv import (col2im_3x3, conv3x3_backward, conv3x3_forward, im2col_3x3,
                                     im2col_batch, im2col_column_sums, im2col_rows,
                                     rows_matmul)
-from nptwofold.kernels.elementwise import (add_relu_forward, global_avg_pool_backward,
+from nptwofold.kernels.elementwise import (add, add_relu_forward, global_avg_pool_backward,
                                            global_avg_pool_forward, relu_backward, relu_forward,
                                            shortcut_a_backward, shortcut_a_forward)
 from nptwofold.kernels.linear import linear_backward, linear_forward
@@ -521,6 +521,9 @@ def test_add_relu_forward(shape, dtype):
     y = add_relu_forward(a, b)
     assert y.dtype == dtype and y.shape == shape
     np.testing.assert_array_equal(y, np.maximum(a + b, 0))
+    total = add(a, b)
+    assert total.dtype == dtype and total.shape == shape
+    np.testing.assert_array_equal(total, a + b)
 
 
 # (N, H, W, Cin, Cout): the ResNet cases 16->32, 32->64 and odd spatial sizes

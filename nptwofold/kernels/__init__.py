@@ -2,9 +2,9 @@
 
     from nptwofold.kernels import conv3x3_forward, quantize, decompose, lfsr_keep_mask
 
-Each module keeps one topic: conv (im2col + BLAS), batchnorm, elementwise (ReLU, option-A
-shortcut, pooling), linear, loss, optim (SGD), augment, quant (scale, quantize, bit planes),
-regularizers (Reg_Net, Reg_Bit), lfsr (keep-masks) and cim (bit-serial crossbar simulation).
+Each module keeps one topic: conv (register-blocked 3x3 convolutions, im2col), simd (the
+SIMD register blocks they use), batchnorm, elementwise (ReLU, option-A shortcut, pooling),
+linear, loss, optim (SGD), augment, quant (scale, quantize, bit planes), regularizers (Reg_Net, Reg_Bit), lfsr (keep-masks) and cim (bit-serial crossbar simulation).
 """
 from .augment import crop_flip_to_float, to_float
 from .batchnorm import batchnorm_backward, batchnorm_forward_train, channel_affine

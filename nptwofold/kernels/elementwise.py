@@ -1,6 +1,6 @@
 """Element-wise and reshaping kernels of ResNet-20: ReLU, option-A shortcut, global average pool.
 
-The ReLU kernels run on the engine's thread pool over the fixed image chunks; the shortcut
+The ReLU and add kernels run on the engine's thread pool over the fixed image chunks; the shortcut
 and the pooling move little memory and run on the calling thread.
 """
 import numba
@@ -20,6 +20,12 @@ def _relu(x, y):
 def _relu_grad(dy, y, dx):
     for i in range(dy.size):
         dx[i] = dy[i] if y[i] > 0 else 0.0
+
+
+@numba.njit(nogil=True, cache=True)
+def _add(a, b, y):
+    for i in range(a.size):
+        y[i] = a[i] + b[i]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -49,6 +55,11 @@ def relu_forward(x):
 def relu_backward(dy, y):
     """The ReLU output alone decides where the gradient passes (y > 0)."""
     return _map_chunks(_relu_grad, dy, y)
+
+
+def add(a, b):
+    """a + b on the pool (a residual block's two input gradients)."""
+    return _map_chunks(_add, a, b)
 
 
 def add_relu_forward(a, b):

@@ -25,7 +25,7 @@ def _check_coefficient(name, value, upper=math.inf):
     return value
 
 
-@numba.njit(cache=True)
+@numba.njit(nogil=True, cache=True)
 def _cut_weight_norm_kernel(weights, keep_mask, strength):
     sum_sq = 0.0
     for i in range(weights.size):
@@ -40,7 +40,7 @@ def _cut_weight_norm_kernel(weights, keep_mask, strength):
     return strength * norm, grad
 
 
-@numba.njit(cache=True)
+@numba.njit(nogil=True, cache=True)
 def _bit_count_norm_kernel(bits, strength):
     planes, size = bits.shape
     bit_counts = np.zeros(size)
@@ -58,7 +58,7 @@ def _bit_count_norm_kernel(bits, strength):
     return strength * norm, grad
 
 
-@numba.njit(cache=True)
+@numba.njit(nogil=True, cache=True)
 def _plane_norms_kernel(bits, strength):
     planes, size = bits.shape
     norm_sum = 0.0
