@@ -14,8 +14,9 @@ from helpers import REPO
 from nptwofold.threads import CHUNK_IMAGES, image_chunks, run_parallel, scratch
 
 
-# 5 Nesterov-SGD steps of ResNet-20 on 20 augmented sample images (chunks of 8, 8 and 4);
-# prints the losses and a digest of every weight, buffer and momentum buffer
+# 5 Nesterov-SGD steps of ResNet-20 on 20 augmented sample images (chunks of 8, 8 and 4), plain
+# or with the Twofold method (argument 2); prints the losses and a digest of every weight,
+# buffer and momentum buffer
 TRAIN_FIVE_STEPS = """
 import hashlib, json, sys
 from nptwofold.threads import configure_threads
@@ -26,17 +27,21 @@ from nptwofold.kernels.augment import crop_flip_to_float
 from nptwofold.model import ResNet20
 from nptwofold.optim import SGD
 from nptwofold.steps import train_step
+from nptwofold.twofold import Twofold, TwofoldConfig
 rng = np.random.default_rng(7)
 data = load_sample()
 model = ResNet20(rng)
-optimizer = SGD(model, momentum=0.9, weight_decay=5e-4, nesterov=True)
+method = Twofold(model, TwofoldConfig(sparsity=0.5), seed=0) if sys.argv[2] == "twofold" else None
+optimizer = SGD(model, momentum=0.9, weight_decay=5e-4, nesterov=True,
+                no_decay=method.bit_parameter_names() if method else ())
 losses = []
 for step in range(5):
     index = rng.integers(0, len(data.train_labels), 20)
     offsets = rng.integers(0, 9, size=(2, 20))
     images = crop_flip_to_float(data.train_images[index], offsets[0], offsets[1],
                                 rng.random(20) < 0.5)
-    losses.append(float(train_step(model, optimizer, images, data.train_labels[index], 0.1)[0]))
+    losses.append(float(train_step(model, optimizer, images, data.train_labels[index], 0.1,
+                                   method=method)[0]))
 digest = hashlib.sha256()
 for name, value in model.state_arrays():
     digest.update(name.encode() + np.ascontiguousarray(value).tobytes())
@@ -46,15 +51,16 @@ print(json.dumps({"losses": losses, "digest": digest.hexdigest()}))
 """
 
 
-def train_five_steps(threads):
-    result = subprocess.run([sys.executable, "-c", TRAIN_FIVE_STEPS, str(threads)], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
+def train_five_steps(threads, method):
+    result = subprocess.run([sys.executable, "-c", TRAIN_FIVE_STEPS, str(threads), method],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
-def test_training_is_bit_identical_at_1_2_and_4_threads():
-    runs = {threads: train_five_steps(threads) for threads in (1, 2, 4)}
+@pytest.mark.parametrize("method", ["plain", "twofold"])
+def test_training_is_bit_identical_at_1_2_and_4_threads(method):
+    runs = {threads: train_five_steps(threads, method) for threads in (1, 2, 4)}
     assert all(np.isfinite(runs[1]["losses"]))
     for threads in (2, 4):
         assert runs[threads]["losses"] == runs[1]["losses"], threads
