@@ -15,7 +15,7 @@ def conv_bn_forward(conv, bn, x, relu=None):
     if conv.training or conv.forward_op is not None:
         y = bn.forward(conv.forward(x))
         return y if relu is None else relu.forward(y)
-    return conv.folded_forward(x, *bn.inference_affine(x.dtype), relu is not None)
+    return conv.folded_forward(x, bn, relu is not None)
 
 
 class BasicBlock(Module):

@@ -39,7 +39,8 @@ def predict(model, images):
         start, stop = chunks[index]
         logits[index] = model.forward(to_float(images[start:stop]))
 
-    run_parallel(forward_chunk, len(chunks))
+    with model.fixed_weights():
+        run_parallel(forward_chunk, len(chunks))
     return np.concatenate(logits)
 
 

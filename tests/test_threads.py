@@ -170,3 +170,17 @@ def test_inference_with_folded_batch_norm_matches_the_layer_by_layer_forward():
         conv.use_forward_op(lambda layer, inputs: layer.own_forward(inputs))
     layer_by_layer = model.forward(x)
     np.testing.assert_allclose(folded, layer_by_layer, rtol=1e-10, atol=1e-10)
+
+
+def test_predict_folds_once_per_call_and_sees_weights_changed_between_calls():
+    from nptwofold.data import load_sample
+    from nptwofold.kernels.augment import to_float
+    from nptwofold.model import ResNet20
+    from nptwofold.steps import predict
+    model = ResNet20(np.random.default_rng(5))
+    images = load_sample().test_images[:20]
+    predict(model, images)
+    assert all(module.derived is None for _, module in model.named_modules())
+    getattr(model.layer2, "0").conv1.params["weight"] *= -2.0  # in place, as SGD does
+    changed = predict(model, images)  # folds the changed weight, not the first call's
+    np.testing.assert_allclose(changed, model.forward(to_float(images)), rtol=1e-5, atol=1e-5)

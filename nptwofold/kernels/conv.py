@@ -324,7 +324,13 @@ def _add_shift(rows, shift, relu):
 
 
 def conv3x3_forward(x, weight_oihw, stride, shift=None, relu=False):
-    """NHWC output of the convolution, image chunk by image chunk on the pool.
+    """NHWC output of the convolution of x with an OIHW weight (`conv3x3_matrix_forward`)."""
+    return conv3x3_matrix_forward(x, weight_as_matrix(weight_oihw), stride, shift, relu)
+
+
+def conv3x3_matrix_forward(x, matrix, stride, shift=None, relu=False):
+    """NHWC output of the convolution with a (9*Cin, Cout) weight matrix, image chunk by image
+    chunk on the pool.
 
     Register-blocked (`direct_conv3x3`) where Cout fills whole SIMD vectors; otherwise im2col
     into per-thread scratch arrays and a BLAS matmul per block. `shift` (Cout,) is added per
@@ -334,7 +340,6 @@ def conv3x3_forward(x, weight_oihw, stride, shift=None, relu=False):
     """
     n_img, height, width, in_ch = x.shape
     out_h, out_w = conv_output_size(height, stride), conv_output_size(width, stride)
-    matrix = weight_as_matrix(weight_oihw)
     y = np.empty((n_img, out_h, out_w, matrix.shape[1]), dtype=x.dtype)
     chunks = image_chunks(n_img)
     direct = _vectors(matrix.shape[1], x.dtype) > 0
