@@ -15,8 +15,7 @@ from .kernels.batchnorm import batchnorm_backward, batchnorm_forward_train, chan
 from .kernels.conv import (conv3x3_backward, conv3x3_forward, conv3x3_matrix_forward,
                            weight_as_matrix)
 from .kernels.elementwise import (global_avg_pool_backward, global_avg_pool_forward,
-                                  relu_backward, relu_forward, shortcut_a_backward,
-                                  shortcut_a_forward)
+                                  relu_forward, shortcut_a_backward, shortcut_a_forward)
 from .kernels.linear import linear_backward, linear_forward
 from .kernels.quant import bits_backward, bits_forward, decompose, quantize
 
@@ -174,16 +173,17 @@ class Conv3x3(WeightLayer):
             self.x, self.weight = x, weight
         return conv3x3_forward(x, weight, self.stride)
 
-    def folded_forward(self, x, batchnorm, relu):
-        """Inference: relu?(batchnorm(conv(x))), the batch norm's scale folded into the weight
-        matrix and its shift added to the output (kept while the weights are fixed)."""
+    def folded_forward(self, x, batchnorm):
+        """Inference: batchnorm(conv(x)) (with its ReLU), the batch norm's scale folded into
+        the weight matrix and its shift added to the output (kept while the weights are
+        fixed)."""
         folded = self.derived.get("folded") if self.derived is not None else None
         if folded is None:
             scale, shift = batchnorm.inference_affine(x.dtype)
             folded = weight_as_matrix(self.effective_weight() * scale[:, None, None, None]), shift
             if self.derived is not None:
                 self.derived["folded"] = folded
-        return conv3x3_matrix_forward(x, folded[0], self.stride, folded[1], relu)
+        return conv3x3_matrix_forward(x, folded[0], self.stride, folded[1], batchnorm.relu)
 
     def backward(self, dy):
         dx, dweight = conv3x3_backward(dy, self.x, self.weight, self.stride,
@@ -193,9 +193,10 @@ class Conv3x3(WeightLayer):
 
 
 class BatchNorm(Module):
-    """Batch norm over channels with running statistics (PyTorch momentum/eps conventions)."""
+    """Batch norm over channels with running statistics (PyTorch momentum/eps conventions),
+    followed by a ReLU if `relu` (fused into the same passes over memory)."""
 
-    def __init__(self, channels, dtype=np.float32, momentum=0.1, eps=1e-5):
+    def __init__(self, channels, dtype=np.float32, momentum=0.1, eps=1e-5, relu=False):
         super().__init__()
         self.momentum = momentum
         self.eps = eps
@@ -205,6 +206,7 @@ class BatchNorm(Module):
         self.buffers["running_mean"] = np.zeros(channels, dtype)
         self.buffers["running_var"] = np.ones(channels, dtype)
         self.buffers["num_batches_tracked"] = np.zeros((), np.int64)
+        self.relu = relu
 
     def inference_affine(self, dtype):
         """(scale, shift) per channel of the inference-mode normalisation, y = x scale + shift."""
@@ -215,8 +217,12 @@ class BatchNorm(Module):
     def forward(self, x):
         gamma, beta = self.params["weight"], self.params["bias"]
         if not self.training:
-            return channel_affine(x, *self.inference_affine(x.dtype))
-        y, self.xhat, mean, var, self.inv_std = batchnorm_forward_train(x, gamma, beta, self.eps)
+            y = channel_affine(x, *self.inference_affine(x.dtype))
+            return relu_forward(y) if self.relu else y
+        y, mean, var, inv_std = batchnorm_forward_train(x, gamma, beta, self.eps, self.relu)
+        # the backward recomputes xhat from x; y (kept anyway as the next layer's input) is the
+        # ReLU's mask
+        self.x, self.y, self.mean, self.inv_std = x, y if self.relu else None, mean, inv_std
         rows = x.size // x.shape[-1]
         unbiased_var = var * rows / max(rows - 1, 1)
         self.buffers["running_mean"] += self.momentum * (mean - self.buffers["running_mean"])
@@ -226,19 +232,9 @@ class BatchNorm(Module):
 
     def backward(self, dy):
         dx, self.grads["weight"][...], self.grads["bias"][...] = batchnorm_backward(
-            dy, self.xhat, self.params["weight"], self.inv_std)
-        self.xhat = None
+            dy, self.x, self.mean, self.inv_std, self.params["weight"], self.y)
+        self.x = self.y = None
         return dx
-
-
-class ReLU(Module):
-    def forward(self, x):
-        y = relu_forward(x)
-        self.y = y if self.training else None
-        return y
-
-    def backward(self, dy):
-        return relu_backward(dy, self.y)
 
 
 class ShortcutA(Module):

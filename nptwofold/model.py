@@ -2,45 +2,43 @@
 import numpy as np
 
 from .kernels.elementwise import add, add_relu_forward, relu_backward
-from .layers import BatchNorm, Conv3x3, GlobalAvgPool, Linear, Module, ReLU, Sequential, ShortcutA
+from .layers import BatchNorm, Conv3x3, GlobalAvgPool, Linear, Module, Sequential, ShortcutA
 
 STAGE_CHANNELS = (16, 32, 64)
 BLOCKS_PER_STAGE = 3  # 6n+2 layers with n = 3 gives ResNet-20
 
 
-def conv_bn_forward(conv, bn, x, relu=None):
-    """conv -> batch norm (-> relu). In inference the batch norm is folded into the convolution
-    and the ReLU applied to its output blocks (one pass instead of three), unless a forward
-    hook (the CIM simulator) owns the convolution."""
+def conv_bn_forward(conv, bn, x):
+    """conv -> batch norm (-> its ReLU). In inference the batch norm is folded into the
+    convolution and the ReLU applied to its output blocks (one pass instead of three), unless a
+    forward hook (the CIM simulator) owns the convolution."""
     if conv.training or conv.forward_op is not None:
-        y = bn.forward(conv.forward(x))
-        return y if relu is None else relu.forward(y)
-    return conv.folded_forward(x, bn, relu is not None)
+        return bn.forward(conv.forward(x))
+    return conv.folded_forward(x, bn)
 
 
 class BasicBlock(Module):
-    """conv-bn-relu-conv-bn, plus the option-A shortcut, then ReLU."""
+    """conv-bn-relu-conv-bn (the first ReLU fused into its batch norm), plus the option-A
+    shortcut, then ReLU."""
 
     def __init__(self, in_channels, out_channels, stride, rng, dtype):
         super().__init__()
         self.conv1 = Conv3x3(in_channels, out_channels, stride, rng, dtype)
-        self.bn1 = BatchNorm(out_channels, dtype)
-        self.relu1 = ReLU()
+        self.bn1 = BatchNorm(out_channels, dtype, relu=True)
         self.conv2 = Conv3x3(out_channels, out_channels, 1, rng, dtype)
         self.bn2 = BatchNorm(out_channels, dtype)
         self.shortcut = ShortcutA(in_channels, out_channels, stride)
 
     def forward(self, x):
-        branch = conv_bn_forward(self.conv2, self.bn2,
-                                 conv_bn_forward(self.conv1, self.bn1, x, self.relu1))
+        branch = conv_bn_forward(self.conv2, self.bn2, conv_bn_forward(self.conv1, self.bn1, x))
         y = add_relu_forward(branch, self.shortcut.forward(x))
         self.y = y if self.training else None  # inference keeps no activations
         return y
 
     def backward(self, dy):
         dsum = relu_backward(dy, self.y)
-        dbranch = self.conv1.backward(self.bn1.backward(self.relu1.backward(
-            self.conv2.backward(self.bn2.backward(dsum)))))
+        dbranch = self.conv1.backward(self.bn1.backward(self.conv2.backward(
+            self.bn2.backward(dsum))))
         return add(dbranch, self.shortcut.backward(dsum))
 
 
@@ -50,8 +48,7 @@ class ResNet20(Module):
     def __init__(self, rng, num_classes=10, dtype=np.float32):
         super().__init__()
         self.conv1 = Conv3x3(3, STAGE_CHANNELS[0], 1, rng, dtype, first=True)
-        self.bn1 = BatchNorm(STAGE_CHANNELS[0], dtype)
-        self.relu = ReLU()
+        self.bn1 = BatchNorm(STAGE_CHANNELS[0], dtype, relu=True)
         in_channels = STAGE_CHANNELS[0]
         for stage, channels in enumerate(STAGE_CHANNELS, start=1):
             blocks = []
@@ -64,11 +61,11 @@ class ResNet20(Module):
         self.fc = Linear(STAGE_CHANNELS[-1], num_classes, rng, dtype)
 
     def forward(self, x):
-        x = conv_bn_forward(self.conv1, self.bn1, x, self.relu)
+        x = conv_bn_forward(self.conv1, self.bn1, x)
         x = self.layer3.forward(self.layer2.forward(self.layer1.forward(x)))
         return self.fc.forward(self.pool.forward(x))
 
     def backward(self, dlogits):
         dx = self.layer1.backward(self.layer2.backward(self.layer3.backward(
             self.pool.backward(self.fc.backward(dlogits)))))
-        self.conv1.backward(self.bn1.backward(self.relu.backward(dx)))
+        self.conv1.backward(self.bn1.backward(dx))

@@ -1,8 +1,15 @@
-"""Batch normalisation over the channel (last) axis of NHWC activations or (rows, C) matrices.
+"""Batch normalisation over the channel (last) axis of NHWC activations or (rows, C) matrices,
+optionally followed by a ReLU in the same passes.
 
 The work is split by the fixed image chunks of `threads.image_chunks` (the first axis).
 Channel sums are taken per chunk in float64 and added in chunk order, so the statistics do
 not depend on the thread count: a resumed run reproduces a straight one exactly.
+
+Training goes over memory as few times as the sums allow: the forward reads x twice (the
+statistics, then the normalisation and the ReLU) and writes y once; the backward recomputes
+xhat = (x - mean) / std from x instead of keeping it, and applies the ReLU's mask (y > 0)
+while it reads dy, in two passes (the two gradient sums, then dx). A separate ReLU layer
+and a stored xhat took three more passes forward and two more backward.
 """
 import numba
 import numpy as np
@@ -25,12 +32,28 @@ def channel_moments(a, b):
 
 
 @numba.njit(nogil=True, cache=True)
-def _normalise(x, mean, inv_std, gamma, beta, y, xhat):
+def _normalise(x, mean, inv_std, gamma, beta, relu, y):
     rows, chans = x.shape
     for i in range(rows):
         for c in range(chans):
-            xhat[i, c] = (x[i, c] - mean[c]) * inv_std[c]
-            y[i, c] = xhat[i, c] * gamma[c] + beta[c]
+            value = (x[i, c] - mean[c]) * inv_std[c] * gamma[c] + beta[c]
+            y[i, c] = value if value > 0 or not relu else 0.0
+
+
+@numba.njit(nogil=True, cache=True)
+def _gradient_moments(dy, x, y, mean, inv_std, relu):
+    """Per channel (sum of g, sum of g * xhat) in float64, where g is dy masked by the ReLU
+    (y > 0) if `relu`, else dy (then y is not read)."""
+    rows, chans = dy.shape
+    sum_g = np.zeros(chans)
+    sum_g_xhat = np.zeros(chans)
+    for i in range(rows):
+        for c in range(chans):
+            g = dy[i, c] if not relu or y[i, c] > 0 else 0.0
+            xhat = (x[i, c] - mean[c]) * inv_std[c]
+            sum_g[c] += g
+            sum_g_xhat[c] += np.float64(g) * xhat  # a float32 product is exact in float64
+    return sum_g, sum_g_xhat
 
 
 @numba.njit(nogil=True, cache=True)
@@ -42,11 +65,13 @@ def _affine(x, scale, shift, y):
 
 
 @numba.njit(nogil=True, cache=True)
-def _batchnorm_input_grad(dy, xhat, coef, dbeta_mean, dgamma_mean, dx):
+def _batchnorm_input_grad(dy, x, y, mean, inv_std, relu, coef, g_mean, g_xhat_mean, dx):
     rows, chans = dy.shape
     for i in range(rows):
         for c in range(chans):
-            dx[i, c] = coef[c] * (dy[i, c] - dbeta_mean[c] - xhat[i, c] * dgamma_mean[c])
+            g = dy[i, c] if not relu or y[i, c] > 0 else 0.0
+            xhat = (x[i, c] - mean[c]) * inv_std[c]
+            dx[i, c] = coef[c] * (g - g_mean[c] - xhat * g_xhat_mean[c])
 
 
 def _chunk_rows(array, start, stop):
@@ -55,7 +80,8 @@ def _chunk_rows(array, start, stop):
 
 
 def _for_each_chunk(kernel, inputs, outputs, *per_channel):
-    """kernel(input rows..., per-channel vectors..., output rows...) on every image chunk."""
+    """kernel(input rows..., per-channel vectors and flags..., output rows...) on every image
+    chunk."""
     chunks = image_chunks(inputs[0].shape[0])
 
     def run_chunk(index):
@@ -66,15 +92,16 @@ def _for_each_chunk(kernel, inputs, outputs, *per_channel):
     run_parallel(run_chunk, len(chunks))
 
 
-def batch_moments(a, b):
-    """channel_moments over the whole batch: per-chunk float64 sums, added in chunk order."""
-    chunks = image_chunks(a.shape[0])
-    partial = np.empty((len(chunks), 2, a.shape[-1]))
+def _sum_chunks(moments, arrays, *scalars):
+    """moments(chunk rows of each array..., *scalars) -> two per-channel float64 sums, over the
+    whole batch: per-chunk sums, added in chunk order."""
+    chunks = image_chunks(arrays[0].shape[0])
+    partial = np.empty((len(chunks), 2, arrays[0].shape[-1]))
 
     def moments_chunk(index):
         start, stop = chunks[index]
-        partial[index, 0], partial[index, 1] = channel_moments(_chunk_rows(a, start, stop),
-                                                               _chunk_rows(b, start, stop))
+        partial[index, 0], partial[index, 1] = moments(
+            *[_chunk_rows(a, start, stop) for a in arrays], *scalars)
 
     run_parallel(moments_chunk, len(chunks))
     total = partial[0].copy()
@@ -83,17 +110,18 @@ def batch_moments(a, b):
     return total[0], total[1]
 
 
-def batchnorm_forward_train(x, gamma, beta, eps):
-    """Normalise with batch statistics. Returns y, xhat, batch mean, biased variance, 1/std."""
+def batchnorm_forward_train(x, gamma, beta, eps, relu=False):
+    """Normalise with batch statistics, then a ReLU if `relu`. Returns y, the batch mean and
+    biased variance (float64) and 1/std (x's dtype)."""
     rows = x.size // x.shape[-1]
-    sum_x, sum_x2 = batch_moments(x, x)
+    sum_x, sum_x2 = _sum_chunks(channel_moments, [x, x])
     mean = sum_x / rows
     # float64 sums keep E[x^2] - E[x]^2 accurate for activations of moderate mean
     var = np.maximum(sum_x2 / rows - mean * mean, 0.0)
     inv_std = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
-    y, xhat = np.empty_like(x), np.empty_like(x)
-    _for_each_chunk(_normalise, [x], [y, xhat], mean.astype(x.dtype), inv_std, gamma, beta)
-    return y, xhat, mean, var, inv_std
+    y = np.empty_like(x)
+    _for_each_chunk(_normalise, [x], [y], mean.astype(x.dtype), inv_std, gamma, beta, relu)
+    return y, mean, var, inv_std
 
 
 def channel_affine(x, scale, shift):
@@ -103,13 +131,17 @@ def channel_affine(x, scale, shift):
     return y
 
 
-def batchnorm_backward(dy, xhat, gamma, inv_std):
-    """Gradients to the input, gamma and beta of a training-mode batch norm."""
+def batchnorm_backward(dy, x, mean, inv_std, gamma, relu_output=None):
+    """Gradients to the input, gamma and beta of a training-mode batch norm from its input x
+    and the forward's mean and 1/std; with the output of a fused ReLU, through the ReLU too."""
     rows = dy.size // dy.shape[-1]
     dtype = dy.dtype
-    dbeta, dgamma = batch_moments(dy, xhat)
+    relu = relu_output is not None
+    y = relu_output if relu else x  # not read without a ReLU (the kernels need an array)
+    mean = mean.astype(dtype)  # as the forward's normalisation used it
+    dbeta, dgamma = _sum_chunks(_gradient_moments, [dy, x, y], mean, inv_std, relu)
     coef = (gamma * inv_std).astype(dtype)
     dx = np.empty_like(dy)
-    _for_each_chunk(_batchnorm_input_grad, [dy, xhat], [dx], coef, (dbeta / rows).astype(dtype),
-                    (dgamma / rows).astype(dtype))
+    _for_each_chunk(_batchnorm_input_grad, [dy, x, y], [dx], mean, inv_std, relu, coef,
+                    (dbeta / rows).astype(dtype), (dgamma / rows).astype(dtype))
     return dx, dgamma.astype(dtype), dbeta.astype(dtype)

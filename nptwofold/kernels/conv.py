@@ -165,7 +165,6 @@ def _direct_conv_kernel(rows, vectors):
                     block = _window_sums(zero_block(source, 1, vectors), padded,
                                          first + ox * pixel_step, pixel_step, matrix)
                     store_block(block, target, target_first + ox * out_ch, out_ch)
-        return out
 
     return conv
 
@@ -208,7 +207,6 @@ def _direct_weight_grad_kernel(rows, vectors):
             for c in range(whole, in_ch):
                 block = _tap_sums(zero_block(target, 1, vectors), padded, dy, ky, kx, c, stride)
                 store_block(block, target, (tap * in_ch + c) * out_ch, out_ch)
-        return out
 
     return weight_grad
 
@@ -232,14 +230,18 @@ def direct_conv3x3(x, matrix, stride, out):
     number of vectors: register-blocked, no im2col."""
     vectors = _vectors(matrix.shape[1], matrix.dtype)
     rows = min(max(1, ACCUMULATOR_VECTORS // vectors), out.shape[2])
-    return _direct_conv_kernel(rows, vectors)(_padded("padded", x), matrix, stride, out)
+    # the compiled closures return nothing: an array returned by a cached Numba closure came
+    # back with the wrong shape, or not at all
+    _direct_conv_kernel(rows, vectors)(_padded("padded", x), matrix, stride, out)
+    return out
 
 
 def direct_weight_grad(x, dy, stride, out):
     """`out` (9*Cin, Cout) = the weight gradient as a matrix, Cout a whole number of vectors."""
     vectors = _vectors(dy.shape[3], dy.dtype)
     rows = min(max(1, ACCUMULATOR_VECTORS // vectors), x.shape[3])
-    return _direct_weight_grad_kernel(rows, vectors)(_padded("padded", x), dy, stride, out)
+    _direct_weight_grad_kernel(rows, vectors)(_padded("padded", x), dy, stride, out)
+    return out
 
 
 def flipped_matrix(weight_oihw):
