@@ -142,12 +142,16 @@ def _window_sums(block, padded, first, pixel_step, matrix):
 
 @functools.cache
 def _direct_conv_kernel(rows, vectors):
-    """conv(padded, matrix, stride, out): `out` (N, Ho, Wo, Cout) = the convolution of the
-    zero-padded input with the (9*Cin, Cout) matrix, `rows` output pixels of a row at a time
-    with their Cout = `vectors` vectors of sums in registers. Compiled once per block shape."""
+    """conv(x, padded, matrix, stride, shift, relu, out): `out` (N, Ho, Wo, Cout) = the
+    convolution of x (copied into `padded`, inside a zero border) with the (9*Cin, Cout)
+    matrix, `rows` output pixels of a row at a time with their Cout = `vectors` vectors of
+    sums in registers; then + `shift` per channel and a ReLU if `relu`, unless shift is empty.
+    One call does all of it: each call from Python takes the GIL back, and at two threads
+    the hand-overs cost more than the Python itself. Compiled once per block shape."""
 
     @numba.njit(nogil=True, cache=True)
-    def conv(padded, matrix, stride, out):
+    def conv(x, padded, matrix, stride, shift, relu, out):
+        pad_border(x, padded)
         _, pad_h, pad_w, in_ch = padded.shape
         n_img, out_h, out_w, out_ch = out.shape
         source, target = padded.reshape(-1), out.reshape(-1)
@@ -165,6 +169,8 @@ def _direct_conv_kernel(rows, vectors):
                     block = _window_sums(zero_block(source, 1, vectors), padded,
                                          first + ox * pixel_step, pixel_step, matrix)
                     store_block(block, target, target_first + ox * out_ch, out_ch)
+        if shift.size:
+            _add_shift(out.reshape(-1, out_ch), shift, relu)
 
     return conv
 
@@ -188,12 +194,14 @@ def _tap_sums(block, padded, dy, ky, kx, channel, stride):
 
 @functools.cache
 def _direct_weight_grad_kernel(rows, vectors):
-    """weight_grad(padded, dy, stride, out): `out` (9*Cin, Cout) = the weight gradient, in
-    blocks of `rows` input channels of one tap by Cout = `vectors` vectors, each summed in
-    registers over all the output pixels. Compiled once per block shape."""
+    """weight_grad(x, padded, dy, stride, out): `out` (9*Cin, Cout) = the weight gradient (x
+    copied into `padded` first), in blocks of `rows` input channels of one tap by Cout =
+    `vectors` vectors, each summed in registers over all the output pixels. Compiled once per
+    block shape."""
 
     @numba.njit(nogil=True, cache=True)
-    def weight_grad(padded, dy, stride, out):
+    def weight_grad(x, padded, dy, stride, out):
+        pad_border(x, padded)
         in_ch = padded.shape[3]
         out_ch = dy.shape[3]
         target = out.reshape(-1)
@@ -219,20 +227,22 @@ def _vectors(channels, dtype):
     return channels // lanes(np.dtype(dtype))
 
 
-def _padded(name, x):
-    """x inside a border of zeros, in a per-thread scratch array."""
+def _padding_scratch(x):
+    """A per-thread array for x inside a border of zeros."""
     n_img, height, width, chans = x.shape
-    return pad_border(x, scratch(name, (n_img, height + 2, width + 2, chans), x.dtype))
+    return scratch("padded", (n_img, height + 2, width + 2, chans), x.dtype)
 
 
-def direct_conv3x3(x, matrix, stride, out):
+def direct_conv3x3(x, matrix, stride, out, shift=None, relu=False):
     """`out` = the convolution of NHWC `x` with the (9*Cin, Cout) `matrix`, Cout a whole
-    number of vectors: register-blocked, no im2col."""
+    number of vectors, then + `shift` per channel (and a ReLU if `relu`) if a shift is given:
+    register-blocked, no im2col."""
     vectors = _vectors(matrix.shape[1], matrix.dtype)
     rows = min(max(1, ACCUMULATOR_VECTORS // vectors), out.shape[2])
+    shift = np.empty(0, x.dtype) if shift is None else shift
     # the compiled closures return nothing: an array returned by a cached Numba closure came
     # back with the wrong shape, or not at all
-    _direct_conv_kernel(rows, vectors)(_padded("padded", x), matrix, stride, out)
+    _direct_conv_kernel(rows, vectors)(x, _padding_scratch(x), matrix, stride, shift, relu, out)
     return out
 
 
@@ -240,7 +250,7 @@ def direct_weight_grad(x, dy, stride, out):
     """`out` (9*Cin, Cout) = the weight gradient as a matrix, Cout a whole number of vectors."""
     vectors = _vectors(dy.shape[3], dy.dtype)
     rows = min(max(1, ACCUMULATOR_VECTORS // vectors), x.shape[3])
-    _direct_weight_grad_kernel(rows, vectors)(_padded("padded", x), dy, stride, out)
+    _direct_weight_grad_kernel(rows, vectors)(x, _padding_scratch(x), dy, stride, out)
     return out
 
 
@@ -346,15 +356,10 @@ def conv3x3_matrix_forward(x, matrix, stride, shift=None, relu=False):
     chunks = image_chunks(n_img)
     direct = _vectors(matrix.shape[1], x.dtype) > 0
 
-    def finish(rows):
-        if shift is not None:
-            _add_shift(rows, shift, relu)
-
     def forward_chunk(index):
         if direct:
             start, stop = chunks[index]
-            direct_conv3x3(x[start:stop], matrix, stride, y[start:stop])
-            finish(y[start:stop].reshape(-1, matrix.shape[1]))
+            direct_conv3x3(x[start:stop], matrix, stride, y[start:stop], shift, relu)
             return
         for start, stop in _blocks(*chunks[index], out_h * out_w * 9 * in_ch):
             patches = scratch("cols", im2col_rows((stop - start, height, width, in_ch), stride),
@@ -362,7 +367,8 @@ def conv3x3_matrix_forward(x, matrix, stride, shift=None, relu=False):
             im2col_3x3(x[start:stop], stride, patches)
             rows = y[start:stop].reshape(patches.shape[0], -1)
             np.matmul(patches, matrix, out=rows)
-            finish(rows)
+            if shift is not None:
+                _add_shift(rows, shift, relu)
 
     run_parallel(forward_chunk, len(chunks))
     return y
