@@ -1,11 +1,11 @@
 """Element-wise and reshaping kernels of ResNet-20: ReLU, option-A shortcut, global average pool.
 
 The ReLU and add kernels run on the engine's thread pool over the fixed image chunks; the shortcut
-and the pooling move little memory and run on the calling thread.
+and the pooling move little memory and run on the calling thread. Every kernel releases the
+GIL: inference runs whole image chunks through the network on several threads at once.
 """
 import numba
 import numpy as np
-from numba import prange
 
 from ..threads import image_chunks, run_parallel
 
@@ -67,14 +67,14 @@ def add_relu_forward(a, b):
     return _map_chunks(_add_relu, a, b)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(nogil=True, cache=True)
 def shortcut_a_forward(x, out_channels):
     """Option-A shortcut: every other pixel, channels zero-padded equally on both sides."""
     n_img, height, width, in_ch = x.shape
     pad = (out_channels - in_ch) // 2
     out_h, out_w = (height + 1) // 2, (width + 1) // 2
     y = np.zeros((n_img, out_h, out_w, out_channels), dtype=x.dtype)
-    for n in prange(n_img):
+    for n in range(n_img):
         for oy in range(out_h):
             for ox in range(out_w):
                 for c in range(in_ch):
@@ -82,12 +82,12 @@ def shortcut_a_forward(x, out_channels):
     return y
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(nogil=True, cache=True)
 def shortcut_a_backward(dy, height, width, in_channels):
     n_img, out_h, out_w, out_ch = dy.shape
     pad = (out_ch - in_channels) // 2
     dx = np.zeros((n_img, height, width, in_channels), dtype=dy.dtype)
-    for n in prange(n_img):
+    for n in range(n_img):
         for oy in range(out_h):
             for ox in range(out_w):
                 for c in range(in_channels):
@@ -95,11 +95,11 @@ def shortcut_a_backward(dy, height, width, in_channels):
     return dx
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(nogil=True, cache=True)
 def global_avg_pool_forward(x):
     n_img, height, width, chans = x.shape
     y = np.zeros((n_img, chans), dtype=x.dtype)
-    for n in prange(n_img):
+    for n in range(n_img):
         for iy in range(height):
             for ix in range(width):
                 for c in range(chans):
@@ -109,12 +109,12 @@ def global_avg_pool_forward(x):
     return y
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(nogil=True, cache=True)
 def global_avg_pool_backward(dy, height, width):
     n_img, chans = dy.shape
     dx = np.empty((n_img, height, width, chans), dtype=dy.dtype)
     scale = 1.0 / (height * width)
-    for n in prange(n_img):
+    for n in range(n_img):
         for iy in range(height):
             for ix in range(width):
                 for c in range(chans):

@@ -1,15 +1,14 @@
 """Fully connected layer y = x W^T + b with W stored (out, in), as in the checkpoint."""
 import numba
 import numpy as np
-from numba import prange
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(nogil=True, cache=True)  # inference calls it from several threads at once
 def linear_forward(x, weight, bias):
     n_rows, in_features = x.shape
     out_features = weight.shape[0]
     y = np.empty((n_rows, out_features), dtype=x.dtype)
-    for n in prange(n_rows):
+    for n in range(n_rows):
         for o in range(out_features):
             acc = bias[o]
             for i in range(in_features):
