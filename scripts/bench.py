@@ -5,8 +5,8 @@ after a warm-up, on real CIFAR-10 images from the embedded sample; also the Twof
 step (bit-plane weights, both regularizers, bit clamping) and its cost relative to a plain
 one: the median ratio of a Twofold step to the plain step timed just before it, over
 alternated pairs (two blocks of steps timed one after the other differed by up to 30 % on a
-noisy machine, either way). The first step of the process is reported separately as the cold start (JIT compile, or
-loading Numba's cache); peak_rss_mb is the peak after the plain model's training, before the
+noisy machine, either way). The first step of the process is reported separately as the cold
+start (JIT compile, or loading Numba's cache); peak_rss_mb is the peak after the plain model's training, before the
 Twofold model is built. `--json` prints one object for scripts that compare runs.
 """
 import json

@@ -275,7 +275,8 @@ def test_register_blocked_kernels(case, dtype):
     dweight = conv.direct_weight_grad(x, dy, stride, np.full((9 * in_ch, out_ch), np.nan, dtype))
     assert_close(dweight.reshape(3, 3, in_ch, out_ch).transpose(3, 2, 0, 1), ref_dw, dtype)
     if stride == 1 and in_ch % conv.lanes(np.dtype(dtype)) == 0:
-        dx = conv.direct_conv3x3(dy, conv.flipped_matrix(weight), 1, np.full(x.shape, np.nan, dtype))
+        dx = conv.direct_conv3x3(dy, conv.flipped_matrix(weight), 1,
+                                 np.full(x.shape, np.nan, dtype))
         assert_close(dx, ref_dx, dtype)
 
 

@@ -4,7 +4,8 @@
 
 Each module keeps one topic: conv (register-blocked 3x3 convolutions, im2col), simd (the
 SIMD register blocks they use), batchnorm, elementwise (ReLU, option-A shortcut, pooling),
-linear, loss, optim (SGD), augment, quant (scale, quantize, bit planes), regularizers (Reg_Net, Reg_Bit), lfsr (keep-masks) and cim (bit-serial crossbar simulation).
+linear, loss, optim (SGD), augment, quant (scale, quantize, bit planes), regularizers
+(Reg_Net, Reg_Bit), lfsr (keep-masks) and cim (bit-serial crossbar simulation).
 """
 from .augment import crop_flip_to_float, to_float
 from .batchnorm import batchnorm_backward, batchnorm_forward_train, channel_affine
