@@ -8,7 +8,7 @@ import numba
 import numpy as np
 import pytest
 
-from nptwofold.kernels.simd import fma_broadcast, lanes, store_block, zero_block
+from nptwofold.kernels.simd import add_row_vector, fma_broadcast, lanes, store_block, zero_block
 
 
 @functools.cache
@@ -53,6 +53,33 @@ def test_blocks_match_loops(dtype, rows, vectors):
     expected = reference(rows, vectors, a, a_starts, a_step, b, b_starts,
                          np.full(size, np.nan, dtype), out_start, row_step)
     np.testing.assert_array_equal(out, expected)
+
+
+@functools.cache
+def shifted_block_kernel(rows, vectors):
+    @numba.njit
+    def run(a, b, shift, relu, out, row_step):
+        block = fma_broadcast(zero_block(out, rows, vectors), a, 0, 1, b, 0)
+        store_block(add_row_vector(block, shift, relu), out, 0, row_step)
+
+    return run
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows, vectors", [(1, 1), (3, 2), (4, 4)])
+def test_add_row_vector_shifts_every_row_then_clips(dtype, rows, vectors, relu):
+    rng = np.random.default_rng(rows + 7 * vectors)
+    width = vectors * lanes(np.dtype(dtype))
+    a = rng.integers(-4, 5, size=rows).astype(dtype)
+    b = rng.integers(-4, 5, size=width).astype(dtype)
+    shift = rng.integers(-6, 7, size=width).astype(dtype)
+    out = np.full(rows * width, np.nan, dtype)
+    shifted_block_kernel(rows, vectors)(a, b, shift, relu, out, width)
+    expected = a[:, None] * b[None, :] + shift[None, :]
+    if relu:
+        expected = np.where(expected > 0, expected, 0.0)
+    np.testing.assert_array_equal(out.reshape(rows, width), expected)
 
 
 def test_lanes_fill_64_bytes():

@@ -28,7 +28,7 @@ import numba
 import numpy as np
 
 from ..threads import image_chunks, run_parallel, scratch
-from .simd import fma_broadcast, lanes, store_block, zero_block
+from .simd import add_row_vector, fma_broadcast, lanes, store_block, zero_block
 
 BLOCK_VALUES = 2 * 32 * 32 * 9 * 16
 ROWS_PER_MATMUL = 2048  # rows of a whole-batch matmul per task
@@ -145,7 +145,8 @@ def _direct_conv_kernel(rows, vectors):
     """conv(x, padded, matrix, stride, shift, relu, out): `out` (N, Ho, Wo, Cout) = the
     convolution of x (copied into `padded`, inside a zero border) with the (9*Cin, Cout)
     matrix, `rows` output pixels of a row at a time with their Cout = `vectors` vectors of
-    sums in registers; then + `shift` per channel and a ReLU if `relu`, unless shift is empty.
+    sums in registers, to which `shift` is added per channel (then a ReLU if `relu`) before
+    they are stored, unless shift is empty.
     One call does all of it: each call from Python takes the GIL back, and at two threads
     the hand-overs cost more than the Python itself. Compiled once per block shape."""
 
@@ -157,6 +158,7 @@ def _direct_conv_kernel(rows, vectors):
         source, target = padded.reshape(-1), out.reshape(-1)
         pixel_step = stride * in_ch
         whole = out_w - out_w % rows
+        shifted = shift.size > 0
         for n in range(n_img):
             for oy in range(out_h):
                 first = (n * pad_h + oy * stride) * pad_w * in_ch
@@ -164,13 +166,15 @@ def _direct_conv_kernel(rows, vectors):
                 for ox in range(0, whole, rows):
                     block = _window_sums(zero_block(source, rows, vectors), padded,
                                          first + ox * pixel_step, pixel_step, matrix)
+                    if shifted:
+                        block = add_row_vector(block, shift, relu)
                     store_block(block, target, target_first + ox * out_ch, out_ch)
                 for ox in range(whole, out_w):
                     block = _window_sums(zero_block(source, 1, vectors), padded,
                                          first + ox * pixel_step, pixel_step, matrix)
+                    if shifted:
+                        block = add_row_vector(block, shift, relu)
                     store_block(block, target, target_first + ox * out_ch, out_ch)
-        if shift.size:
-            _add_shift(out.reshape(-1, out_ch), shift, relu)
 
     return conv
 

@@ -13,7 +13,12 @@ needs are LLVM IR intrinsics:
 - `fma_broadcast(block, a, a_start, a_step, b, b_start)`: block[r][v] += a[a_start + r*a_step]
   * b[b_start + v*lanes : ...+lanes], for every row r and vector v (a, b: flat arrays);
 - `store_block(block, out, start, row_step)`: out[start + r*row_step + v*lanes : ...] =
-  block[r][v].
+  block[r][v];
+
+and one that finishes a block before it is stored:
+
+- `add_row_vector(block, values, relu)`: block[r][v] += values[v*lanes : (v+1)*lanes] for every
+  row r (a per-channel shift), then max(., 0) if `relu` (NaN gives 0, as `x if x > 0`).
 
 `rows` and `vectors` must be compile-time constants (a kernel factory's closure variables).
 Indices are not bounds-checked: the caller's loops guarantee them. 64-byte vectors are
@@ -115,6 +120,32 @@ def fma_broadcast(typingctx, block, a, a_start, a_step, b, b_start):
         return tiles
 
     return block(block, a, a_start, a_step, b, b_start), codegen
+
+
+@intrinsic
+def add_row_vector(typingctx, block, values, relu):
+    if not (isinstance(block, VectorBlock) and _is_flat_float_array(values)
+            and values.dtype == block.dtype and isinstance(relu, types.Boolean)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        tiles, values_array, clamp = args
+        vector = _vector_type(block.dtype)
+        index_type = context.get_value_type(types.intp)
+        zero = ir.Constant(vector, None)
+        clamp = builder.trunc(clamp, ir.IntType(1)) if clamp.type != ir.IntType(1) else clamp
+        for v in range(block.vectors):
+            address = _address(context, builder, signature.args[1], values_array,
+                               ir.Constant(index_type, v * vector.count))
+            shift = builder.load(builder.bitcast(address, vector.as_pointer()), align=1)
+            for r in range(block.rows):
+                slot = r * block.vectors + v
+                total = builder.fadd(builder.extract_value(tiles, slot), shift)
+                clipped = builder.select(builder.fcmp_ordered(">", total, zero), total, zero)
+                tiles = builder.insert_value(tiles, builder.select(clamp, clipped, total), slot)
+        return tiles
+
+    return block(block, values, relu), codegen
 
 
 @intrinsic
