@@ -6,8 +6,8 @@ broadcasts a few input values and does one fused multiply-add per (value, vector
 LLVM does not turn loops over a small accumulator array into that: it keeps the array in
 memory or does not vectorize it (docs/engine.md). So the tile is a `VectorBlock` here, one
 LLVM value of `rows x vectors` SIMD vectors of 64 bytes (16 float32 or 8 float64 lanes),
-which the register allocator keeps in registers, and the three operations that such a kernel
-needs are LLVM IR intrinsics:
+which the register allocator keeps in registers, and the operations that such a kernel needs
+are LLVM IR intrinsics:
 
 - `zero_block(like, rows, vectors)`: a block of zeros of `like`'s dtype;
 - `fma_broadcast(block, a, a_start, a_step, b, b_start)`: block[r][v] += a[a_start + r*a_step]
