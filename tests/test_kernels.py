@@ -257,12 +257,14 @@ def test_conv3x3_backward(case, dtype, need_input_grad):
 DIRECT_CASES = [case for case in CONV_CASES if case[4] % 16 == 0]
 
 
+@pytest.mark.parametrize("accumulators", [16, 4])  # with AVX-512, and without
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", DIRECT_CASES)
-def test_register_blocked_kernels(case, dtype):
+def test_register_blocked_kernels(case, dtype, accumulators, monkeypatch):
     """The direct kernels themselves (the layer's functions fall back to im2col silently):
     forward, weight gradient and, as the convolution of dy with the flipped weights, the
     stride-1 input gradient."""
+    monkeypatch.setattr(conv, "ACCUMULATOR_VECTORS", accumulators)
     x, weight, stride, rng = conv_inputs(case, dtype, seed=16)
     out_ch, in_ch = weight.shape[:2]
     matrix = conv.weight_as_matrix(weight)

@@ -26,13 +26,17 @@ import functools
 
 import numba
 import numpy as np
+from llvmlite.binding import get_host_cpu_features
 
 from ..threads import image_chunks, run_parallel, scratch
 from .simd import add_row_vector, fma_broadcast, lanes, store_block, zero_block
 
 BLOCK_VALUES = 2 * 32 * 32 * 9 * 16
 ROWS_PER_MATMUL = 2048  # rows of a whole-batch matmul per task
-ACCUMULATOR_VECTORS = 16  # a direct kernel's sums in registers (of AVX-512's 32)
+# Vectors of sums a direct kernel keeps in registers: 16 of AVX-512's 32. Without AVX-512 a
+# 64-byte vector takes two of AVX2's 16 registers; there 4 measured fastest (16 spilled, 44-57
+# against 59-67 GFLOP/s; docs/engine.md). Either way the sums are the same, in the same order.
+ACCUMULATOR_VECTORS = 16 if get_host_cpu_features().get("avx512f", False) else 4
 
 
 @numba.njit(cache=True)
