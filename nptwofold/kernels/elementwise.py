@@ -1,8 +1,9 @@
 """Element-wise and reshaping kernels of ResNet-20: ReLU, option-A shortcut, global average pool.
 
-The ReLU and add kernels run on the engine's thread pool over the fixed image chunks; the shortcut
-and the pooling move little memory and run on the calling thread. Every kernel releases the
-GIL: inference runs whole image chunks through the network on several threads at once.
+The ReLU and add kernels run on the engine's thread pool over the fixed image chunks; the
+shortcut and the pooling move little memory and run on the calling thread. Every kernel
+releases the GIL: inference runs whole image chunks through the network on several threads at
+once.
 """
 import numba
 import numpy as np
