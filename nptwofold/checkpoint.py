@@ -11,8 +11,10 @@ Layout (documented in README.md, "Checkpoint format"):
                      calibration_images; /cim/<layer> attr activation_clip and datasets
                      adc_histogram.<encoding>.<rows>x<cols> (partial-sum counts per ADC channel)
 Files are written to a temporary name and renamed, so a crash never leaves half a checkpoint.
-Loading checks every dataset and attribute it reads and refuses anything else in one line that
-names the place in the file, e.g. "/model/conv1.weight" or "/train/@epoch".
+Loading first refuses a file that reaches outside itself (links, external or virtual storage)
+or declares a dataset larger than a checkpoint holds, before reading any data; then it checks
+every dataset and attribute it reads and refuses anything else in one line that names the
+place in the file, e.g. "/model/conv1.weight" or "/train/@epoch".
 """
 import datetime
 import json
@@ -28,6 +30,7 @@ from .config import TrainConfig
 from .errors import NptwofoldError
 from .files import atomic_write
 from .kernels.quant import ENCODINGS
+from .model import STAGE_CHANNELS
 from .options import above, at_least, between
 
 FORMAT = "nptwofold-checkpoint"
@@ -107,6 +110,14 @@ TWOFOLD_ATTR_DEFAULTS = dict(dropped_planes=0, encoding="twos_complement")
 CIM_HISTOGRAM_PREFIX = "adc_histogram."
 CIM_ATTRS = dict(activation_bits=("int", between(1, 16)), weight_bits=("int", between(2, 16)),
                  calibration_images=("int", at_least(1)))
+# ResNet-20's largest weight, a 64 -> 64 3x3 conv; with one array per bit plane at most
+# (weight_bits, bit_planes), no /model, /optimizer or /twofold dataset holds more than this
+# times the run's bits
+LARGEST_WEIGHT_ELEMENTS = STAGE_CHANNELS[-1] ** 2 * 3 * 3
+MAX_BITS = 16
+# a /cim ADC histogram holds (ADC channels) x (3 x crossbar rows + 1) counts: about 0.5 M for
+# the largest layer on 128-row crossbars; 16 M (128 MB) leaves room for larger crossbars
+MAX_CIM_ELEMENTS = 1 << 24
 # the model buffers whose values have a range beyond being finite
 MODEL_RANGES = {"running_var": at_least(0), "num_batches_tracked": at_least(0),
                 "weight_bits": between(0, 1), "weight_scale": at_least(0)}
@@ -137,6 +148,7 @@ def load_checkpoint(path):
                 TrainConfig.from_dict(config)
             except NptwofoldError as exc:
                 raise _Invalid(f"/@config: {exc}") from None
+            check_self_contained(f, path)
             content = dict(config=config, model=_arrays(_group(f, "model")),
                            optimizer=None, train=None, twofold=None, cim=None)
             if "optimizer" in f:
@@ -179,6 +191,52 @@ def load_checkpoint(path):
         raise NptwofoldError(f"cannot read checkpoint {path}: truncated or corrupt "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     return content
+
+
+def check_self_contained(f, path):
+    """Refuses, before any data is read, an open HDF5 file `f` that reaches outside itself or
+    declares more data than a checkpoint holds: links (external or soft: a checkpoint has
+    none), datasets whose data lies in other files (external raw storage, virtual datasets),
+    entries that are neither groups nor datasets, and datasets larger than the largest array
+    of its run (a dataset with no stored data still reads as a full array of fill values)."""
+    try:
+        twofold = TrainConfig.from_dict(json.loads(f.attrs["config"])).twofold
+        bits = 1 if twofold is None else twofold.bits
+    except Exception:  # no valid config (nptwofold.inspect shows any file): the widest run
+        bits = MAX_BITS
+
+    def walk(group):
+        for name in group:
+            where = f"{group.name.rstrip('/')}/{name}"
+            link = group.get(name, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                raise NptwofoldError(f"{path}: {where} is a {type(link).__name__} (to "
+                                     f"{_link_target(link)}); a checkpoint holds no links")
+            node = group[name]
+            if isinstance(node, h5py.Group):
+                walk(node)
+                continue
+            if not isinstance(node, h5py.Dataset):
+                raise NptwofoldError(f"{path}: {where} is not a group or a dataset")
+            if node.is_virtual:
+                raise NptwofoldError(f"{path}: {where} is a virtual dataset (its data lies in "
+                                     "other files); a checkpoint holds its own data")
+            if node.id.get_create_plist().get_external_count():
+                raise NptwofoldError(f"{path}: {where} keeps its data in an external file; a "
+                                     "checkpoint holds its own data")
+            largest = (MAX_CIM_ELEMENTS if where.startswith("/cim/")
+                       else bits * LARGEST_WEIGHT_ELEMENTS)
+            if (node.size or 0) > largest:
+                raise NptwofoldError(f"{path}: {where} declares {node.size} values "
+                                     f"{node.shape}; no array of this checkpoint holds more "
+                                     f"than {largest}")
+    walk(f)
+
+
+def _link_target(link):
+    if isinstance(link, h5py.ExternalLink):
+        return f"{link.filename}:{link.path}"
+    return getattr(link, "path", "?")
 
 
 def _group(parent, name):

@@ -3,6 +3,10 @@
 Images come back as uint8 NHWC arrays (N, 32, 32, 3) with int64 labels. Without a path the
 loader looks in the default data folder, then downloads the official binary tarball and
 verifies its MD5. A small real sample in the same binary layout ships in `datasets/`.
+
+Nothing is coerced: pixels that are not integers in 0..255 and labels that are not integers in
+0..9 are refused with the offending value, as are sets with a missing batch and tarballs that
+end early; what a file declares is bounded by its size before anything is allocated.
 """
 import codecs
 import hashlib
@@ -30,7 +34,10 @@ IMAGE_BYTES = 32 * 32 * 3
 RECORD_BYTES = 1 + IMAGE_BYTES  # binary layout: label byte, then R, G, B planes
 NUM_CLASSES = 10
 # data_batch_1.bin ... / test_batch.bin (binary), data_batch_1 ... / test_batch (python)
-BATCH_NAME = re.compile(r"^(data_batch_\d+|test_batch)(\.bin)?$")
+BATCH_NAME = re.compile(r"^(data_batch_(\d+)|test_batch)(\.bin)?$")
+# the batches read at most: CIFAR-10 is 185 MB; 1 GiB (about 350,000 images) leaves room for
+# larger sets of the same layout and stops a crafted archive before it fills the memory
+MAX_DATA_BYTES = 1 << 30
 
 
 class Cifar10(NamedTuple):
@@ -83,25 +90,75 @@ class _BatchUnpickler(pickle.Unpickler):
 def parse_python_batch(raw, name):
     try:
         batch = _BatchUnpickler(raw, name).load()
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
     except NptwofoldError:
         raise
     except Exception as exc:  # any unpickling failure means the file is not a CIFAR batch
         raise NptwofoldError(f"corrupt CIFAR-10 file {name}: not a CIFAR python batch "
                              f"({type(exc).__name__})") from None
-    if data.ndim != 2 or data.shape[1] != IMAGE_BYTES or len(labels) != len(data):
-        raise NptwofoldError(f"corrupt CIFAR-10 file {name}: data shape {data.shape} with "
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise NptwofoldError(f"corrupt CIFAR-10 file {name}: not a CIFAR python batch (no "
+                             "data and labels entries)")
+    pixels = _python_pixels(batch[b"data"], len(raw), name)
+    return _planes_to_nhwc(pixels), _python_labels(batch[b"labels"], len(pixels), name)
+
+
+def _python_pixels(data, file_bytes, name):
+    """The (N, 3072) uint8 pixels of a python batch, refused unless they are integers in
+    0..255; the image count is bounded by the file's size before any conversion (an array of
+    zero-sized items declares any number of images in a few bytes)."""
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != IMAGE_BYTES:
+        shape = data.shape if isinstance(data, np.ndarray) else type(data).__name__
+        raise NptwofoldError(f"corrupt CIFAR-10 file {name}: data is {shape}, not an array of "
+                             f"(images, {IMAGE_BYTES}) pixels")
+    if data.shape[0] * IMAGE_BYTES > file_bytes:
+        raise NptwofoldError(f"corrupt CIFAR-10 file {name}: declares {data.shape[0]} images "
+                             f"({data.shape[0] * IMAGE_BYTES} bytes of pixels) in a "
+                             f"{file_bytes}-byte file")
+    if data.dtype.kind not in "iu":
+        raise NptwofoldError(f"refused CIFAR-10 file {name}: pixels are {data.dtype}, not "
+                             "integers in 0..255 (converting them would change the images)")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        value = data.min() if data.min() < 0 else data.max()
+        raise NptwofoldError(f"refused CIFAR-10 file {name}: pixel value {value} is outside "
+                             "0..255")
+    return data.astype(np.uint8)
+
+
+def _python_labels(labels, n_images, name):
+    """A python batch's labels as int64, refused unless they are n_images integers (range
+    checked with the other batches')."""
+    if isinstance(labels, np.ndarray):
+        integers = labels.ndim == 1 and labels.dtype.kind in "iu"
+    else:
+        integers = isinstance(labels, list) and all(
+            isinstance(label, (int, np.integer)) and not isinstance(label, bool)
+            for label in labels)
+    if not integers:
+        raise NptwofoldError(f"refused CIFAR-10 file {name}: labels are not a list of integers "
+                             "(converting them would change them)")
+    if len(labels) != n_images:
+        raise NptwofoldError(f"corrupt CIFAR-10 file {name}: {n_images} images with "
                              f"{len(labels)} labels")
-    return _planes_to_nhwc(data), labels
+    return np.asarray(labels, dtype=np.int64)
 
 
 def _read_batches(path):
-    """{batch name: raw bytes} from a tarball or a folder (searched recursively)."""
-    batches = {}
+    """{batch name: raw bytes} from a tarball or a folder (searched recursively), at most
+    MAX_DATA_BYTES, checked before reading; a tarball must end with its end-of-archive
+    marker (one cut at a member boundary otherwise reads as a shorter, valid archive)."""
+    batches, total = {}, 0
+
+    def admit(name, size):
+        nonlocal total
+        total += size
+        if total > MAX_DATA_BYTES:
+            raise NptwofoldError(f"{path}: the batches up to {name} hold {total} bytes, more "
+                                 f"than the {MAX_DATA_BYTES >> 20} MiB this loader reads")
+
     if path.is_dir():
         for file in sorted(path.rglob("*")):
             if file.is_file() and BATCH_NAME.match(file.name):
+                admit(file.name, file.stat().st_size)
                 batches[file.name] = file.read_bytes()
         return batches
     try:
@@ -109,11 +166,27 @@ def _read_batches(path):
             for member in archive:
                 base = member.name.rsplit("/", 1)[-1]
                 if member.isfile() and BATCH_NAME.match(base):
+                    admit(base, member.size)
                     batches[base] = archive.extractfile(member).read()
+            archive.fileobj.seek(archive.offset)
+            complete = archive.fileobj.read(tarfile.BLOCKSIZE) == tarfile.NUL * tarfile.BLOCKSIZE
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
         raise NptwofoldError(f"cannot read CIFAR-10 archive {path}: {exc} "
                              "(truncated or corrupt download?)") from None
+    if not complete:
+        raise NptwofoldError(f"cannot read CIFAR-10 archive {path}: it ends without the "
+                             "end-of-archive marker (truncated download?)")
     return batches
+
+
+def _check_batch_numbers(path, train_names):
+    """The training batches must be data_batch_1 .. data_batch_N with none missing."""
+    numbers = sorted(int(BATCH_NAME.match(name).group(2)) for name in train_names)
+    missing = sorted(set(range(1, max(numbers) + 1)) - set(numbers))
+    if missing or len(numbers) != len(set(numbers)):
+        raise NptwofoldError(f"incomplete CIFAR-10 data in {path}: training batches "
+                             f"{numbers} (missing {missing or 'none'}, duplicated "
+                             f"{sorted({n for n in numbers if numbers.count(n) > 1}) or 'none'})")
 
 
 def load_cifar10(path):
@@ -127,14 +200,16 @@ def load_cifar10(path):
     if not train_names or not test_names:
         raise NptwofoldError(f"no CIFAR-10 batches in {path}: expected data_batch_*(.bin) and "
                              "test_batch(.bin) from the binary or python version")
+    _check_batch_numbers(path, train_names)
     splits = []
     for names in (train_names, test_names):
         parsed = [(parse_binary_batch if n.endswith(".bin") else parse_python_batch)(batches[n], n)
                   for n in names]
         images = np.concatenate([p[0] for p in parsed])
         labels = np.concatenate([p[1] for p in parsed])
-        if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-            raise NptwofoldError(f"corrupt CIFAR-10 data in {path}: label {labels.max()} "
+        outside = labels[(labels < 0) | (labels >= NUM_CLASSES)]
+        if outside.size:
+            raise NptwofoldError(f"corrupt CIFAR-10 data in {path}: label {outside[0]} "
                                  f"outside 0..{NUM_CLASSES - 1}")
         splits += [images, labels]
     return Cifar10(*splits, source=str(path))

@@ -1,7 +1,9 @@
 """List what an nptwofold HDF5 checkpoint holds: `python -m nptwofold.inspect CKPT`.
 
 Prints the file attributes, the run config and every dataset with shape, dtype and a value
-summary, reading the file with plain h5py so it shows exactly what other tools see.
+summary, reading the file with plain h5py so it shows exactly what other tools see. A file that
+reaches outside itself (links, external or virtual storage) or declares a dataset larger than a
+checkpoint holds is refused before any data is read, as `load_checkpoint` refuses it.
 """
 import json
 import sys
@@ -10,11 +12,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .checkpoint import check_self_contained
+from .errors import NptwofoldError
 from .options import ScriptParser
 
 
 def describe(path, out=sys.stdout):
     with h5py.File(path, "r") as f:
+        check_self_contained(f, path)
         for key, value in f.attrs.items():
             if key == "config":
                 out.write("config:\n")
@@ -47,6 +52,8 @@ def main(argv=None):
         sys.exit(f"error: {args.checkpoint} is not a file")
     try:
         describe(args.checkpoint)
+    except NptwofoldError as exc:
+        sys.exit(f"error: {exc}")
     except Exception as exc:  # h5py reports a damaged file with many exception types
         sys.exit(f"error: cannot read {args.checkpoint}: truncated, corrupt or not HDF5 "
                  f"({type(exc).__name__})")

@@ -23,7 +23,8 @@ from .build import build_model, restore_state
 from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from .config import TrainConfig
 from .errors import NptwofoldError
-from .files import TMP_SUFFIX, atomic_write, check_output_dir, write_csv, write_json
+from .files import (RunLock, atomic_write, check_output_dir, stale_temporaries, write_csv,
+                    write_json)
 from .kernels.augment import CROP_PAD, crop_flip_to_float
 from .optim import SGD
 from .steps import evaluate, train_step
@@ -88,10 +89,20 @@ class Trainer:
         self.data = dataset
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
+        self.lock = None  # the run folder's RunLock, held from here to the end of `run`
         if self.out_dir is not None:
             check_output_dir(self.out_dir)
+            self.lock = RunLock(self.out_dir).acquire()
+        try:
+            self._build(_resuming)
+        except BaseException:
+            self.release()
+            raise
+
+    def _build(self, resuming):
+        config = self.config
         self.interrupt = None  # a DeferredInterrupt while `run` trains
-        init_content = load_checkpoint(config.init) if config.init and not _resuming else None
+        init_content = load_checkpoint(config.init) if config.init and not resuming else None
         self.model, self.method = build_model(config, init_content)
         if self.method is not None:
             self.method.activity_images = self.data.train_images
@@ -103,10 +114,15 @@ class Trainer:
                           epoch_seen=0, epoch_seconds=0.0, epoch_reg_net=0.0, epoch_reg_bit=0.0,
                           best_accuracy=-1.0, best_epoch=-1, history=[], post_training={},
                           twofold_reports=[])
-        if config.post_training and not _resuming:
+        if config.post_training and not resuming:
             self.state["post_training"] = start_post_training(
                 self.method, self.model, self.data, config.eval_batch_size)
             self.report(epoch=0)
+
+    def release(self):
+        """Lets another process write the run folder (`run` ends with this)."""
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def steps_per_epoch(self):
@@ -119,6 +135,17 @@ class Trainer:
             raise NptwofoldError(f"{path} holds no training state, so it cannot be resumed")
         config = TrainConfig.from_dict(content["config"])
         trainer = cls(config, dataset, out_dir, progress, _resuming=True)
+        try:
+            trainer._restore(content, path)
+        except BaseException:
+            trainer.release()
+            raise
+        return trainer
+
+    def _restore(self, content, path):
+        """The model, optimizer and position of checkpoint `content`, checked against this run;
+        then the outputs repaired."""
+        trainer, config = self, self.config
         restore_state(trainer.model, trainer.method, content, path)
         restore_optimizer(trainer.optimizer, content, path)
         trainer.state.update(content["train"])
@@ -132,15 +159,15 @@ class Trainer:
                 f"epochs of {trainer.steps_per_epoch} steps on this data")
         if config.post_training:
             trainer.method.hard_prune()  # a no-op on the stored bits; re-arms the mask per step
-        if out_dir is not None:
+        if trainer.out_dir is not None:
             trainer.repair_outputs(path)
-        return trainer
 
     def repair_outputs(self, resumed_from):
         """Makes best.h5, the logs and the summary agree with the resumed position, whatever
         moment a kill struck, and removes the temporary files a kill leaves."""
         for name in OUTPUT_FILES:
-            (self.out_dir / (name + TMP_SUFFIX)).unlink(missing_ok=True)
+            for stale in stale_temporaries(self.out_dir, name):
+                stale.unlink(missing_ok=True)
         best_epoch, best = self.state["best_epoch"], self.out_dir / "best.h5"
         if best_epoch >= 1 and _stored_epoch(best) != best_epoch:
             if (self.state["epoch"], self.state["step"]) != (best_epoch, 0):
@@ -160,6 +187,14 @@ class Trainer:
 
     def run(self, max_steps=None):
         """Trains until the last epoch ends, or `max_steps` steps (then saves last.h5)."""
+        if self.lock is not None:
+            self.lock.acquire()
+        try:
+            return self._run(max_steps)
+        finally:
+            self.release()
+
+    def _run(self, max_steps):
         steps_left = math.inf if max_steps is None else max_steps
         with DeferredInterrupt() as self.interrupt:
             while self.state["epoch"] < self.config.epochs and not self.interrupt.requested:

@@ -7,6 +7,8 @@ OUT/last.h5 (and best.h5), log.csv, log.json and summary.json; --resume continue
 Any Twofold flag (--sparsity, --bits, ...) turns a run into Twofold training; start it from a
 trained baseline with --init CKPT.
 """
+import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,6 +21,9 @@ from nptwofold.options import (ScriptParser, add_flags, flag_name, given_values,
 
 # the twofold preset sets its phases' schedules: of the training flags it takes only these
 PIPELINE_TRAIN_FLAGS = ("data", "seed", "init")
+# the flag behind a config field of a twofold-preset phase, where it is not the field's own
+PHASE_FLAGS = {("twofold", "epochs"): "twofold_epochs", ("post", "epochs"): "finetune_epochs",
+               ("post", "beta_bit"): "beta_bit/--finetune-beta-bit"}
 
 
 def parse_args(argv=None):
@@ -26,7 +31,7 @@ def parse_args(argv=None):
     from nptwofold.twofold import TwofoldConfig
 
     parser = ScriptParser(__doc__)
-    parser.add_argument("--preset", default="quick", choices=[*PRESETS, "twofold"],
+    parser.add_argument("--preset", choices=[*PRESETS, "twofold"],
                         help="settings the flags below override (default: quick)")
     parser.add_argument("--threads", type=int, default=2, help="threads of the engine's pool (default: 2)")
     parser.add_argument("--out", help="output folder (default: runs/<preset>-seed<seed>)")
@@ -41,6 +46,7 @@ def parse_args(argv=None):
     add_flags(method, TwofoldConfig)
     add_flags(method, PipelineConfig)
     args = parser.parse_args(argv)
+    args.preset_given, args.preset = args.preset is not None, args.preset or "quick"
     if args.threads < 1:
         parser.error(f"--threads must be >= 1 (got {args.threads})")
     pipeline_given = given_values(args, PipelineConfig)
@@ -90,8 +96,11 @@ def run_phase(config, phase_dir, resume_from, progress):
     if resume_from is not None:
         dataset = load_dataset(load_checkpoint(resume_from)["config"]["data"])
         trainer = Trainer.resume(resume_from, dataset, phase_dir, progress=progress)
-        print(f"resuming {resume_from} at epoch {trainer.state['epoch'] + 1}, "
-              f"step {trainer.state['step']}")
+        if trainer.state["epoch"] < trainer.config.epochs:
+            print(f"resuming {resume_from} at epoch {trainer.state['epoch'] + 1}, "
+                  f"step {trainer.state['step']}")
+        else:  # its outputs were checked and rebuilt where missing
+            print(f"{phase_dir}: finished earlier")
     else:
         if (phase_dir / "last.h5").exists():
             raise NptwofoldError(f"{phase_dir} already holds a run; pass --resume to continue "
@@ -103,44 +112,98 @@ def run_phase(config, phase_dir, resume_from, progress):
     trainer.run()
 
 
-def phase_finished(phase_dir, config):
-    summary = phase_dir / "summary.json"
-    return summary.exists() and json.loads(summary.read_text())["epochs_done"] >= config.epochs
+def config_differences(saved, wanted):
+    """{field: (saved value, wanted value)} where `wanted` (a TrainConfig dict, or some of its
+    fields) differs from the `saved` one: Twofold fields by their own name, --init by the file
+    it names."""
+    differences = {}
+    for name, value in wanted.items():
+        old = saved.get(name)
+        if name == "twofold" and old is not None and value is not None:
+            differences.update({key: (old.get(key), item) for key, item in value.items()
+                                if old.get(key) != item})
+        elif name == "twofold" and (old is None) != (value is None):
+            differences.update({key: ("none (a float run)", item) for key, item in
+                                (value or {}).items()} or {name: ("on", "off")})
+        elif name == "init" and None not in (old, value):
+            if Path(old).resolve() != Path(value).resolve():
+                differences[name] = (old, value)
+        elif old != value:
+            differences[name] = (old, value)
+    return differences
+
+
+def check_resume_flags(args, phases):
+    """Refuses, before any work, a --resume whose flags differ from the saved run's config:
+    one run resumes with the saved config, so each flag given must equal it; the twofold
+    preset's phases follow from its flags, so they must give every phase's saved config."""
+    from nptwofold.checkpoint import load_checkpoint
+    from nptwofold.config import TrainConfig
+    from nptwofold.errors import NptwofoldError
+    from nptwofold.twofold import TwofoldConfig
+
+    def shown(differences, phase=None):
+        return ", ".join(f"{flag_name(PHASE_FLAGS.get((phase, name), name))} {old} (given: "
+                         f"{new})" for name, (old, new) in differences.items())
+
+    def saved_config(path):
+        return dataclasses.asdict(TrainConfig.from_dict(load_checkpoint(path)["config"]))
+
+    if len(phases) == 1:
+        path = phases[0][0] / "last.h5" if args.resume == "last" else Path(args.resume)
+        wanted = given_values(args, TrainConfig)
+        if given_values(args, TwofoldConfig):
+            wanted["twofold"] = given_values(args, TwofoldConfig)
+        if args.preset_given:
+            wanted["preset"] = args.preset
+        differences = config_differences(saved_config(path), wanted)
+        if differences:
+            raise NptwofoldError(f"--resume continues the saved run {path}, which has "
+                                 f"{shown(differences)}; drop "
+                                 + ", ".join(flag_name(name) for name in differences)
+                                 + " (or start a new run with another --out)")
+        return
+    for phase_dir, config in phases:
+        if (phase_dir / "last.h5").exists():
+            phase = phase_dir.name
+            differences = config_differences(saved_config(phase_dir / "last.h5"),
+                                             dataclasses.asdict(config))
+            if differences:
+                raise NptwofoldError(f"{phase_dir} was run with {shown(differences, phase)}; "
+                                     "give the saved pipeline's flags to resume it, or drop "
+                                     "--resume and choose another --out")
 
 
 def main(argv=None):
     configure_threads(threads_flag(argv))
     args = parse_args(argv)
-    from nptwofold.config import PipelineConfig, TrainConfig
     from nptwofold.errors import NptwofoldError
-    from nptwofold.files import check_output_dir
-    from nptwofold.twofold import TwofoldConfig
+    from nptwofold.files import RunLock, check_output_dir
 
     try:
         out_dir = Path(args.out or f"runs/{args.preset}-seed{args.seed or 0}")
-        overrides = [name for cls in (TrainConfig, TwofoldConfig, PipelineConfig)
-                     for name in given_values(args, cls)]
-        if args.resume and args.preset != "twofold" and overrides:
-            raise NptwofoldError("--resume continues the saved run's config; drop "
-                                 + ", ".join(map(flag_name, overrides)))
         phases = phase_configs(args, out_dir)
-        if args.resume and len(phases) > 1 and not any(
+        pipeline = len(phases) > 1
+        if args.resume and pipeline and not any(
                 (phase_dir / "last.h5").exists() for phase_dir, _ in phases):
             raise NptwofoldError(f"nothing to resume in {out_dir}: no phase has a last.h5 "
                                  "(drop --resume to start the pipeline)")
+        if args.resume:
+            check_resume_flags(args, phases)
         for phase_dir, _ in phases:
             check_output_dir(phase_dir)
-        for phase_dir, config in phases:
-            resume_from = None
-            if args.resume and len(phases) > 1:  # the pipeline: skip, continue or start a phase
-                if phase_finished(phase_dir, config):
-                    print(f"{phase_dir}: finished earlier, skipped")
-                    continue
-                if (phase_dir / "last.h5").exists():
-                    resume_from = phase_dir / "last.h5"
-            elif args.resume:
-                resume_from = phase_dir / "last.h5" if args.resume == "last" else Path(args.resume)
-            run_phase(config, phase_dir, resume_from, progress=not args.no_progress)
+        # each phase's trainer locks its folder; the pipeline's folder is locked as well, so
+        # that a second pipeline cannot start between two phases
+        with RunLock(out_dir) if pipeline else contextlib.nullcontext():
+            for phase_dir, config in phases:
+                resume_from = None
+                if args.resume and pipeline:  # continue a started phase, start the others
+                    if (phase_dir / "last.h5").exists():
+                        resume_from = phase_dir / "last.h5"
+                elif args.resume:
+                    resume_from = (phase_dir / "last.h5" if args.resume == "last"
+                                   else Path(args.resume))
+                run_phase(config, phase_dir, resume_from, progress=not args.no_progress)
         final = json.loads((phases[-1][0] / "summary.json").read_text())
     except NptwofoldError as exc:
         sys.exit(f"error: {exc}")
