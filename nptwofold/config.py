@@ -2,7 +2,8 @@
 import dataclasses
 
 from .errors import NptwofoldError
-from .options import above, at_least, between, check_fields, known_fields, option
+from .options import (MAX_BATCH_SIZE, MAX_EVAL_BATCH_SIZE, above, at_least, between,
+                      check_fields, known_fields, option)
 from .twofold import TwofoldConfig
 
 PRESETS = {
@@ -48,7 +49,7 @@ class TrainConfig:
                        "'sample' = embedded slice, 'cifar10' = datasets/ or download")
     epochs: int = option(15, "training epochs (0 only for post-training: prune, no "
                          "fine-tune)", at_least(0))
-    batch_size: int = option(128, "training batch size", at_least(1))
+    batch_size: int = option(128, "training batch size", between(1, MAX_BATCH_SIZE))
     lr: float = option(0.1, "peak learning rate", above(0))
     momentum: float = option(0.9, "SGD momentum", between(0, 1, high_open=True))
     nesterov: bool = option(True, "Nesterov momentum")
@@ -63,7 +64,8 @@ class TrainConfig:
     lr_decay: float = option(0.1, "step schedule: factor applied at each milestone",
                              between(0, 1, high_open=True))
     seed: int = option(0, "seed of the weights, data order and augmentation", at_least(0))
-    eval_batch_size: int = option(128, "evaluation batch size", at_least(1))
+    eval_batch_size: int = option(128, "evaluation batch size",
+                                  between(1, MAX_EVAL_BATCH_SIZE))
     init: str | None = option(None, "start from this checkpoint's model")
     # None = a float run; a TwofoldConfig (stored as a JSON object, {} = all defaults) = train
     # under bit representation

@@ -91,17 +91,25 @@ class RunLock:
     """One writer per run folder: an advisory lock (flock) on `folder`/run.lock, held until
     `release` or the end of the process. The kernel drops it when its holder dies, even by
     kill -9, so a lock never outlives its run; the file only names the last holder (pid, host).
+    Within one process the lock is shared (a script holds it around the trainer that holds it
+    too): it is let go when every holder has released it.
 
     On NFS, Linux maps flock onto the server's byte-range locks, which hold across hosts when
     the mount supports locking; a file system that refuses locks entirely gets a warning and
     no lock (docs/reliability.md)."""
+    held = {}  # resolved lock path -> [open lock file, holders in this process]
 
     def __init__(self, folder):
         self.path = Path(folder) / LOCK_NAME
-        self.handle = None
+        self.key = None
 
     def acquire(self):
-        if self.handle is not None:
+        if self.key is not None:
+            return self
+        key = self.path.resolve()
+        if key in RunLock.held:
+            RunLock.held[key][1] += 1
+            self.key = key
             return self
         try:
             handle = open(self.path, "a+")
@@ -124,13 +132,19 @@ class RunLock:
         handle.truncate()
         handle.write(json.dumps(dict(pid=os.getpid(), host=socket.gethostname())) + "\n")
         handle.flush()
-        self.handle = handle
+        RunLock.held[key] = [handle, 1]
+        self.key = key
         return self
 
     def release(self):
-        if self.handle is not None:
-            self.handle.close()  # closing drops the flock
-            self.handle = None
+        if self.key is None:
+            return
+        entry = RunLock.held[self.key]
+        entry[1] -= 1
+        if not entry[1]:
+            entry[0].close()  # closing drops the flock
+            del RunLock.held[self.key]
+        self.key = None
 
     def __enter__(self):
         return self.acquire()

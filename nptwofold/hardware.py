@@ -19,6 +19,9 @@ from .kernels.cim import (CELL_BITS, CELL_STATES, ENCODINGS, MAX_ACTIVATION_BITS
                           calibrated_adc, fixed_adc, ideal_adc, outputs_per_tile)
 
 ADC_RANGES = ("fixed", "calibrated")
+# word and bit lines of one crossbar at most: real RRAM crossbars have 64 to 1024; the tile
+# buffers and the ADC histograms grow with them (100,000 rows ask for terabytes)
+MAX_CROSSBAR_SIZE = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +73,8 @@ class HardwareConfig:
             raise NptwofoldError(f"cell_bits={self.cell_bits} is {kind}: the CIM kernels support "
                                  f"only {CELL_BITS}-bit cells")
         for name, minimum, maximum in (("adc_bits", 0, 30), ("adc_reference_bits", 1, 30),
-                                       ("crossbar_rows", 1, None), ("crossbar_cols", 1, None),
+                                       ("crossbar_rows", 1, MAX_CROSSBAR_SIZE),
+                                       ("crossbar_cols", 1, MAX_CROSSBAR_SIZE),
                                        ("activation_bits", 1, MAX_ACTIVATION_BITS)):
             # NumPy integers would not reach JSON
             object.__setattr__(self, name, check_integer(name, getattr(self, name), minimum,

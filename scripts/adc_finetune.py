@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nptwofold.options import ScriptParser  # noqa: E402
+from nptwofold.options import MAX_BATCH_SIZE, ScriptParser  # noqa: E402
 from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
 
 ENCODINGS = ("twos_complement", "offset_binary", "sign_magnitude")
@@ -48,6 +48,8 @@ def parse_args(argv):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.batch_size > MAX_BATCH_SIZE:
+        parser.error(f"--batch-size must be <= {MAX_BATCH_SIZE} (got {args.batch_size})")
     if not args.lr > 0:
         parser.error(f"--lr must be > 0 (got {args.lr})")
     return args
@@ -59,10 +61,12 @@ def run(args):
     from nptwofold.cim_network import CimNetwork
     from nptwofold.data import load_dataset
     from nptwofold.errors import NptwofoldError
-    from nptwofold.files import write_json
+    from nptwofold.files import RunLock, check_output_dir, write_json
     from nptwofold.hardware import HardwareConfig
 
     out = Path(args.out)
+    check_output_dir(out)  # before the fine-tuning, which a late failure would lose
+    RunLock(out).acquire()  # held to the end of the process
     if (out / "last.h5").exists():
         raise NptwofoldError(f"{out / 'last.h5'} exists; choose another --out")
     hardware = HardwareConfig(weight_encoding=args.encoding, adc_bits=args.adc_bits,

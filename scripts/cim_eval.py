@@ -14,13 +14,12 @@ cached in the checkpoint (/cim) when it is writable; a read-only checkpoint is e
 same and the report says the calibration was not cached.
 """
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nptwofold.options import ScriptParser  # noqa: E402
+from nptwofold.options import MAX_EVAL_BATCH_SIZE, ScriptParser  # noqa: E402
 from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
 
 NANOJOULE = 1e3  # pJ per nJ: the tables print nJ, the files keep pJ
@@ -66,25 +65,9 @@ def parse_args(argv):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.batch_size > MAX_EVAL_BATCH_SIZE:
+        parser.error(f"--batch-size must be <= {MAX_EVAL_BATCH_SIZE} (got {args.batch_size})")
     return args
-
-
-def check_output_locations(paths):
-    """Raise before any work if an output file could not be written."""
-    from nptwofold.errors import NptwofoldError
-
-    for path in paths:
-        if path is None:
-            continue
-        path = Path(path)
-        if path.is_dir():
-            raise NptwofoldError(f"cannot write {path}: it is a folder")
-        folder = path.parent
-        while not folder.exists():  # atomic_write creates the missing folders
-            folder = folder.parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK) or (path.exists()
-                                                        and not os.access(path, os.W_OK)):
-            raise NptwofoldError(f"cannot write {path}: {folder} is not writable")
 
 
 def hardware_overrides(pairs):
@@ -321,9 +304,11 @@ def main(argv=None):
     configure_threads(args.threads, numba_threads=args.threads)
 
     from nptwofold.errors import NptwofoldError
+    from nptwofold.files import check_output_file
 
     try:
-        check_output_locations([args.json, args.csv, args.plot])
+        for path in (args.json, args.csv, args.plot):
+            check_output_file(path)
         result = evaluate_on_array(args)
         print(format_table(result))
         write_outputs(args, result)

@@ -71,10 +71,11 @@ def main(argv=None):
     from nptwofold.cim_network import CimNetwork
     from nptwofold.data import load_dataset
     from nptwofold.errors import NptwofoldError
-    from nptwofold.files import write_json
+    from nptwofold.files import check_output_file, write_json
     from nptwofold.hardware import HardwareConfig
 
     try:
+        check_output_file(args.json)
         rows = []
         for encoding in args.encoding:
             for group in args.groups:

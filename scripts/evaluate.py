@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
-from nptwofold.options import ScriptParser, threads_flag  # noqa: E402
+from nptwofold.options import MAX_EVAL_BATCH_SIZE, ScriptParser, threads_flag  # noqa: E402
 
 
 def main(argv=None):
@@ -23,6 +23,8 @@ def main(argv=None):
     for name in ("threads", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if args.batch_size > MAX_EVAL_BATCH_SIZE:
+        parser.error(f"--batch-size must be <= {MAX_EVAL_BATCH_SIZE} (got {args.batch_size})")
     from nptwofold.data import load_dataset
     from nptwofold.errors import NptwofoldError
     from nptwofold.build import load_model

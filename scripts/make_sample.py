@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nptwofold.options import ScriptParser  # noqa: E402
 from nptwofold.data import NUM_CLASSES, SAMPLE_ARCHIVE, load_cifar10  # noqa: E402
 from nptwofold.errors import NptwofoldError  # noqa: E402
+from nptwofold.files import check_output_file  # noqa: E402
 
 TRAIN_PER_CLASS = 150
 TEST_PER_CLASS = 50
@@ -34,6 +35,7 @@ def main():
     parser.add_argument("--out", default=str(SAMPLE_ARCHIVE), help="archive to write")
     args = parser.parse_args()
     try:
+        check_output_file(args.out)
         data = load_cifar10(args.source)
     except NptwofoldError as exc:
         sys.exit(f"error: {exc}")

@@ -7,7 +7,6 @@ OUT/last.h5 (and best.h5), log.csv, log.json and summary.json; --resume continue
 Any Twofold flag (--sparsity, --bits, ...) turns a run into Twofold training; start it from a
 trained baseline with --init CKPT.
 """
-import contextlib
 import dataclasses
 import json
 import sys
@@ -192,9 +191,9 @@ def main(argv=None):
             check_resume_flags(args, phases)
         for phase_dir, _ in phases:
             check_output_dir(phase_dir)
-        # each phase's trainer locks its folder; the pipeline's folder is locked as well, so
-        # that a second pipeline cannot start between two phases
-        with RunLock(out_dir) if pipeline else contextlib.nullcontext():
+        # before any work; each phase's trainer also locks its folder, so that a second
+        # pipeline can neither start between two phases nor write into a running phase
+        with RunLock(out_dir):
             for phase_dir, config in phases:
                 resume_from = None
                 if args.resume and pipeline:  # continue a started phase, start the others
