@@ -1,18 +1,31 @@
-"""Reliability: interrupted runs resume bit for bit, diverged runs stop cleanly, and crafted
-checkpoints are refused in one line (a fuzz test over a real twofold checkpoint's entries)."""
+"""Reliability: interrupted runs resume bit for bit, diverged runs stop cleanly, crafted
+checkpoints are refused in one line (a fuzz test over a real twofold checkpoint's entries), a
+resume with other flags and a second writer are refused, checkpoints that reach outside
+themselves and data that would be coerced are refused, outputs are checked before any work."""
+import io
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tracemalloc
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from nptwofold import checkpoint, train
+from helpers import REPO, assert_one_line_error, run
+from nptwofold import checkpoint, files, train
+from nptwofold import data as data_module
 from nptwofold.checkpoint import store_group
 from nptwofold.config import TrainConfig
+from nptwofold.data import load_cifar10
 from nptwofold.errors import NptwofoldError
 from nptwofold.train import Trainer
 
@@ -313,3 +326,332 @@ def test_twofold_levels_that_disagree_with_weight_bits_are_refused(twofold_check
             data[...] = changed
         with pytest.raises(NptwofoldError, match=f"/twofold/conv1/{key} does not agree"):
             Trainer.resume(path, tiny_dataset, progress=False)
+
+
+# ---- resume with other flags, one writer per run folder ---------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_dataset, tmp_path_factory):
+    """A finished one-epoch float run on the sample's config (data 'sample')."""
+    folder = tmp_path_factory.mktemp("finished")
+    Trainer(tiny_config(epochs=1), tiny_dataset, folder, progress=False).run()
+    return folder
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--lr", "0.5"], "which has --lr 0.1 (given: 0.5); drop --lr"),
+    (["--seed", "3", "--batch-size", "32"], "--batch-size 16 (given: 32); drop --batch-size"),
+    (["--bits", "4", "--sparsity", "0.9"], "--sparsity none (a float run) (given: 0.9), --bits "
+                                           "none (a float run) (given: 4)"),
+    (["--preset", "short"], "--preset quick (given: short)"),
+])
+def test_a_resume_with_other_flags_is_refused_naming_them(finished_run, flags, fragment):
+    result = run(REPO / "scripts/train_cifar.py", "--out", finished_run, "--resume",
+                 "--no-progress", *flags, check=False)
+    assert_one_line_error(result, fragment)
+
+
+def test_a_resume_with_the_saved_flags_goes_on(finished_run):
+    result = run(REPO / "scripts/train_cifar.py", "--out", finished_run, "--resume", "--seed",
+                 "3", "--lr", "0.1", "--no-progress")
+    assert "finished earlier" in result.stdout
+
+
+def pipeline_phases(out, *flags):
+    """The (folder, TrainConfig) of each phase of `--preset twofold --out OUT FLAGS...`."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import train_cifar
+    finally:
+        sys.path.pop(0)
+    return train_cifar.phase_configs(train_cifar.parse_args(
+        ["--preset", "twofold", "--out", str(out), *map(str, flags)]), Path(out))
+
+
+@pytest.fixture(scope="module")
+def finished_pipeline(finished_run, tiny_dataset, tmp_path_factory):
+    """A finished twofold pipeline from --init FINISHED_RUN (no baseline phase), trained on the
+    tiny slice with exactly the phase configs the script derives from its flags."""
+    out = tmp_path_factory.mktemp("pipeline")
+    flags = ("--data", "sample", "--init", finished_run / "last.h5", "--bits", "2",
+             "--finetune-epochs", "0")
+    for folder, config in pipeline_phases(out, *flags):
+        Trainer(config, tiny_dataset, folder, progress=False).run()
+    return out, flags
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--bits", "4", "--sparsity", "0.9", "--weight-encoding", "sign_magnitude"],
+     "twofold was run with --sparsity 0.5 (given: 0.9), --bits 2 (given: 4), "
+     "--weight-encoding twos_complement (given: sign_magnitude)"),
+    (["--bits", "2", "--finetune-epochs", "1"], "post was run with --finetune-epochs 0 (given: 1)"),
+    (["--bits", "2", "--finetune-epochs", "0", "--twofold-epochs", "2"],
+     "twofold was run with --twofold-epochs 1 (given: 2)"),
+])
+def test_a_pipeline_resume_with_other_flags_is_refused_naming_them(finished_pipeline, flags,
+                                                                   fragment):
+    out, saved = finished_pipeline
+    result = run(REPO / "scripts/train_cifar.py", "--preset", "twofold", "--out", out,
+                 "--resume", "--no-progress", *saved[:4], *flags, check=False)
+    assert_one_line_error(result, fragment)
+
+
+def test_a_pipeline_resume_rebuilds_a_garbage_summary_and_a_missing_report(finished_pipeline):
+    out, flags = finished_pipeline
+    reports = (out / "post/twofold_report.json").read_text()
+    for text in ("", "garbage {"):
+        (out / "twofold/summary.json").write_text(text)
+        (out / "post/summary.json").write_text(text)
+        (out / "post/twofold_report.json").unlink()
+        result = run(REPO / "scripts/train_cifar.py", "--preset", "twofold", "--out", out,
+                     "--resume", "--no-progress", *flags)
+        assert result.stdout.count("finished earlier") == 2
+        assert (out / "post/twofold_report.json").read_text() == reports
+        assert json.loads((out / "twofold/summary.json").read_text())["epochs_done"] == 1
+
+
+HOLD_LOCK = """
+import sys, time
+from nptwofold.files import RunLock
+RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def lock_holder(tmp_path):
+    """Another process holding the run lock of tmp_path/run; killed (-9) at the end."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    yield folder, holder
+    holder.kill()
+    holder.wait()
+
+
+def test_a_second_writer_is_refused_naming_the_holder(lock_holder, tiny_dataset):
+    folder, holder = lock_holder
+    with pytest.raises(NptwofoldError, match=rf"^{folder} is in use by another run \(pid "
+                                             rf"{holder.pid} on {socket.gethostname()}\)"):
+        Trainer(tiny_config(), tiny_dataset, folder, progress=False)
+    result = run(REPO / "scripts/train_cifar.py", "--out", folder, "--epochs", "2",
+                 "--warmup-epochs", "0", check=False)
+    assert_one_line_error(result, f"(pid {holder.pid} on ")
+    assert "data:" not in result.stdout, "the lock must be taken before any work"
+    assert not (folder / "last.h5").exists()
+
+
+def test_a_killed_writer_leaves_no_lock(lock_holder, tiny_dataset):
+    folder, holder = lock_holder
+    holder.kill()  # kill -9: nothing of the holder runs
+    holder.wait()
+    trainer = Trainer(tiny_config(epochs=1), tiny_dataset, folder, progress=False)
+    trainer.run()
+    assert (folder / "last.h5").exists()
+
+
+WRITE_OTHER = """
+import sys
+from pathlib import Path
+from nptwofold.files import atomic_write
+atomic_write(sys.argv[1], lambda tmp: Path(tmp).write_text("other writer"))
+"""
+
+
+def test_two_writers_of_one_file_do_not_share_a_temporary(tmp_path):
+    """A second process writes the same file while the first is inside its write (cim_eval
+    caching a calibration in a training run's last.h5): both writes succeed whole."""
+    target = tmp_path / "last.h5"
+
+    def write_while_another_writes(tmp):
+        Path(tmp).write_text("first writer")
+        subprocess.run([sys.executable, "-c", WRITE_OTHER, str(target)], cwd=REPO, check=True)
+    files.atomic_write(target, write_while_another_writes)
+    assert target.read_text() == "first writer"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# ---- checkpoints that reach outside themselves ------------------------------------------------
+
+def external_link(f, place, other):
+    del f[place]
+    f[place] = h5py.ExternalLink(str(other), "/weights")
+
+
+def soft_link(f, place, other):
+    del f[place]
+    f[place] = h5py.SoftLink("/model/bn1.weight")
+
+
+def external_storage(f, place, other):
+    data = f[place][()]
+    del f[place]
+    f.create_dataset(place, shape=data.shape, dtype=data.dtype,
+                     external=[(str(other) + ".raw", 0, data.nbytes)])
+
+
+def virtual_dataset(f, place, other):
+    data = f[place][()]
+    del f[place]
+    layout = h5py.VirtualLayout(shape=data.shape, dtype=data.dtype)
+    layout[...] = h5py.VirtualSource(str(other), "/weights", shape=data.shape)
+    f.create_virtual_dataset(place, layout)
+
+
+def declared_huge(f, place, other):
+    del f[place]
+    f.create_dataset(place, shape=(10 ** 10,), dtype=np.uint8)  # no data stored: reads as 0
+
+
+@pytest.mark.parametrize("craft,fragment", [
+    (external_link, "/model/conv1.weight is a ExternalLink (to "),
+    (soft_link, "/model/conv1.weight is a SoftLink"),
+    (external_storage, "/model/conv1.weight keeps its data in an external file"),
+    (virtual_dataset, "/model/conv1.weight is a virtual dataset"),
+    (declared_huge, "/model/conv1.weight declares 10000000000 values"),
+])
+def test_a_checkpoint_reaching_outside_itself_is_refused_before_any_read(
+        finished_run, tmp_path, monkeypatch, craft, fragment):
+    path, other = tmp_path / "crafted.h5", tmp_path / "other.h5"
+    shutil.copyfile(finished_run / "last.h5", path)
+    with h5py.File(path, "r+") as f:
+        weights = f["model/conv1.weight"][()]
+        (tmp_path / "other.h5.raw").write_bytes(weights.tobytes())
+        with h5py.File(other, "w") as source:
+            source["weights"] = weights
+        craft(f, "model/conv1.weight", other)
+    result = run("-m", "nptwofold.inspect", path, check=False)
+    assert_one_line_error(result, fragment)
+
+    def no_read(*args):
+        raise AssertionError("a dataset was read")
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", no_read)
+    monkeypatch.setattr(h5py.Dataset, "read_direct", no_read)
+    with pytest.raises(NptwofoldError, match=f"^{path}: .*{fragment.split(' (')[0]}"):
+        checkpoint.load_checkpoint(path)
+
+
+# ---- data that would be coerced ----------------------------------------------------------------
+
+def python_batches(folder, data, labels, n_test=2):
+    """A python-layout CIFAR-10 folder whose data_batch_1 holds `data` and `labels`."""
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": data, b"labels": labels}))
+    test = np.zeros((n_test, 3072), np.uint8)
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": test, b"labels": [0] * n_test}))
+    return folder
+
+
+@pytest.mark.parametrize("data,labels,fragment", [
+    (np.full((2, 3072), 0.5, np.float32), [1, 2], "pixels are float32, not integers in 0..255"),
+    (np.full((2, 3072), 300, np.int64), [1, 2], "pixel value 300 is outside 0..255"),
+    (np.full((2, 3072), -4, np.int16), [1, 2], "pixel value -4 is outside 0..255"),
+    (np.zeros((2, 3072), np.uint8), [5.7, 2], "labels are not a list of integers"),
+    (np.zeros((2, 3072), np.uint8), np.array([5.0, 2.0]), "labels are not a list of integers"),
+    (np.zeros((2, 3072), np.uint8), [-1, 2], "label -1 outside 0..9"),
+    (np.zeros((2, 3072), np.uint8), [3, 12], "label 12 outside 0..9"),
+    (np.zeros((2, 3072), np.uint8), [3], "2 images with 1 labels"),
+])
+def test_python_batches_that_would_be_coerced_are_refused(tmp_path, data, labels, fragment):
+    with pytest.raises(NptwofoldError, match=fragment):
+        load_cifar10(python_batches(tmp_path / "py", data, labels))
+
+
+def test_integer_pixels_in_range_load_unchanged(tmp_path):
+    data = np.arange(2 * 3072).reshape(2, 3072) % 256
+    loaded = load_cifar10(python_batches(tmp_path / "py", data.astype(np.int64), [1, 9]))
+    assert loaded.train_images.dtype == np.uint8
+    assert np.array_equal(loaded.train_images.transpose(0, 3, 1, 2).reshape(2, -1), data)
+    assert loaded.train_labels.tolist() == [1, 9]
+
+
+def test_a_tiny_pickle_declaring_many_images_is_refused_before_allocation(tmp_path):
+    """Items of zero bytes (a structured dtype with an empty field) make an array of any shape
+    in a few bytes, which a conversion to uint8 would fill with 921 MB of zeros."""
+    empty_items = np.dtype([("pixel", np.uint8, (0,))])
+    data = np.ndarray((300_000, 3072), dtype=empty_items)
+    folder = python_batches(tmp_path / "py", data, [])
+    assert (folder / "data_batch_1").stat().st_size < 400
+    tracemalloc.start()
+    try:
+        with pytest.raises(NptwofoldError, match="declares 300000 images"):
+            load_cifar10(folder)
+        assert tracemalloc.get_traced_memory()[1] < 50 << 20
+    finally:
+        tracemalloc.stop()
+
+
+def binary_tar(path, members, complete=True):
+    """A .tar of binary batches; without `complete`, cut after the last member (where a
+    download can stop and still leave whole members)."""
+    with tarfile.open(path, "w") as archive:
+        for name, images in members.items():
+            records = np.zeros((images, 3073), np.uint8).tobytes()
+            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+            info.size = len(records)
+            archive.addfile(info, io.BytesIO(records))
+        end = archive.offset
+    if not complete:
+        path.write_bytes(path.read_bytes()[:end])
+    return path
+
+
+def test_a_tar_cut_at_a_member_boundary_is_refused(tmp_path):
+    members = {"test_batch.bin": 3, "data_batch_1.bin": 4, "data_batch_2.bin": 4}
+    assert len(load_cifar10(binary_tar(tmp_path / "whole.tar", members)).train_labels) == 8
+    with pytest.raises(NptwofoldError, match="ends without the end-of-archive marker"):
+        load_cifar10(binary_tar(tmp_path / "cut.tar", members, complete=False))
+
+
+def test_a_missing_training_batch_is_refused(tmp_path):
+    members = {"test_batch.bin": 3, "data_batch_1.bin": 4, "data_batch_3.bin": 4}
+    with pytest.raises(NptwofoldError, match=r"training batches \[1, 3\] \(missing \[2\]"):
+        load_cifar10(binary_tar(tmp_path / "gap.tar", members))
+
+
+def test_data_beyond_the_loader_bound_is_refused_before_reading(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "MAX_DATA_BYTES", 5 * 3073)
+    members = {"test_batch.bin": 3, "data_batch_1.bin": 4}
+    with pytest.raises(NptwofoldError, match="more than the 0 MiB this loader reads"):
+        load_cifar10(binary_tar(tmp_path / "big.tar", members))
+
+
+# ---- outputs checked before any work, sizes bounded --------------------------------------------
+
+@pytest.mark.parametrize("script,flags,fragment", [
+    ("cim_eval.py", ["--json", "/proc/nope/out.json"], "cannot write /proc/nope/out.json"),
+    ("cim_eval.py", ["--csv", "{tmp}"], "it is a folder"),
+    ("cim_eval.py", ["--plot", "{tmp}/file/plot.png"], "{tmp}/file is not a folder"),
+    ("cim_mask_groups.py", ["--json", "/proc/nope/out.json"], "cannot write /proc/nope/out.json"),
+    ("adc_finetune.py", ["--adc-bits", "4", "--out", "{tmp}/file"], "{tmp}/file is a file"),
+])
+def test_outputs_are_checked_before_any_work(tmp_path, script, flags, fragment):
+    """The checkpoint does not exist: an output check that came after the work would report
+    it instead."""
+    (tmp_path / "file").write_text("")
+    flags = [flag.replace("{tmp}", str(tmp_path)) for flag in flags]
+    result = run(REPO / "scripts" / script, tmp_path / "missing.h5", *flags, check=False)
+    assert_one_line_error(result, fragment.replace("{tmp}", str(tmp_path)))
+
+
+@pytest.mark.parametrize("script,flags,fragment", [
+    ("train_cifar.py", ["--out", "{tmp}/o", "--batch-size", "20000"],
+     "--batch-size must be in [1, 4096] (got 20000)"),
+    ("train_cifar.py", ["--out", "{tmp}/o", "--eval-batch-size", "20000"],
+     "must be in [1, 10000] (got 20000)"),
+    ("evaluate.py", ["{tmp}/missing.h5", "--batch-size", "20000"], "must be <= 10000"),
+    ("cim_eval.py", ["{tmp}/missing.h5", "--batch-size", "20000"], "must be <= 10000"),
+    ("adc_finetune.py", ["{tmp}/missing.h5", "--adc-bits", "4", "--out", "{tmp}/o",
+                         "--batch-size", "20000"], "must be <= 4096"),
+    ("cim_eval.py", ["{tmp}/missing.h5", "--hw", "crossbar_rows=100000000"],
+     "crossbar_rows must be in 1..4096, got 100000000"),
+    ("cim_eval.py", ["{tmp}/missing.h5", "--hw", "crossbar_cols=100000"],
+     "crossbar_cols must be in 1..4096, got 100000"),
+])
+def test_batch_and_crossbar_sizes_are_bounded(tmp_path, script, flags, fragment):
+    flags = [flag.replace("{tmp}", str(tmp_path)) for flag in flags]
+    result = run(REPO / "scripts" / script, *flags, check=False)
+    assert_one_line_error(result, fragment)
