@@ -14,6 +14,7 @@ import math
 import shutil
 import signal
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,7 @@ class Trainer:
         if self.out_dir is not None:
             check_output_dir(self.out_dir)
             self.lock = RunLock(self.out_dir).acquire()
+            weakref.finalize(self, self.lock.release)  # a trainer dropped before `run` ends
         try:
             self._build(_resuming)
         except BaseException:
@@ -145,22 +147,21 @@ class Trainer:
     def _restore(self, content, path):
         """The model, optimizer and position of checkpoint `content`, checked against this run;
         then the outputs repaired."""
-        trainer, config = self, self.config
-        restore_state(trainer.model, trainer.method, content, path)
-        restore_optimizer(trainer.optimizer, content, path)
-        trainer.state.update(content["train"])
-        state = trainer.state
-        if not (state["epoch"] <= config.epochs and state["step"] < trainer.steps_per_epoch
+        state, config = self.state, self.config
+        restore_state(self.model, self.method, content, path)
+        restore_optimizer(self.optimizer, content, path)
+        state.update(content["train"])
+        if not (state["epoch"] <= config.epochs and state["step"] < self.steps_per_epoch
                 and (state["step"] == 0 or state["epoch"] < config.epochs)
                 and len(state["history"]) == state["epoch"]):
             raise NptwofoldError(
                 f"{path}: /train position epoch {state['epoch']}, step {state['step']} with "
                 f"{len(state['history'])} history rows does not fit a run of {config.epochs} "
-                f"epochs of {trainer.steps_per_epoch} steps on this data")
+                f"epochs of {self.steps_per_epoch} steps on this data")
         if config.post_training:
-            trainer.method.hard_prune()  # a no-op on the stored bits; re-arms the mask per step
-        if trainer.out_dir is not None:
-            trainer.repair_outputs(path)
+            self.method.hard_prune()  # a no-op on the stored bits; re-arms the mask per step
+        if self.out_dir is not None:
+            self.repair_outputs(path)
 
     def repair_outputs(self, resumed_from):
         """Makes best.h5, the logs and the summary agree with the resumed position, whatever
