@@ -99,7 +99,7 @@ def run_phase(config, phase_dir, resume_from, progress):
             print(f"resuming {resume_from} at epoch {trainer.state['epoch'] + 1}, "
                   f"step {trainer.state['step']}")
         else:  # its outputs were checked and rebuilt where missing
-            print(f"{phase_dir}: finished earlier")
+            print(f"{phase_dir}: finished earlier, skipped")
     else:
         if (phase_dir / "last.h5").exists():
             raise NptwofoldError(f"{phase_dir} already holds a run; pass --resume to continue "
