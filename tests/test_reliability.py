@@ -2,6 +2,7 @@
 checkpoints are refused in one line (a fuzz test over a real twofold checkpoint's entries), a
 resume with other flags and a second writer are refused, checkpoints that reach outside
 themselves and data that would be coerced are refused, outputs are checked before any work."""
+import errno
 import io
 import json
 import math
@@ -655,3 +656,21 @@ def test_batch_and_crossbar_sizes_are_bounded(tmp_path, script, flags, fragment)
     flags = [flag.replace("{tmp}", str(tmp_path)) for flag in flags]
     result = run(REPO / "scripts" / script, *flags, check=False)
     assert_one_line_error(result, fragment)
+
+
+def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch, capsys):
+    """An NFS mount with `nolock` refuses flock with ENOLCK: the run goes on, saying so."""
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    with files.RunLock(tmp_path):
+        pass
+    assert "cannot be locked (No locks available); nothing stops a second run" in \
+        capsys.readouterr().err
+
+
+def test_a_stale_lock_file_of_a_dead_writer_is_taken_over(tmp_path):
+    (tmp_path / files.LOCK_NAME).write_text("garbage left by a killed writer")
+    with files.RunLock(tmp_path):
+        holder = json.loads((tmp_path / files.LOCK_NAME).read_text())
+    assert holder == dict(pid=os.getpid(), host=socket.gethostname())
