@@ -1,6 +1,6 @@
 """HDF5 checkpoints: model arrays, optimizer state, training position and run config.
 
-Layout (documented in README.md, "Checkpoint format"):
+Layout (documented in docs/checkpoint-format.md):
   /                  attrs format, format_version, nptwofold_version, created_utc, config (JSON)
   /model/<name>      every parameter and buffer by its PyTorch state_dict name, conv OIHW
   /optimizer/<name>  SGD momentum buffer of each parameter; attrs momentum, weight_decay, nesterov
@@ -132,9 +132,7 @@ def load_checkpoint(path):
     "cim"} dictionaries, checking every dataset and attribute it reads: its type, dtype,
     range and finiteness (docs/reliability.md). Shapes and names are checked against the
     model when the arrays are restored."""
-    path = Path(path)
-    if not path.is_file():
-        raise NptwofoldError(f"checkpoint not found: {path}")
+    path = check_checkpoint_file(path)
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != FORMAT:
@@ -237,6 +235,26 @@ def _link_target(link):
     if isinstance(link, h5py.ExternalLink):
         return f"{link.filename}:{link.path}"
     return getattr(link, "path", "?")
+
+
+def check_checkpoint_file(path):
+    """`path` as a Path if it names an HDF5 file, else NptwofoldError saying what it is: a
+    run folder (with the checkpoint to give instead), missing, or a file of another kind."""
+    path = Path(path)
+    if path.is_dir():
+        hint = next((f"; give {path / name}" for name in ("last.h5", "post/last.h5")
+                     if (path / name).is_file()), "")
+        raise NptwofoldError(f"{path} is a folder, not a checkpoint file{hint}")
+    if not path.is_file():
+        raise NptwofoldError(f"checkpoint not found: {path}")
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError as exc:
+        raise NptwofoldError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    if not is_hdf5:
+        raise NptwofoldError(f"{path} is not an HDF5 file, so not a checkpoint (a checkpoint "
+                             "is a run's last.h5 or best.h5)")
+    return path
 
 
 def _group(parent, name):

@@ -12,6 +12,7 @@ import codecs
 import hashlib
 import io
 import lzma
+import os
 import pickle
 import re
 import tarfile
@@ -142,6 +143,20 @@ def _python_labels(labels, n_images, name):
     return np.asarray(labels, dtype=np.int64)
 
 
+def _files_under(folder):
+    """Every file under `folder`, in sorted order, following symlinked folders (a data folder
+    often links to a shared copy), each real folder once so that a link cycle ends."""
+    seen = set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            folders.clear()
+            continue
+        seen.add(real)
+        folders.sort()
+        yield from (Path(root) / name for name in sorted(files))
+
+
 def _read_batches(path):
     """{batch name: raw bytes} from a tarball or a folder (searched recursively), at most
     MAX_DATA_BYTES, checked before reading; a tarball must end with its end-of-archive
@@ -156,8 +171,8 @@ def _read_batches(path):
                                  f"than the {MAX_DATA_BYTES >> 20} MiB this loader reads")
 
     if path.is_dir():
-        for file in sorted(path.rglob("*")):
-            if file.is_file() and BATCH_NAME.match(file.name):
+        for file in _files_under(path):
+            if BATCH_NAME.match(file.name) and file.is_file():
                 admit(file.name, file.stat().st_size)
                 batches[file.name] = file.read_bytes()
         return batches
@@ -218,8 +233,9 @@ def load_cifar10(path):
 def load_sample():
     """The small real CIFAR-10 sample shipped in datasets/ (see datasets/README.md)."""
     if not SAMPLE_ARCHIVE.exists():
-        raise NptwofoldError(f"the embedded sample {SAMPLE_ARCHIVE} is missing; "
-                             "regenerate it with scripts/make_sample.py")
+        raise NptwofoldError(f"the embedded sample {SAMPLE_ARCHIVE} is missing; restore it "
+                             "(git checkout datasets/) or rebuild it from CIFAR-10: python "
+                             "scripts/make_sample.py PATH/cifar-10-binary.tar.gz")
     return load_cifar10(SAMPLE_ARCHIVE)
 
 

@@ -28,8 +28,10 @@ MIN_FREE_BYTES = 64 << 20
 
 def check_output_dir(folder, min_free_bytes=MIN_FREE_BYTES):
     """Creates `folder` if needed and checks that files can be written there, with room for
-    checkpoints, so that a run fails before its first epoch rather than after it."""
+    checkpoints, so that a run fails before its first epoch rather than after it. Returns the
+    folders it created, for `remove_empty_folders` if the run then fails."""
     folder = Path(folder)
+    created = [parent for parent in (folder, *folder.parents) if not parent.exists()]
     try:
         if folder.exists() and not folder.is_dir():
             raise NptwofoldError(f"output folder {folder} is a file")
@@ -37,11 +39,25 @@ def check_output_dir(folder, min_free_bytes=MIN_FREE_BYTES):
         _probe_write(folder)
         free = shutil.disk_usage(folder).free
     except OSError as exc:
+        remove_empty_folders(created)
         raise NptwofoldError(f"cannot write to output folder {folder}: "
                              f"{exc.strerror or exc}") from None
     if free < min_free_bytes:
+        remove_empty_folders(created)
         raise NptwofoldError(f"output folder {folder} has {free >> 20} MiB free; a run needs "
                              f"at least {min_free_bytes >> 20} MiB for its checkpoints")
+    return created
+
+
+def remove_empty_folders(folders):
+    """Removes those of `folders` (ones this run created) that hold nothing but the run's
+    released lock file, deepest first: a run that failed before writing anything leaves no
+    output folder behind, and a folder with any other file is kept."""
+    for folder in sorted(map(Path, folders), key=lambda path: len(path.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            if [entry.name for entry in folder.iterdir()] == [LOCK_NAME]:
+                (folder / LOCK_NAME).unlink()
+            folder.rmdir()
 
 
 def check_output_file(path):

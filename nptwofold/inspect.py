@@ -7,12 +7,11 @@ checkpoint holds is refused before any data is read, as `load_checkpoint` refuse
 """
 import json
 import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
 
-from .checkpoint import check_self_contained
+from .checkpoint import check_checkpoint_file, check_self_contained
 from .errors import NptwofoldError
 from .options import ScriptParser
 
@@ -45,17 +44,15 @@ def describe(path, out=sys.stdout):
 
 
 def main(argv=None):
-    parser = ScriptParser(__doc__)
+    parser = ScriptParser(__doc__, prog="python -m nptwofold.inspect")
     parser.add_argument("checkpoint", help="an HDF5 checkpoint")
     args = parser.parse_args(argv)
-    if not Path(args.checkpoint).is_file():
-        sys.exit(f"error: {args.checkpoint} is not a file")
     try:
-        describe(args.checkpoint)
+        describe(check_checkpoint_file(args.checkpoint))
     except NptwofoldError as exc:
         sys.exit(f"error: {exc}")
     except Exception as exc:  # h5py reports a damaged file with many exception types
-        sys.exit(f"error: cannot read {args.checkpoint}: truncated, corrupt or not HDF5 "
+        sys.exit(f"error: cannot read {args.checkpoint}: truncated or corrupt HDF5 "
                  f"({type(exc).__name__})")
 
 

@@ -142,18 +142,24 @@ def known_fields(cls, saved):
     return {key: value for key, value in saved.items() if key in names}
 
 
-def add_flags(parser, cls, skip=(), defaults=None):
+def shown_value(value):
+    """A value as --help shows it: lists space-separated; None, "" and [] as "none"."""
+    if value is None or value == "" or value == []:
+        return "none"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def add_flags(parser, cls, skip=(), shown_defaults=None):
     """One flag per declared field of `cls` (except `skip`), each with default None, so that
-    a given flag can be told from an absent one. `defaults` overrides the default the help
-    text shows."""
+    a given flag can be told from an absent one. `shown_defaults` ({field: text}) replaces the
+    default the help text shows, e.g. with each preset's value."""
     for field in dataclasses.fields(cls):
         if not field.metadata.get("flag") or field.name in skip:
             continue
         kind, is_list = _base_type(field)
-        default = (defaults or {}).get(field.name, field.default if field.default_factory
-                                       is dataclasses.MISSING else field.default_factory())
-        shown = ("none" if default in (None, []) else " ".join(map(str, default)) if is_list
-                 else str(default))
+        default = (field.default if field.default_factory is dataclasses.MISSING
+                   else field.default_factory())
+        shown = (shown_defaults or {}).get(field.name, shown_value(default))
         settings = dict(help=f"{field.metadata['help']} (default: {shown})", default=None)
         if kind is bool:
             settings["action"] = argparse.BooleanOptionalAction
@@ -198,7 +204,8 @@ def threads_flag(argv=None, default=2):
 class ScriptParser(argparse.ArgumentParser):
     """argparse with `--version`, one-line errors ("error: ...", exit status 2), and help text
     that every argument must have: a flag whose help does not state its default gets
-    "(default: ...)" appended, so `--help` always shows what an omitted flag means."""
+    "(default: VALUE)" or "(default: none)" appended, so `--help` always shows what an
+    omitted flag means."""
 
     def __init__(self, description, **kwargs):
         super().__init__(description=description,
@@ -212,12 +219,13 @@ class ScriptParser(argparse.ArgumentParser):
                 continue
             if not action.help:
                 raise TypeError(f"{'/'.join(action.option_strings) or action.dest} has no help")
-            shown = action.default not in (None, False, argparse.SUPPRESS)
-            if action.option_strings and shown and "default" not in action.help:
-                default = action.default
-                if isinstance(default, (list, tuple)):
-                    default = " ".join(map(str, default))
-                action.help = f"{action.help} (default: {default})"
+            default = action.default
+            states_default = "default" in action.help or action.required
+            if (not action.option_strings or states_default or action.nargs == 0
+                    or default is argparse.SUPPRESS):
+                continue  # positional, stated, required or an on/off switch
+            shown = shown_value(list(default) if isinstance(default, tuple) else default)
+            action.help = f"{action.help} (default: {shown})"
         return super().parse_known_args(args, namespace)
 
     def error(self, message):

@@ -57,6 +57,25 @@ def epoch_plan(seed, epoch, n_images):
     return order, offsets, flips
 
 
+def extended_config(config, position, epochs, path):
+    """The config of float run `path` (at /train `position`) trained to `epochs` in all.
+
+    A float run's schedule is a function of the step and the total: the step schedule does not
+    depend on the total, so the extended run is exactly the run trained for `epochs` from the
+    start; the cosine schedule is recomputed for the new total from the next step on (the
+    learning rate rises again from where it was), which differs from a run planned that long.
+    A Twofold run is not extended: its last epoch re-binarizes the bits for good."""
+    done = position["epoch"] + (position["step"] > 0)
+    if config.twofold is not None:
+        raise NptwofoldError(f"{path} is a Twofold run, whose last epoch re-binarizes the bits "
+                             f"for good, so --epochs cannot extend it; start a new run from "
+                             f"it with --init {path}")
+    if epochs < done:
+        raise NptwofoldError(f"--epochs {epochs} is fewer than the {done} epochs {path} has "
+                             "begun")
+    return dataclasses.replace(config, epochs=epochs).validated()
+
+
 class DeferredInterrupt:
     """While active, a first Ctrl-C only sets `requested`, which the trainer checks between
     steps; a second one interrupts at once (then nothing is saved, and last.h5 stays at its
@@ -104,6 +123,7 @@ class Trainer:
     def _build(self, resuming):
         config = self.config
         self.interrupt = None  # a DeferredInterrupt while `run` trains
+        self.pace_start = None  # (time, steps to go) after `run`'s first step, for the ETA
         init_content = load_checkpoint(config.init) if config.init and not resuming else None
         self.model, self.method = build_model(config, init_content)
         if self.method is not None:
@@ -131,11 +151,15 @@ class Trainer:
         return math.ceil(len(self.data.train_labels) / self.config.batch_size)
 
     @classmethod
-    def resume(cls, path, dataset, out_dir=None, progress=True):
+    def resume(cls, path, dataset, out_dir=None, progress=True, epochs=None):
+        """Continues the run `path` holds; `epochs` trains a float run to that many epochs in
+        all instead of its own number (`extended_config`)."""
         content = load_checkpoint(path)
         if content["train"] is None:
             raise NptwofoldError(f"{path} holds no training state, so it cannot be resumed")
         config = TrainConfig.from_dict(content["config"])
+        if epochs is not None and epochs != config.epochs:
+            config = extended_config(config, content["train"], epochs, path)
         trainer = cls(config, dataset, out_dir, progress, _resuming=True)
         try:
             trainer._restore(content, path)
@@ -197,6 +221,7 @@ class Trainer:
 
     def _run(self, max_steps):
         steps_left = math.inf if max_steps is None else max_steps
+        self.pace_start = None  # the first step may compile kernels: the pace starts after it
         with DeferredInterrupt() as self.interrupt:
             while self.state["epoch"] < self.config.epochs and not self.interrupt.requested:
                 steps_left -= self._train_epoch(steps_left)
@@ -216,6 +241,21 @@ class Trainer:
             if no_epochs:
                 self.write_logs()
         return self.state
+
+    def steps_to_go(self):
+        state = self.state
+        return (self.config.epochs - state["epoch"]) * self.steps_per_epoch - state["step"]
+
+    def time_to_go(self):
+        """The rest of the whole run as text ("1:02:03"), at this session's pace since its
+        first step (evaluations included once an epoch has ended); "?" until it is known."""
+        if self.pace_start is None:
+            self.pace_start = (time.perf_counter(), self.steps_to_go())
+        started, steps_then = self.pace_start
+        done, to_go = steps_then - self.steps_to_go(), self.steps_to_go()
+        if done <= 0:
+            return "?"
+        return tqdm.format_interval((time.perf_counter() - started) / done * to_go)
 
     def _train_epoch(self, steps_left):
         config, state = self.config, self.state
@@ -247,7 +287,7 @@ class Trainer:
             bar.set_postfix(loss=f"{state['epoch_loss_sum'] / state['epoch_seen']:.3f}",
                             acc=f"{state['epoch_correct'] / state['epoch_seen']:.3f}",
                             img_s=f"{state['epoch_seen'] / state['epoch_seconds']:.0f}",
-                            lr=f"{lr:.4f}")
+                            lr=f"{lr:.4f}", run_left=self.time_to_go())
         bar.close()
         return done
 
@@ -291,7 +331,8 @@ class Trainer:
                      epoch_seen=0, epoch_seconds=0.0, epoch_reg_net=0.0, epoch_reg_bit=0.0)
         tqdm.write(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc "
                    f"{record['train_acc']:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f}"
-                   f" | {record['img_per_s']:.0f} img/s")
+                   f" | {record['img_per_s']:.0f} img/s"
+                   + (f" | run: {self.time_to_go()} to go" if self.steps_to_go() else ""))
         if self.method is not None:
             self.report(record["epoch"])
         if self.out_dir is not None:

@@ -64,7 +64,7 @@ def run(args):
     from nptwofold.files import RunLock, check_output_dir, write_json
     from nptwofold.hardware import HardwareConfig
 
-    out = Path(args.out)
+    out = Path(args.out).absolute()
     check_output_dir(out)  # before the fine-tuning, which a late failure would lose
     RunLock(out).acquire()  # held to the end of the process
     if (out / "last.h5").exists():

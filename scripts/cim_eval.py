@@ -36,12 +36,16 @@ def parse_args(argv):
                         "(default: the data the checkpoint was trained on)")
     parser.add_argument("--images", type=int, help="first N test images (default: all)")
     parser.add_argument("--adc-bits", type=int, nargs="+", metavar="N",
-                        help="ADC widths to run, 0 = ideal (default: the hardware config's)")
+                        help="ADC widths to run, 0 = ideal (default: 0, or the --hw-config "
+                        "file's adc_bits)")
     parser.add_argument("--encoding", nargs="+", choices=ENCODINGS,
-                        help="weight encodings to run (default: the hardware config's)")
+                        help="weight encodings to run (default: twos_complement, or the "
+                        "--hw-config file's weight_encoding)")
     parser.add_argument("--adc-range", choices=("fixed", "calibrated"),
-                        help="ADC full scale (default: the hardware config's)")
-    parser.add_argument("--hw-config", help="HardwareConfig JSON file (default: SPEC values)")
+                        help="ADC full scale (default: calibrated, or the --hw-config file's "
+                        "adc_range)")
+    parser.add_argument("--hw-config", help="HardwareConfig JSON file (default: none, the values in "
+                        "docs/cim-model.md)")
     parser.add_argument("--hw", action="append", default=[], metavar="KEY=VALUE",
                         help="override one HardwareConfig field, the value in JSON; repeatable "
                         "(--hw crossbar_rows=256 --hw 'cell_energy_pj=[0.08,0.36,0.73,1.49]')")
@@ -290,9 +294,11 @@ def write_outputs(args, result):
                 write()
             except OSError as error:
                 raise NptwofoldError(f"cannot write {path}: {error.strerror or error}") from None
+            print(f"wrote {Path(path).absolute()}")
     if args.plot:
         try:
             plot(result, args.plot)
+            print(f"wrote {Path(args.plot).absolute()}")
         except ImportError:
             print("plot skipped: matplotlib is not installed (pip install -e '.[plot]')")
         except OSError as error:

@@ -100,6 +100,7 @@ def main(argv=None):
             write_json(args.json, dict(checkpoint=args.checkpoint, sparsity=args.sparsity,
                                        images=args.images, calib_images=args.calib_images,
                                        rows=rows))
+            print(f"wrote {Path(args.json).absolute()}")
     except NptwofoldError as exc:
         sys.exit(f"error: {exc}")
 

@@ -8,10 +8,9 @@ import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nptwofold.options import ScriptParser  # noqa: E402
+from nptwofold.options import ScriptParser  # noqa: E402  (checks the dependencies first)
+import numpy as np  # noqa: E402
 from nptwofold.data import NUM_CLASSES, SAMPLE_ARCHIVE, load_cifar10  # noqa: E402
 from nptwofold.errors import NptwofoldError  # noqa: E402
 from nptwofold.files import check_output_file  # noqa: E402
@@ -49,7 +48,7 @@ def main():
             info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
             info.size = len(payload)  # mtime stays 0, so the archive is reproducible
             archive.addfile(info, io.BytesIO(payload))
-    print(f"wrote {args.out} ({Path(args.out).stat().st_size} bytes)")
+    print(f"wrote {Path(args.out).absolute()} ({Path(args.out).stat().st_size} bytes)")
 
 
 if __name__ == "__main__":

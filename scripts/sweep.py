@@ -54,8 +54,10 @@ def parse_args(argv):
 
     parser = ScriptParser(__doc__)
     parser.add_argument("--out", required=True, help="folder of the runs and the table")
-    parser.add_argument("--init", help="trained baseline checkpoint the runs start from")
-    parser.add_argument("--data", help="CIFAR-10 tarball or folder (or 'sample')")
+    parser.add_argument("--init", help="trained baseline checkpoint the runs start from "
+                        "(required to train; not used with --collect-only)")
+    parser.add_argument("--data", help="CIFAR-10 tarball or folder, 'sample' or 'cifar10' "
+                        "(required to train; not used with --collect-only)")
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.0, 0.5, 0.7, 0.9],
                         help="network sparsities, one pair of runs each (default: 0 0.5 0.7 0.9)")
     parser.add_argument("--beta-bit", type=float, default=20.0,
@@ -284,7 +286,7 @@ def main(argv=None):
     from nptwofold.errors import NptwofoldError
     from nptwofold.files import atomic_write, write_csv, write_json
 
-    out_dir = Path(args.out)
+    out_dir = Path(args.out).absolute()
     try:
         if not args.collect_only:
             failed = train_all(args, out_dir)

@@ -1,9 +1,10 @@
 """Train ResNet-20 on CIFAR-10 with nptwofold (NumPy + Numba, no deep-learning framework).
 
-Presets: quick (embedded sample, minutes), short (full CIFAR-10, 10 epochs), paper (He et al.
-2016, 182 epochs), twofold (baseline -> Twofold Sparsity training -> post-training, in
+Presets: quick (embedded sample, minutes), short (full CIFAR-10, 10 epochs), long (short's
+schedule over 150 epochs), paper (He et al. 2016, 182 epochs), twofold (baseline -> Twofold Sparsity training -> post-training, in
 OUT/baseline, OUT/twofold, OUT/post). Flags override the preset. Every epoch writes
-OUT/last.h5 (and best.h5), log.csv, log.json and summary.json; --resume continues a run.
+OUT/last.h5 (and best.h5), log.csv, log.json and summary.json; --resume continues a run,
+--resume --epochs N trains it to N epochs in all.
 Any Twofold flag (--sparsity, --bits, ...) turns a run into Twofold training; start it from a
 trained baseline with --init CKPT.
 """
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
 
 from nptwofold.options import (ScriptParser, add_flags, flag_name, given_values,  # noqa: E402
-                               threads_flag)
+                               shown_value, threads_flag)
 
 # the twofold preset sets its phases' schedules: of the training flags it takes only these
 PIPELINE_TRAIN_FLAGS = ("data", "seed", "init")
@@ -38,8 +39,10 @@ def parse_args(argv=None):
                         help="continue OUT/last.h5, or the given checkpoint (default: start a "
                         "new run)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    training = parser.add_argument_group("training (the default shown is the quick preset's)")
-    add_flags(training, TrainConfig)
+    training = parser.add_argument_group(
+        "training (a preset sets these, a flag overrides it; the twofold preset takes only "
+        + ", ".join(map(flag_name, PIPELINE_TRAIN_FLAGS)) + ", and its data is cifar10)")
+    add_flags(training, TrainConfig, shown_defaults=preset_defaults())
     method = parser.add_argument_group(
         "Twofold Sparsity (SPEC sections 3-4); any of these makes the run a twofold one")
     add_flags(method, TwofoldConfig)
@@ -59,13 +62,33 @@ def parse_args(argv=None):
     return args
 
 
+def preset_defaults():
+    """{field: text} for the training flags whose value differs between presets, e.g.
+    "quick: 15; short: 10; ...", so that --help shows what each preset uses."""
+    from nptwofold.config import PRESETS, TrainConfig
+
+    configs = {preset: TrainConfig.from_preset(preset) for preset in PRESETS}
+    shown = {}
+    for field in dataclasses.fields(TrainConfig):
+        by_value = {}
+        for preset, config in configs.items():
+            by_value.setdefault(shown_value(getattr(config, field.name)), []).append(preset)
+        if len(by_value) > 1:
+            shown[field.name] = "; ".join(f"{', '.join(presets)}: {value}"
+                                          for value, presets in by_value.items())
+    return shown
+
+
 def phase_configs(args, out_dir):
-    """[(phase folder, TrainConfig)]: one run, or the three phases of the twofold preset."""
+    """[(phase folder, TrainConfig)]: one run, or the three phases of the twofold preset; on
+    --resume of one run its config is None (the checkpoint holds it)."""
     from nptwofold.config import TWOFOLD_PHASES, PipelineConfig, TrainConfig
     from nptwofold.twofold import TwofoldConfig
 
     twofold = given_values(args, TwofoldConfig)
     if args.preset != "twofold":
+        if args.resume:  # the run's config is the stored one (--epochs is applied to it)
+            return [(out_dir, None)]
         return [(out_dir, TrainConfig.from_preset(args.preset, **given_values(args, TrainConfig),
                                                   twofold=twofold or None))]
     pipeline = PipelineConfig(**given_values(args, PipelineConfig)).validated()
@@ -85,30 +108,63 @@ def phase_configs(args, out_dir):
     return phases
 
 
-def run_phase(config, phase_dir, resume_from, progress):
-    """Trains one phase: from `resume_from` (a checkpoint) if given, else from the start."""
+def run_phase(config, phase_dir, resume_from, progress, epochs=None, single_run=True):
+    """Trains one phase: from `resume_from` (a checkpoint) if given, else from the start.
+    `epochs` on a resume trains the run to that many epochs in all; a finished `single_run`
+    (not a phase of the twofold preset) says how to train it longer."""
     from nptwofold.checkpoint import load_checkpoint
     from nptwofold.data import load_dataset
     from nptwofold.errors import NptwofoldError
     from nptwofold.train import Trainer
 
     if resume_from is not None:
-        dataset = load_dataset(load_checkpoint(resume_from)["config"]["data"])
-        trainer = Trainer.resume(resume_from, dataset, phase_dir, progress=progress)
-        if trainer.state["epoch"] < trainer.config.epochs:
-            print(f"resuming {resume_from} at epoch {trainer.state['epoch'] + 1}, "
-                  f"step {trainer.state['step']}")
+        stored = load_checkpoint(resume_from)["config"]
+        dataset = load_dataset(stored["data"])
+        trainer = Trainer.resume(resume_from, dataset, phase_dir, progress=progress,
+                                 epochs=epochs)
+        state, total = trainer.state, trainer.config.epochs
+        if state["epoch"] < total:
+            print(f"resuming {resume_from} at epoch {state['epoch'] + 1} of {total}, "
+                  f"step {state['step']}")
+            if epochs is not None:
+                print(extension_note(trainer, stored["epochs"]))
         else:  # its outputs were checked and rebuilt where missing
-            print(f"{phase_dir}: finished earlier, skipped")
+            longer = ("" if not single_run else
+                      f"; to train it longer: --resume --epochs N with N > {total}"
+                      if trainer.config.twofold is None else
+                      f"; to train on from it: a new run with --init {resume_from}")
+            print(f"{phase_dir}: finished earlier, skipped ({total} of {total} "
+                  f"epochs{longer})")
     else:
         if (phase_dir / "last.h5").exists():
             raise NptwofoldError(f"{phase_dir} already holds a run; pass --resume to continue "
-                                 "it or --out to start elsewhere")
+                                 "it (--resume --epochs N to train it longer) or --out DIR to "
+                                 "start elsewhere")
         dataset = load_dataset(config.data)
         print(f"data: {len(dataset.train_labels)} train / {len(dataset.test_labels)} test images "
               f"from {dataset.source}; output: {phase_dir}")
         trainer = Trainer(config, dataset, phase_dir, progress=progress)
     trainer.run()
+
+
+def extension_note(trainer, planned):
+    """What `--resume --epochs` does to the schedule of a run planned for `planned` epochs."""
+    from nptwofold.train import learning_rate
+
+    config, step = trainer.config, trainer.state["global_step"]
+    if config.epochs == planned:
+        return f"--epochs {planned} is the run's own number: nothing changes"
+    if config.schedule == "step":
+        return (f"training to {config.epochs} epochs instead of {planned}: the step schedule "
+                f"does not depend on --epochs, so this is exactly the {config.epochs}-epoch run")
+    planned_lr = learning_rate(dataclasses.replace(config, epochs=planned), step,
+                               trainer.steps_per_epoch)
+    new_lr = learning_rate(config, step, trainer.steps_per_epoch)
+    return (f"training to {config.epochs} epochs instead of {planned}: the cosine schedule is "
+            f"recomputed for {config.epochs} epochs from here (next learning rate {new_lr:.4g} "
+            f"instead of {planned_lr:.4g}), so the result differs from a run planned for "
+            f"{config.epochs} epochs from the start")
+
 
 
 def config_differences(saved, wanted):
@@ -151,6 +207,7 @@ def check_resume_flags(args, phases):
     if len(phases) == 1:
         path = phases[0][0] / "last.h5" if args.resume == "last" else Path(args.resume)
         wanted = given_values(args, TrainConfig)
+        wanted.pop("epochs", None)  # --epochs trains the run to that many (Trainer.resume)
         if given_values(args, TwofoldConfig):
             wanted["twofold"] = given_values(args, TwofoldConfig)
         if args.preset_given:
@@ -177,10 +234,12 @@ def main(argv=None):
     configure_threads(threads_flag(argv))
     args = parse_args(argv)
     from nptwofold.errors import NptwofoldError
-    from nptwofold.files import RunLock, check_output_dir
+    from nptwofold.files import RunLock, check_output_dir, remove_empty_folders
 
+    created = []  # output folders this run made: removed again if it fails before using them
     try:
-        out_dir = Path(args.out or f"runs/{args.preset}-seed{args.seed or 0}")
+        # absolute, so that the messages say where the outputs are whatever the working folder
+        out_dir = Path(args.out or f"runs/{args.preset}-seed{args.seed or 0}").absolute()
         phases = phase_configs(args, out_dir)
         pipeline = len(phases) > 1
         if args.resume and pipeline and not any(
@@ -190,7 +249,7 @@ def main(argv=None):
         if args.resume:
             check_resume_flags(args, phases)
         for phase_dir, _ in phases:
-            check_output_dir(phase_dir)
+            created += check_output_dir(phase_dir)
         # before any work; each phase's trainer also locks its folder, so that a second
         # pipeline can neither start between two phases nor write into a running phase
         with RunLock(out_dir):
@@ -202,11 +261,14 @@ def main(argv=None):
                 elif args.resume:
                     resume_from = (phase_dir / "last.h5" if args.resume == "last"
                                    else Path(args.resume))
-                run_phase(config, phase_dir, resume_from, progress=not args.no_progress)
+                run_phase(config, phase_dir, resume_from, progress=not args.no_progress,
+                          epochs=args.epochs if args.resume else None, single_run=not pipeline)
         final = json.loads((phases[-1][0] / "summary.json").read_text())
     except NptwofoldError as exc:
+        remove_empty_folders(created)
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:
+        remove_empty_folders(created)
         sys.exit(130)
     print(f"done: final test accuracy {final['final_test_acc']:.4f}, best "
           f"{final['best_test_acc']:.4f} (epoch {final['best_epoch']}); logs in {out_dir}")

@@ -166,3 +166,14 @@ def test_offline_download_says_how_to_point_at_local_copy(tmp_path):
 def test_load_dataset_accepts_sample_and_paths(sample, tmp_path):
     assert len(load_dataset("sample").train_labels) == len(sample.train_labels)
     assert len(load_dataset(str(SAMPLE_ARCHIVE)).test_labels) == len(sample.test_labels)
+
+
+def test_symlinked_batch_folder_inside_the_data_folder_is_found(tmp_path, rng):
+    splits = make_splits(rng)
+    write_binary(tmp_path / "shared/cifar-10-batches-bin", splits)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/cifar-10-batches-bin").symlink_to(tmp_path / "shared/cifar-10-batches-bin")
+    (tmp_path / "data/loop").symlink_to(tmp_path / "data")  # a cycle must not hang the search
+    data = load_cifar10(tmp_path / "data")
+    for got, want in zip(data[:4], expected(splits)):
+        np.testing.assert_array_equal(got, want)

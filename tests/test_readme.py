@@ -1,21 +1,24 @@
-"""The README's commands run as written.
+"""The commands of README.md and docs/*.md run as written.
 
-Convention (documented here, used in README.md and docs/checkpoint-format.md): a fenced code
-block whose previous non-blank line is an HTML comment
+Convention (documented here, used in README.md and docs/*.md): a fenced code block whose
+previous non-blank line is an HTML comment
 
     <!-- test -->            runs the block exactly as written;
     <!-- test: FLAGS -->     runs it with FLAGS appended to every command line of the block
                              (after joining backslash continuations). This is for commands
                              that take minutes as written, e.g. the quick preset's 15 epochs:
                              the test runs the README's text plus `--epochs 1 ...`, so the
-                             command itself, its flags and its outputs are still checked.
+                             command itself, its flags and its outputs are still checked;
+    <!-- not run: REASON --> is not run, for the REASON given (e.g. it needs PyTorch).
 
-Unmarked blocks are not run: they need the full CIFAR-10, or set up the environment (the
-README's test command is checked against .ci/run instead). Every `--flag` of every
-`python scripts/NAME.py` line, marked or not, must appear in that script's --help.
+In docs/*.md every code block carries one of these marks. README's unmarked blocks are not
+run: they need the full CIFAR-10, or set up the environment (the README's test command is
+checked against .ci/run instead). Every `--flag` of every `python scripts/NAME.py` line,
+marked or not, must appear in that script's --help.
 
-Marked blocks of one document run in order, in one temporary folder that stands for a fresh
-clone with the virtual environment active: `python` is this interpreter, `scripts/` links
+The marked blocks run in order, README.md first and then docs/*.md by name, in one temporary
+folder that stands for a fresh clone with the virtual environment active (so a doc may use
+what the README's commands wrote, as a reader who followed it has): `python` is this interpreter, `scripts/` links
 to the repository's scripts, `results/short-seed0/` is a copy of the committed baseline (so a
 command that writes into a checkpoint cannot change the repository), and outputs such as
 `runs/` land in the temporary folder. Bash blocks run with `set -euo pipefail`, python blocks
@@ -36,17 +39,21 @@ MAX_README_BYTES = 16 * 1024  # a guide with the headline tables; details live i
 
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 MARK = re.compile(r"<!--\s*test(?::\s*(.*?))?\s*-->\s*$")
+NOT_RUN = re.compile(r"<!--\s*not run:\s*\S.*-->\s*$")
+DOCS = sorted((REPO / "docs").glob("*.md"))
 
 
-def code_blocks(path):
-    """[(language, code, marker)] in document order; marker is None, "" or the extra flags."""
+def code_blocks(path, with_line_before=False):
+    """[(language, code, marker)] in document order; marker is None, "" or the extra flags.
+    `with_line_before` adds the non-blank line before each block."""
     text = path.read_text()
     blocks = []
     for match in FENCE.finditer(text):
         before = [line for line in text[:match.start()].splitlines() if line.strip()]
         mark = MARK.match(before[-1].strip()) if before else None
-        blocks.append((match.group(1), match.group(2),
-                       None if mark is None else (mark.group(1) or "")))
+        block = (match.group(1), match.group(2), None if mark is None else (mark.group(1) or ""))
+        blocks.append((*block, before[-1].strip() if before else "") if with_line_before
+                      else block)
     return blocks
 
 
@@ -99,20 +106,26 @@ def run_block(language, code, cwd):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("document", ["README.md", "docs/checkpoint-format.md"])
-def test_marked_blocks_run_as_written(document, tmp_path):
-    marked = [(lang, code, flags) for lang, code, flags in code_blocks(REPO / document)
-              if flags is not None]
-    assert marked, f"{document} has no block marked <!-- test -->"
+def test_marked_blocks_run_as_written(tmp_path):
     root = fresh_clone(tmp_path)
-    for language, code, flags in marked:
-        run_block(language, with_flags(code, flags), root)
-    if document == "README.md":  # what the README says the commands write
-        for name in ("runs/quick-seed0/last.h5", "runs/quick-seed0/summary.json",
-                     "runs/twofold-sample/post/last.h5",
-                     "runs/twofold-sample/post/twofold_report.csv", "runs/twofold-sample/cim.json",
-                     "runs/twofold-sample/cim.csv"):
-            assert (root / name).is_file(), name
+    for document in (README, *DOCS):
+        for language, code, flags in code_blocks(document):
+            if flags is not None:
+                run_block(language, with_flags(code, flags), root)
+        if document == README:  # what the README says the commands write
+            for name in ("runs/quick-seed0/last.h5", "runs/quick-seed0/summary.json",
+                         "runs/twofold-sample/post/last.h5",
+                         "runs/twofold-sample/post/twofold_report.csv",
+                         "runs/twofold-sample/cim.json", "runs/twofold-sample/cim.csv"):
+                assert (root / name).is_file(), name
+
+
+@pytest.mark.parametrize("document", DOCS, ids=lambda path: path.name)
+def test_every_docs_block_is_run_or_says_why_not(document):
+    for language, code, flags, line_before in code_blocks(document, with_line_before=True):
+        assert flags is not None or NOT_RUN.match(line_before), (
+            f"{document.name}: mark this block <!-- test --> or <!-- not run: REASON -->:\n"
+            f"{code[:200]}")
 
 
 def test_readme_is_a_short_guide():
@@ -142,7 +155,7 @@ def test_readme_links_exist():
 def test_readme_script_flags_exist():
     """Every --flag in a `python scripts/NAME.py` line is one the script accepts."""
     flags_of = {}
-    for document in (README, REPO / "results/README.md"):
+    for document in (README, REPO / "results/README.md", *DOCS):
         for _, code, _ in code_blocks(document):
             for line in command_lines(code):
                 match = re.search(r"python (scripts/\w+\.py)(.*)", line)
@@ -158,3 +171,19 @@ def test_readme_script_flags_exist():
                 used = set(re.findall(r"(?<!\S)--[\w-]+", args.split(" #")[0]))
                 unknown = used - flags_of[script]
                 assert not unknown, f"{document.name}: {script} has no {sorted(unknown)}"
+
+
+def test_readme_training_commands_never_collide():
+    """Followed in order, no README command that starts a run finds its folder taken (the
+    set-up command once wrote the Quick start's folder, which then refused to train)."""
+    folders = []
+    for _, code, _ in code_blocks(README):
+        for line in command_lines(code):
+            match = re.search(r"python (?:\S*/)?scripts/train_cifar\.py(.*)", line)
+            if not match or "--resume" in match.group(1):
+                continue
+            args = match.group(1).split(" #")[0].split()
+            given = dict(zip(args, args[1:]))
+            folders.append(given.get("--out", f"runs/{given.get('--preset', 'quick')}-seed"
+                                              f"{given.get('--seed', '0')}"))
+    assert len(folders) >= 5 and len(set(folders)) == len(folders), folders

@@ -1,5 +1,11 @@
 """Command-line scripts end to end: a real (tiny) run, evaluation, inspection, bad input."""
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +48,74 @@ def test_resume_of_a_finished_run_and_refusal_to_overwrite(quick_run):
     resumed = run(REPO / "scripts/train_cifar.py", "--out", quick_run, "--resume", "--lr", "0.5",
                   check=False)
     assert_one_line_error(resumed, "drop --lr")
+    finished = run(REPO / "scripts/train_cifar.py", "--out", quick_run, "--resume",
+                   "--no-progress").stdout
+    assert ("finished earlier, skipped (1 of 1 epochs; to train it longer: --resume --epochs N "
+            "with N > 1)") in finished
+    assert "resuming" not in finished
+
+
+def test_resume_with_more_epochs_trains_a_finished_run_longer(quick_run, tmp_path):
+    shutil.copytree(quick_run, tmp_path / "run")
+    result = run(REPO / "scripts/train_cifar.py", "--out", tmp_path / "run", "--resume",
+                 "--epochs", "2", "--threads", "1", "--no-progress")
+    assert "at epoch 2 of 2" in result.stdout and "cosine schedule is recomputed" in result.stdout
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["epochs_done"] == 2 and summary["config"]["epochs"] == 2
+
+
+def test_output_path_is_absolute_and_a_failed_run_leaves_no_folder(tmp_path):
+    result = subprocess.run([sys.executable, REPO / "scripts/train_cifar.py", "--out",
+                             "new/run", "--data", "missing-data"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert_one_line_error(result, "CIFAR-10 data not found at missing-data")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    result = run(REPO / "scripts/train_cifar.py", "--out", tmp_path / "kept/run", "--data",
+                 tmp_path / "missing-data", check=False)
+    assert not (tmp_path / "kept/run").exists() and (tmp_path / "kept").is_dir()
+
+
+def test_a_missing_dependency_is_one_line_naming_it(tmp_path):
+    """tqdm hidden: a path with the other three packages and no site-packages (-S)."""
+    import h5py
+    import numba
+    import numpy
+
+    for module in (numpy, numba, h5py):
+        (tmp_path / module.__name__).symlink_to(Path(module.__file__).parent)
+    for command in ([REPO / "scripts/evaluate.py", "x.h5"], ["-m", "nptwofold.inspect", "x.h5"]):
+        result = subprocess.run([sys.executable, "-S", *command], cwd=REPO, capture_output=True,
+                                text=True, timeout=600,
+                                env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+        assert_one_line_error(result, "nptwofold needs tqdm, which")
+        assert f"-m pip install -e {REPO}" in result.stderr
+
+
+def test_a_folder_or_a_json_file_given_as_checkpoint_is_named_for_what_it_is(quick_run):
+    for tool in ([REPO / "scripts/evaluate.py"], ["-m", "nptwofold.inspect"]):
+        folder = run(*tool, quick_run, check=False)
+        assert_one_line_error(folder, f"is a folder, not a checkpoint file; give "
+                              f"{quick_run / 'last.h5'}")
+        log = run(*tool, quick_run / "log.json", check=False)
+        assert_one_line_error(log, "log.json is not an HDF5 file")
+
+
+@pytest.mark.parametrize("script", ["train_cifar", "evaluate", "cim_eval", "adc_finetune",
+                                    "cim_mask_groups", "sweep", "bench", "make_sample"])
+def test_help_shows_a_value_for_every_default(script):
+    text = " ".join(run(REPO / f"scripts/{script}.py", "--help").stdout.split())
+    defaults = re.findall(r"\(default:? ([^)]*)\)", text)
+    assert defaults and all(value.strip() for value in defaults), defaults
+    assert "config's)" not in text and "SPEC values" not in text
+
+
+def test_training_help_shows_each_presets_value():
+    text = " ".join(run(REPO / "scripts/train_cifar.py", "--preset", "short", "--help")
+                    .stdout.split())
+    assert "(default: quick: 15; short: 10; long: 150; paper: 182)" in text
+    assert "(default: quick: sample; short, long, paper: cifar10)" in text
+    assert "usage: python -m nptwofold.inspect" in run("-m", "nptwofold.inspect", "--help").stdout
 
 
 @pytest.mark.parametrize("args,fragment", [

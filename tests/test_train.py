@@ -1,5 +1,6 @@
 """Training loop: exact resume, schedules, logs, reproducibility and config checks."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -117,3 +118,45 @@ def test_bad_config_values_are_clear_errors(override, message):
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(NptwofoldError, match="unknown preset"):
         TrainConfig.from_preset("huge")
+
+
+def test_resume_with_more_epochs_extends_a_step_schedule_run_exactly(tiny_dataset, tmp_path):
+    """The step schedule does not depend on --epochs: 1 epoch then extended to 3 must be the
+    3-epoch run, bit for bit; the cosine schedule is recomputed for the new total."""
+    config = tiny_config(epochs=3, schedule="step", milestones=[2])
+    straight = Trainer(config, tiny_dataset, tmp_path / "a", progress=False)
+    straight.run()
+    Trainer(tiny_config(epochs=1, schedule="step", milestones=[2]), tiny_dataset,
+            tmp_path / "b", progress=False).run()
+    extended = Trainer.resume(tmp_path / "b/last.h5", tiny_dataset, tmp_path / "b",
+                              progress=False, epochs=3)
+    extended.run()
+    want, got = state_of(straight.model), state_of(extended.model)
+    for name in want:
+        assert np.array_equal(want[name], got[name]), name
+    assert json.loads((tmp_path / "b/summary.json").read_text())["config"]["epochs"] == 3
+
+    Trainer(tiny_config(epochs=1, warmup_epochs=0), tiny_dataset, tmp_path / "c",
+            progress=False).run()
+    cosine = Trainer.resume(tmp_path / "c/last.h5", tiny_dataset, progress=False, epochs=2)
+    assert cosine.config.epochs == 2
+    cosine.run()
+    assert cosine.state["history"][1]["lr"] == learning_rate(cosine.config, 5, 3)
+
+
+def test_resume_epochs_refuses_fewer_epochs_and_twofold_runs(tiny_dataset, tmp_path):
+    Trainer(tiny_config(), tiny_dataset, tmp_path / "float", progress=False).run()
+    with pytest.raises(NptwofoldError, match="fewer than the 2 epochs"):
+        Trainer.resume(tmp_path / "float/last.h5", tiny_dataset, progress=False, epochs=1)
+    Trainer(tiny_config(epochs=1, warmup_epochs=0, twofold={}), tiny_dataset,
+            tmp_path / "twofold", progress=False).run()
+    with pytest.raises(NptwofoldError, match="start a new run from it with --init"):
+        Trainer.resume(tmp_path / "twofold/last.h5", tiny_dataset, progress=False, epochs=2)
+
+
+def test_each_epoch_line_shows_the_time_left_in_the_run(tiny_dataset, capsys):
+    Trainer(tiny_config(epochs=3, warmup_epochs=0), tiny_dataset, progress=False).run()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 3
+    assert all(re.search(r"\| run: \d+:\d\d to go$", line) for line in lines[:2]), lines
+    assert "to go" not in lines[2]
