@@ -12,8 +12,8 @@ statistics adapt to the array's outputs).
 After every update the float weights are quantized and mapped again (`refresh_mapping`): the
 array always holds the current weights. The activation clips and ADC full scales stay those of
 the calibration made before training (they are hardware settings, fixed for the fine-tune), and
-are stored in the output checkpoint's /cim group so `scripts/cim_eval.py` evaluates the model
-with the ranges it was adapted to.
+are stored in the output checkpoint's calibration file (`cim.calibration`), so
+`scripts/cim_eval.py` evaluates the model with the ranges it was adapted to.
 
 Float (dense) models only: a twofold model's levels live in its bit planes and LFSR masks.
 """
@@ -45,7 +45,7 @@ def check_trainable(network):
     if network.method is not None:
         raise NptwofoldError("ADC-aware fine-tuning takes a float checkpoint; this one is a "
                              "twofold model")
-    if not network.calibrated or (network.needs_adc_calibration and not network.adc_calibrated):
+    if not network.calibrated or (network.hardware.needs_adc_ranges and not network.adc_calibrated):
         raise NptwofoldError("calibrate the network (clips and ADC ranges) before fine-tuning")
 
 

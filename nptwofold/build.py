@@ -29,7 +29,7 @@ def build_model(config, init_content=None):
             raise NptwofoldError(f"{config.init} is a twofold checkpoint; a float run cannot "
                                  "start from it")
         return model, None
-    method = Twofold(model, config.twofold, config.seed)
+    method = Twofold(model, config.twofold, config.seed, config.hardware)
     if init_is_twofold:
         restore_state(model, method, init_content, config.init)
     return model, method
@@ -53,3 +53,9 @@ def load_model(path):
     model, method = build_model(config)
     restore_state(model, method, content, path)
     return model, method, content
+
+
+def checkpoint_hardware(content):
+    """The `HardwareConfig` a loaded checkpoint's model was made for (older checkpoints:
+    `config.upgraded`)."""
+    return TrainConfig.from_dict(content["config"]).hardware

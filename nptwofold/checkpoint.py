@@ -7,7 +7,8 @@ Layout (documented in docs/checkpoint-format.md):
   /train             attrs epoch, step, global_step, running sums, best_accuracy, history (JSON)
   /twofold/<layer>   twofold runs only: levels, bit_planes and cells (in the run's weight
                      encoding, attr encoding), weight, keep_mask; LFSR attrs
-  /cim               after a CIM calibration: attrs activation_bits, weight_bits,
+  /cim               older versions only (a CIM calibration, now a file of its own,
+                     `cim.calibration`): attrs activation_bits, weight_bits,
                      calibration_images; /cim/<layer> attr activation_clip and datasets
                      adc_histogram.<encoding>.<rows>x<cols> (partial-sum counts per ADC channel)
 Files are written to a temporary name and renamed, so a crash never leaves half a checkpoint.
@@ -26,7 +27,7 @@ import h5py
 import numpy as np
 
 from . import __version__
-from .config import TrainConfig
+from .config import TrainConfig, upgraded
 from .errors import NptwofoldError
 from .files import atomic_write
 from .kernels.quant import ENCODINGS
@@ -141,7 +142,8 @@ def load_checkpoint(path):
             if version > FORMAT_VERSION:
                 raise NptwofoldError(f"{path} has checkpoint format {version}; this nptwofold "
                                      f"reads up to {FORMAT_VERSION}")
-            config = _attr(f, "config", "json", dict)
+            # in the current layout: older checkpoints kept the array's facts elsewhere
+            config = upgraded(_attr(f, "config", "json", dict))
             try:
                 TrainConfig.from_dict(config)
             except NptwofoldError as exc:
@@ -198,8 +200,8 @@ def check_self_contained(f, path):
     entries that are neither groups nor datasets, and datasets larger than the largest array
     of its run (a dataset with no stored data still reads as a full array of fill values)."""
     try:
-        twofold = TrainConfig.from_dict(json.loads(f.attrs["config"])).twofold
-        bits = 1 if twofold is None else twofold.bits
+        config = TrainConfig.from_dict(json.loads(f.attrs["config"]))
+        bits = 1 if config.twofold is None else config.hardware.weight_bits
     except Exception:  # no valid config (nptwofold.inspect shows any file): the widest run
         bits = MAX_BITS
 

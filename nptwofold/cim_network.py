@@ -32,8 +32,9 @@ Quantization of a mapped layer (SPEC 2):
 ADC calibration (SPEC 7): with `adc_range = "calibrated"`, each layer's partial sums on the
 calibration images (fake-quant forward, every physical crossbar converted separately) are
 counted per ADC channel; the full scale of a channel is their `adc_percentile`-th percentile.
-The histograms are stored in the checkpoint next to the clips (/cim/<layer>, one dataset per
-encoding and crossbar size), so any percentile and ADC width can be taken from them later.
+The histograms are cached with the clips in the checkpoint's calibration file
+(`cim.calibration`, one dataset per encoding and crossbar size), so any percentile and ADC
+width can be taken from them later.
 
 LFSR steps on the physical mapping **[assumption]**: a column tile routes the rows of every mask
 group it holds, so it walks those groups' stretches of the layer's LFSR sequence, once per output
@@ -49,14 +50,12 @@ report, passed to `energy_report`.
 import contextlib
 import dataclasses
 import functools
-import os
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .build import load_model
-from .checkpoint import store_group
+from .build import checkpoint_hardware, load_model
+from .cim.calibration import histogram_key
 from .errors import NptwofoldError
 from .hardware import CELL_STATES, HardwareConfig, layer_energy_report
 from .kernels.augment import to_float
@@ -71,7 +70,6 @@ from .kernels.quant import (STEM_CLIP, decompose, dequantize, max_level, quantiz
 from .layers import WeightLayer
 from .steps import predict
 
-DEFAULT_WEIGHT_BITS = 8  # b of a float model's layers (SPEC 2 [assumption])
 STEM = "conv1"           # the layer fed by the image, pixel / 255 in [0, 1]
 
 
@@ -184,11 +182,11 @@ class EnergyLedger:
         self.baseline[name] += baseline
 
 
-def mapped_layers(model, method=None, weight_bits=None):
+def mapped_layers(model, method, weight_bits):
     """{name: MappedLayer} of every conv and the FC, in forward order.
 
-    With a Twofold `method`, its levels, scale buffers and keep-masks; else each float weight
-    quantized to `weight_bits` (default 8) and mapped dense.
+    With a Twofold `method`, its levels, scale buffers and keep-masks (its bits must be
+    `weight_bits`); else each float weight quantized to `weight_bits` and mapped dense.
     """
     layers = {}
     for prefix, module in model.named_modules():
@@ -196,16 +194,15 @@ def mapped_layers(model, method=None, weight_bits=None):
             continue
         name = prefix.rstrip(".")
         if method is not None:
-            if weight_bits not in (None, method.config.bits):
-                raise NptwofoldError(f"the model is a twofold model with {method.config.bits}-bit "
+            if weight_bits != method.bits:
+                raise NptwofoldError(f"the model is a twofold model with {method.bits}-bit "
                                      f"weights; it cannot be mapped with {weight_bits} bits")
             layer = MappedLayer(name, module, method.levels(name),
-                                float(module.buffers["weight_scale"][0]), method.config.bits,
+                                float(module.buffers["weight_scale"][0]), method.bits,
                                 method.masks[name])
         else:
-            bits = DEFAULT_WEIGHT_BITS if weight_bits is None else weight_bits
-            levels, scale = quantize(module.params["weight"], bits)
-            layer = MappedLayer(name, module, levels, scale, bits, None)
+            levels, scale = quantize(module.params["weight"], weight_bits)
+            layer = MappedLayer(name, module, levels, scale, weight_bits, None)
         layers[name] = layer
     layers[STEM].clip = STEM_CLIP
     return layers
@@ -219,21 +216,27 @@ class CimNetwork:
     per-image pJ.
     """
 
-    def __init__(self, model, method=None, hardware=None, weight_bits=None, layers=None):
+    def __init__(self, model, method=None, hardware=None, layers=None):
         self.model = model.eval()
         self.method = method
-        self.hardware = hardware if hardware is not None else HardwareConfig()
-        self.layers = layers if layers is not None else mapped_layers(model, method, weight_bits)
+        if hardware is None:  # a twofold model's own array, else the default one
+            hardware = method.hardware if method is not None else HardwareConfig()
+        self.hardware = hardware
+        self.layers = layers if layers is not None else mapped_layers(model, method,
+                                                                      hardware.weight_bits)
         self._by_module = {id(layer.module): layer for layer in self.layers.values()}
         for layer in self.layers.values():
             layer.map(self.hardware)
         self.reset_energy()
 
     @classmethod
-    def from_checkpoint(cls, path, hardware=None, weight_bits=None):
-        """(CimNetwork, checkpoint content) of a float or twofold checkpoint."""
+    def from_checkpoint(cls, path, hardware=None):
+        """(CimNetwork, checkpoint content) of a float or twofold checkpoint, on `hardware`
+        (default: the array the checkpoint stores, `checkpoint_hardware`)."""
         model, method, content = load_model(path)
-        return cls(model, method, hardware, weight_bits), content
+        if hardware is None:
+            hardware = checkpoint_hardware(content)
+        return cls(model, method, hardware), content
 
     def with_hardware(self, hardware):
         """This network (same model, clips and stored ADC histograms) on other hardware."""
@@ -268,13 +271,8 @@ class CimNetwork:
 
     adc_histograms = {}  # {histogram key: {layer: histogram}}, set by calibration or a checkpoint
 
-    def _histogram_key(self):
-        hardware = self.hardware
-        return (f"adc_histogram.{hardware.weight_encoding}.{hardware.crossbar_rows}x"
-                f"{hardware.crossbar_cols}")
-
     def select_adc_histograms(self):
-        found = self.adc_histograms.get(self._histogram_key(), {})
+        found = self.adc_histograms.get(histogram_key(self.hardware), {})
         for name, layer in self.layers.items():
             layer.adc_histogram = found.get(name)
 
@@ -286,17 +284,12 @@ class CimNetwork:
     def adc_calibrated(self):
         return all(layer.adc_histogram is not None for layer in self.layers.values())
 
-    @property
-    def needs_adc_calibration(self):
-        hardware = self.hardware
-        return hardware.adc_bits and hardware.adc_range == "calibrated"
-
     def _check_calibrated(self):
         if not self.calibrated:
             missing = [name for name, layer in self.layers.items() if layer.clip is None]
             raise NptwofoldError(f"activation clips of {missing[0]} and {len(missing) - 1} more "
                                  "layers are not calibrated; call calibrate first")
-        if self.needs_adc_calibration and not self.adc_calibrated:
+        if self.hardware.needs_adc_ranges and not self.adc_calibrated:
             raise NptwofoldError("the ADC ranges of this encoding and crossbar size are not "
                                  "calibrated; call calibrate first")
 
@@ -342,73 +335,17 @@ class CimNetwork:
         with self.routed(count):
             for start in range(0, len(images), batch_size):
                 self.model.forward(self._network_input(images[start:start + batch_size]))
-        self.adc_histograms = {**self.adc_histograms, self._histogram_key(): histograms}
+        self.adc_histograms = {**self.adc_histograms, histogram_key(self.hardware): histograms}
         self.select_adc_histograms()
 
-    def calibrate_checkpoint(self, path, content, images, batch_size=100, recalibrate=False):
-        """Clips and ADC histograms of the network loaded from checkpoint `path`: those stored
-        in it if calibrated on as many images for the same activation and weight bits, else
-        calibrated on `images`; what was calibrated is stored in the checkpoint if it is
-        writable. Returns (calibrated now, stored in the file)."""
-        restored = not recalibrate and self._restore_calibration(content, len(images))
-        if restored and (self.adc_calibrated or not self.needs_adc_calibration):
-            return False, False
-        if restored:
-            self.calibrate_adc(images, batch_size)
-        else:
-            self.calibrate(images, batch_size)
-        return True, self.store_calibration(path, len(images))
-
-    def ensure_adc_calibration(self, path, images, batch_size=100):
-        """calibrate_adc if this hardware needs ranges not yet counted; stores them in `path`
-        if writable. Returns (calibrated now, stored in the file)."""
-        if not self.needs_adc_calibration or self.adc_calibrated:
-            return False, False
-        self.calibrate_adc(images, batch_size)
-        return True, self.store_calibration(path, len(images))
-
-    def _restore_calibration(self, content, calibration_images):
-        stored = content.get("cim")
-        if not stored or stored["layers"].keys() != self.layers.keys() or (
-                stored.get("activation_bits"), stored.get("weight_bits"),
-                stored.get("calibration_images")) != (*self._clip_key(), calibration_images):
-            return False
-        self.adc_histograms = {}
+    def set_calibration(self, clips, histograms):
+        """Takes clips ({layer: clip}) and ADC histograms ({histogram key: {layer: counts}})
+        read back from a calibration (`cim.calibration`)."""
         for name, layer in self.layers.items():
-            group = stored["layers"][name]
-            layer.clip = float(group["attrs"]["activation_clip"])
-            for key, histogram in group.items():
-                if key.startswith("adc_histogram."):
-                    self.adc_histograms.setdefault(key, {})[name] = np.asarray(histogram)
+            if name != STEM:
+                layer.clip = clips[name]
+        self.adc_histograms = {key: dict(value) for key, value in histograms.items()}
         self.select_adc_histograms()
-        return True
-
-    def _clip_key(self):
-        return self.activation_bits, self.layers[STEM].bits
-
-    def store_calibration(self, path, calibration_images):
-        """Saves the clips and ADC histograms in checkpoint `path` (group /cim), atomically.
-        Returns False, storing nothing, if the file or its folder is not writable."""
-        self._check_calibrated()
-        path = Path(path)
-        if not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
-            return False
-
-        def fill(group):
-            activation_bits, weight_bits = self._clip_key()
-            group.attrs.update(activation_bits=activation_bits, weight_bits=weight_bits,
-                               calibration_images=calibration_images)
-            for name, layer in self.layers.items():
-                layer_group = group.create_group(name)
-                layer_group.attrs["activation_clip"] = layer.clip
-                for key, histograms in self.adc_histograms.items():
-                    layer_group.create_dataset(key, data=histograms[name])
-
-        try:
-            store_group(path, "cim", fill)
-        except OSError:  # a read-only filesystem, or a file the user may not replace
-            return False
-        return True
 
     # --- forwards ---------------------------------------------------------------------------
 

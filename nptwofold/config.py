@@ -1,7 +1,9 @@
-"""Training configuration: the presets, the phases of the twofold preset, and `TrainConfig`."""
+"""Training configuration: the presets, the phases of the twofold preset, and `TrainConfig`
+(with the `HardwareConfig` of the array the model is made for nested in it)."""
 import dataclasses
 
 from .errors import NptwofoldError
+from .hardware import HardwareConfig
 from .options import (MAX_BATCH_SIZE, MAX_EVAL_BATCH_SIZE, above, at_least, between,
                       check_fields, known_fields, option)
 from .twofold import TwofoldConfig
@@ -32,6 +34,42 @@ TWOFOLD_PHASES = (
     # the fine-tune trains the kept bits again, so it needs a real learning rate
     ("post", "short", dict(epochs=1, lr=0.01, warmup_epochs=0, post_training=True)),
 )
+
+
+# fields of the array that the twofold config held before `TrainConfig.hardware` existed
+OLD_TWOFOLD_HARDWARE = dict(bits="weight_bits", weight_encoding="weight_encoding",
+                            activation_bits="activation_bits")
+DATASET_NAMES = ("sample", "cifar10")
+
+
+def upgraded(saved):
+    """A stored config dict in the current layout. Checkpoints written before the config had
+    a "hardware" entry kept the array's facts elsewhere: a twofold run in its twofold config
+    (bits, weight_encoding, activation_bits), an ADC-aware fine-tune in its "adc_finetune"
+    entry; these become its hardware config (a float run's is the default one). Some stored
+    the path of their data on the machine that wrote them: it becomes the dataset's name."""
+    if not isinstance(saved, dict):
+        raise NptwofoldError("the config is not a JSON object")
+    saved = dict(saved)
+    if isinstance(saved.get("data"), str):
+        saved["data"] = dataset_name(saved["data"])
+    twofold = saved.get("twofold")
+    if isinstance(twofold, dict) and any(key in twofold for key in OLD_TWOFOLD_HARDWARE):
+        saved["twofold"] = {key: value for key, value in twofold.items()
+                            if key not in OLD_TWOFOLD_HARDWARE}
+        if "hardware" not in saved:
+            saved["hardware"] = {new: twofold[old] for old, new in OLD_TWOFOLD_HARDWARE.items()
+                                 if old in twofold}
+    finetune = saved.get("adc_finetune")
+    if "hardware" not in saved and isinstance(finetune, dict) and isinstance(
+            finetune.get("hardware"), dict):
+        saved["hardware"] = finetune["hardware"]
+    return saved
+
+
+def dataset_name(data):
+    """The dataset a --data value names, as a checkpoint stores it: never a machine's path."""
+    return data if data in DATASET_NAMES else "cifar10"
 
 
 def _check_milestones(milestones):
@@ -70,22 +108,28 @@ class TrainConfig:
     # None = a float run; a TwofoldConfig (stored as a JSON object, {} = all defaults) = train
     # under bit representation
     twofold: TwofoldConfig | None = option(None, "Twofold Sparsity settings", flag=False)
+    # the array the model is made for: a twofold model's bit planes follow it, and it is the
+    # default of every tool that maps the checkpoint
+    hardware: HardwareConfig = option(HardwareConfig(), "the CIM array", flag=False)
     post_training: bool = option(False, "hard-prune and re-binarize --init's twofold model, "
                                  "then fine-tune")
 
     def __post_init__(self):
+        # dicts of overrides (a preset's, a checkpoint's JSON) become the nested configs
         if isinstance(self.twofold, dict):
             self.twofold = TwofoldConfig(**known_fields(TwofoldConfig, self.twofold))
+        if isinstance(self.hardware, dict):
+            self.hardware = HardwareConfig(**known_fields(HardwareConfig, self.hardware))
 
     @classmethod
     def from_dict(cls, saved):
-        """The config a checkpoint stored, checked (keys this version does not know are
-        ignored)."""
-        if not isinstance(saved, dict):
-            raise NptwofoldError("the config is not a JSON object")
-        twofold = saved.get("twofold")
-        if twofold is not None and not isinstance(twofold, dict):
-            raise NptwofoldError(f"twofold must be a JSON object or null (got {twofold!r})")
+        """The config a checkpoint stored (in the current layout, `upgraded`), checked (keys
+        this version does not know are ignored)."""
+        saved = upgraded(saved)
+        for name in ("twofold", "hardware"):
+            value = saved.get(name)
+            if value is not None and not isinstance(value, dict):
+                raise NptwofoldError(f"{name} must be a JSON object or null (got {value!r})")
         return cls(**known_fields(cls, saved)).validated()
 
     @classmethod

@@ -1,128 +1,114 @@
-"""CIM hardware parameters (SPEC sections 5 and 7) and per-layer energy reports in picojoules.
+"""The CIM array a model is made for, and per-layer energy reports in picojoules.
 
-`HardwareConfig` is the one object that names every hardware knob, the poster's numbers and the
-assumed ones; it validates itself, round-trips through JSON, and turns itself into the ADC of a
-crossbar (`adc_for`). `layer_energy_report` turns the integer event counts of
-`nptwofold.kernels.cim` into pJ: counts times table entries, so equal counts always give equal
-energies. docs/cim-model.md explains each assumption.
+`HardwareConfig` is the one carrier of the array's facts: the weight encoding, the weight and
+activation bits, the crossbar size, the ADC and the energy table (the poster's numbers and the
+assumed ones). It is declared with `options.option` like the training options, nested in the
+training config (`TrainConfig.hardware`), stored in every checkpoint, and the default of every
+tool that maps a model (`scripts/cim_eval.py`, `scripts/adc_finetune.py`,
+`scripts/cim_mask_groups.py`) and of the energy regularizer. The five knobs a study varies have
+flags of their own (`--weight-encoding`, `--weight-bits`, `--activation-bits`, `--adc-bits`,
+`--adc-range`); the constants are set with `--hw KEY=VALUE` or `--hw-config FILE`.
+`resolve_hardware` applies them to a checkpoint's stored config and says what it used.
+
+`layer_energy_report` turns the integer event counts of `nptwofold.kernels.cim` into pJ: counts
+times table entries, so equal counts always give equal energies. docs/cim-model.md explains
+each assumption.
 """
 import dataclasses
 import json
-import math
 from pathlib import Path
 
-import numpy as np
-
-from .checks import check_integer
 from .errors import NptwofoldError
 from .kernels.cim import (CELL_BITS, CELL_STATES, ENCODINGS, MAX_ACTIVATION_BITS, N_CELL_STATES,
                           calibrated_adc, fixed_adc, ideal_adc, outputs_per_tile)
+from .kernels.quant import check_bits
+from .options import (Bound, above, add_flags, at_least, between, check_fields, flag_name,
+                      given_values, option)
 
 ADC_RANGES = ("fixed", "calibrated")
+MAX_ADC_BITS = 30
 # word and bit lines of one crossbar at most: real RRAM crossbars have 64 to 1024; the tile
 # buffers and the ADC histograms grow with them (100,000 rows ask for terabytes)
 MAX_CROSSBAR_SIZE = 4096
 
 
-@dataclasses.dataclass(frozen=True)
-class HardwareConfig:
-    """The CIM array and its energy table.
+def _check_cell_bits(bits):
+    if bits != CELL_BITS:
+        raise NptwofoldError(f"is {'odd' if bits % 2 else 'unsupported'}: the CIM kernels "
+                             f"support only {CELL_BITS}-bit cells")
 
-    cell_energy_pj: pJ per activated cell in state 00, 01, 10, 11 (poster).
-    adc_energy_pj: pJ per ADC conversion of an adc_reference_bits-bit ADC (poster: 0.208).
-    adc_reference_bits: the width that costs adc_energy_pj **[assumption: 8]**; an ideal ADC
-        (adc_bits = 0) is charged at this width.
-    adc_energy_per_bit: factor of the conversion energy per added bit **[assumption: 2, a
-        SAR/flash ADC's energy roughly doubles per bit]**: E(n) = adc_energy_pj *
-        adc_energy_per_bit ** (n - adc_reference_bits).
-    adc_bits: ADC resolution; 0 = ideal **[option]**.
-    adc_range: "calibrated" (default, SPEC 7): per layer and ADC channel (cell significance and
-        kind of column), the adc_percentile-th percentile of the partial sums on calibration
-        images; "fixed": full scale 0..3 x crossbar_rows for every column (the ADC does not
-        know a layer's ranges).
-    adc_percentile: percentile of the calibrated ranges **[assumption: 99.99]**.
-    weight_encoding: how signed weights are stored: twos_complement (with a sign column),
-        offset_binary (reference column, offset removed digitally) or sign_magnitude
-        (differential positive and negative columns); see `nptwofold.kernels.cim`.
-    crossbar_rows, crossbar_cols: word lines and bit lines of one crossbar **[assumption:
-        128 x 128]**; a column tile stores the union of its channels' kept rows, in row tiles of
-        crossbar_rows, each converted separately.
-    cell_bits: bits per cell; the kernels support 2 only.
-    lfsr_step_energy_pj: pJ per LFSR step, a ~10-flip-flop register **[assumption]**.
-    skip_zero_tiles: no conversion for a row tile whose inputs are all 0 for that bit **[option]**.
-    activation_bits: a, bits of the unsigned inputs, applied bit-serially **[assumption]**.
-    """
-    cell_energy_pj: tuple = (0.079, 0.36, 0.73, 1.49)
-    adc_energy_pj: float = 0.208
-    adc_reference_bits: int = 8
-    adc_energy_per_bit: float = 2.0
-    adc_bits: int = 0
-    adc_range: str = "calibrated"
-    adc_percentile: float = 99.99
-    weight_encoding: str = "twos_complement"
-    crossbar_rows: int = 128
-    crossbar_cols: int = 128
-    cell_bits: int = 2
-    lfsr_step_energy_pj: float = 0.02
-    skip_zero_tiles: bool = False
-    activation_bits: int = 8
+
+def _check_cell_energies(energies):
+    if len(energies) != N_CELL_STATES:
+        raise NptwofoldError(f"needs {N_CELL_STATES} energies (states {', '.join(CELL_STATES)}),"
+                             f" got {len(energies)}")
+
+
+@dataclasses.dataclass
+class HardwareConfig:
+    """The CIM array and its energy table; the defaults marked [assumption] are not the
+    poster's. Each field is declared once, with its help and range (`options`)."""
+    weight_encoding: str = option(
+        "twos_complement", "how the array stores signed weights: twos_complement (with a sign "
+        "column), offset_binary (reference column, offset removed digitally) or sign_magnitude "
+        "(differential positive and negative columns); a twofold model's bit planes are trained "
+        "and stored in it", choices=ENCODINGS)
+    weight_bits: int = option(8, "weight precision b, even, 2..16 [assumption: 8]: the "
+                              "twofold bit planes, or a float model quantized for the array",
+                              check=check_bits)
+    activation_bits: int = option(8, "a, bits of the array's unsigned inputs, applied "
+                                  "bit-serially [assumption: 8]",
+                                  between(1, MAX_ACTIVATION_BITS))
+    adc_bits: int = option(0, "ADC resolution in bits; 0 = ideal (reads every partial sum)",
+                           between(0, MAX_ADC_BITS))
+    adc_range: str = option(
+        "calibrated", "ADC full scale: calibrated = per layer and ADC channel, the "
+        "adc_percentile-th percentile of the partial sums on calibration images; fixed = 0..3 x "
+        "crossbar_rows for every column", choices=ADC_RANGES)
+    adc_percentile: float = option(99.99, "percentile of the calibrated ADC ranges "
+                                   "[assumption]", Bound(0, 100, low_open=True),
+                                   flag=False)
+    crossbar_rows: int = option(128, "word lines of one crossbar [assumption]",
+                                between(1, MAX_CROSSBAR_SIZE), flag=False)
+    crossbar_cols: int = option(128, "bit lines of one crossbar [assumption]",
+                                between(1, MAX_CROSSBAR_SIZE), flag=False)
+    cell_bits: int = option(CELL_BITS, "bits per cell (the kernels support 2 only)", at_least(1),
+                            flag=False, check=_check_cell_bits)
+    cell_energy_pj: list[float] = option([0.079, 0.36, 0.73, 1.49], "pJ per activated cell in "
+                                         "state 00, 01, 10, 11 (poster)", above(0), flag=False,
+                                         check=_check_cell_energies)
+    adc_energy_pj: float = option(0.208, "pJ per conversion of an adc_reference_bits-bit ADC "
+                                  "(poster)", above(0), flag=False)
+    adc_reference_bits: int = option(8, "the ADC width that costs adc_energy_pj; an ideal ADC "
+                                     "is charged at it [assumption]", between(1, MAX_ADC_BITS),
+                                     flag=False)
+    adc_energy_per_bit: float = option(2.0, "factor of the conversion energy per added bit "
+                                       "[assumption: a SAR/flash ADC's energy roughly doubles "
+                                       "per bit]", above(0), flag=False)
+    lfsr_step_energy_pj: float = option(0.02, "pJ per LFSR step, a ~10-flip-flop register "
+                                        "[assumption]", above(0), flag=False)
+    skip_zero_tiles: bool = option(False, "no conversion for a row tile whose inputs are all 0 "
+                                   "for that bit", flag=False)
 
     def __post_init__(self):
-        if check_integer("cell_bits", self.cell_bits, 1) != CELL_BITS:
-            kind = "odd" if self.cell_bits % 2 else "unsupported"
-            raise NptwofoldError(f"cell_bits={self.cell_bits} is {kind}: the CIM kernels support "
-                                 f"only {CELL_BITS}-bit cells")
-        for name, minimum, maximum in (("adc_bits", 0, 30), ("adc_reference_bits", 1, 30),
-                                       ("crossbar_rows", 1, MAX_CROSSBAR_SIZE),
-                                       ("crossbar_cols", 1, MAX_CROSSBAR_SIZE),
-                                       ("activation_bits", 1, MAX_ACTIVATION_BITS)):
-            # NumPy integers would not reach JSON
-            object.__setattr__(self, name, check_integer(name, getattr(self, name), minimum,
-                                                         maximum))
-        for name, known in (("weight_encoding", ENCODINGS), ("adc_range", ADC_RANGES)):
-            if getattr(self, name) not in known:
-                raise NptwofoldError(f"{name} must be one of {', '.join(known)}, "
-                                     f"got {getattr(self, name)!r}")
-        percentile = self.adc_percentile
-        if (isinstance(percentile, (bool, np.bool_)) or not isinstance(
-                percentile, (int, float, np.integer, np.floating)) or not 0 < percentile <= 100):
-            raise NptwofoldError(f"adc_percentile must be a number in (0, 100], got {percentile!r}")
-        object.__setattr__(self, "adc_percentile", float(percentile))
-        if not isinstance(self.skip_zero_tiles, (bool, np.bool_)):
-            raise NptwofoldError(f"skip_zero_tiles must be true or false, "
-                                 f"got {self.skip_zero_tiles!r}")
-        if isinstance(self.cell_energy_pj, (str, bytes)) or not hasattr(self.cell_energy_pj,
-                                                                        "__len__"):
-            raise NptwofoldError(f"cell_energy_pj must be a list of {N_CELL_STATES} energies")
-        if len(self.cell_energy_pj) != N_CELL_STATES:
-            raise NptwofoldError(f"cell_energy_pj needs {N_CELL_STATES} energies (states "
-                                 f"{', '.join(CELL_STATES)}), got {len(self.cell_energy_pj)}")
-        energies = [(f"cell_energy_pj[{state}]", e)
-                    for state, e in zip(CELL_STATES, self.cell_energy_pj)]
-        energies += [("adc_energy_pj", self.adc_energy_pj),
-                     ("adc_energy_per_bit", self.adc_energy_per_bit),
-                     ("lfsr_step_energy_pj", self.lfsr_step_energy_pj)]
-        for name, energy in energies:
-            real = isinstance(energy, (int, float, np.integer, np.floating))
-            if (isinstance(energy, (bool, np.bool_)) or not real or not math.isfinite(energy)
-                    or energy <= 0):
-                raise NptwofoldError(f"{name} must be a positive number of pJ, got {energy!r}")
-        # Frozen, so normalise through object.__setattr__: a JSON list then equals the tuple.
-        object.__setattr__(self, "skip_zero_tiles", bool(self.skip_zero_tiles))
-        object.__setattr__(self, "cell_energy_pj", tuple(float(e) for e in self.cell_energy_pj))
-        for name in ("adc_energy_pj", "adc_energy_per_bit", "lfsr_step_energy_pj"):
-            object.__setattr__(self, name, float(getattr(self, name)))
+        check_fields(self)
 
-    def outputs_per_tile(self, weight_bits):
-        """Output channels of b-bit weights one column tile holds in this encoding: the mask
-        group that makes masks cost nothing beyond their kept rows; raises if none fits."""
-        return outputs_per_tile(self.weight_encoding, weight_bits, self.crossbar_cols)
+    def outputs_per_tile(self, weight_bits=None):
+        """Output channels of b-bit weights (default: this array's) one column tile holds in
+        this encoding: the mask group that makes masks cost nothing beyond their kept rows."""
+        bits = self.weight_bits if weight_bits is None else weight_bits
+        return outputs_per_tile(self.weight_encoding, bits, self.crossbar_cols)
 
     @property
     def adc_conversion_energy_pj(self):
         """pJ of one conversion at adc_bits (the reference width for an ideal ADC)."""
         bits = self.adc_bits or self.adc_reference_bits
         return self.adc_energy_pj * self.adc_energy_per_bit ** (bits - self.adc_reference_bits)
+
+    @property
+    def needs_adc_ranges(self):
+        """True if the ADC is finite and calibrated: it needs the partial-sum ranges."""
+        return bool(self.adc_bits) and self.adc_range == "calibrated"
 
     def adc_for(self, crossbar, full_scale=None):
         """The `AdcSteps` of a crossbar: ideal, fixed full scale, or calibrated from
@@ -136,7 +122,7 @@ class HardwareConfig:
         return calibrated_adc(crossbar, self.adc_bits, full_scale)
 
     def to_dict(self):
-        return {**dataclasses.asdict(self), "cell_energy_pj": list(self.cell_energy_pj)}
+        return dataclasses.asdict(self)
 
     def to_json(self, path=None):
         """JSON text of the config; also written to `path` if given."""
@@ -163,6 +149,86 @@ class HardwareConfig:
         if unknown:
             raise NptwofoldError(f"unknown hardware config keys {unknown}; known keys: {known}")
         return cls(**data)
+
+
+FLAGGED = tuple(field.name for field in dataclasses.fields(HardwareConfig)
+                if field.metadata["flag"])
+
+
+def hardware_overrides(pairs):
+    """{key: value} of --hw KEY=VALUE flags, values parsed as JSON; a key with a flag of its
+    own is refused, so that each field has one name on the command line."""
+    overrides = {}
+    known = [field.name for field in dataclasses.fields(HardwareConfig)]
+    for pair in pairs:
+        key, separator, text = pair.partition("=")
+        key = key.strip()
+        if not separator:
+            raise NptwofoldError(f"--hw takes KEY=VALUE, got {pair!r}")
+        if key in FLAGGED:
+            raise NptwofoldError(f"--hw {key}: use {flag_name(key)}")
+        if key not in known:
+            raise NptwofoldError(f"unknown hardware config keys ['{key}']; known keys: {known}")
+        try:
+            overrides[key] = json.loads(text)
+        except ValueError:
+            raise NptwofoldError(f"--hw {key}: {text!r} is not a JSON value") from None
+    return overrides
+
+
+def add_hardware_flags(parser, skip=(), shown_default=None):
+    """The flags of the array: one per flagged field (except `skip`, which a script declares
+    its own way), --hw KEY=VALUE and --hw-config FILE. `shown_default` is what the help says an
+    omitted flag means (default: the field's default)."""
+    group = parser.add_argument_group(
+        "the CIM array" + (f" (an omitted flag means {shown_default})" if shown_default else ""))
+    defaults = None if shown_default is None else {
+        name: shown_default for name in FLAGGED}
+    add_flags(group, HardwareConfig, skip=skip, shown_defaults=defaults)
+    group.add_argument("--hw", action="append", default=[], metavar="KEY=VALUE",
+                       help="set a constant of the array (crossbar_rows, cell_energy_pj, "
+                       "adc_energy_pj, ...; see docs/cim-model.md), the value in JSON; "
+                       "repeatable, e.g. --hw crossbar_rows=256 --hw "
+                       "'cell_energy_pj=[0.08,0.36,0.73,1.49]' (default: none)")
+    group.add_argument("--hw-config", metavar="FILE", help="a JSON file of hardware fields, "
+                       "applied before --hw and the flags (default: none)")
+    return group
+
+
+def given_hardware(args, skip=()):
+    """{field: value} the command line sets: the --hw-config file, then the --hw pairs, then
+    the flags of `add_hardware_flags`."""
+    given = {}
+    if args.hw_config:
+        given.update(HardwareConfig.from_json(args.hw_config).to_dict())
+    given.update(hardware_overrides(args.hw))
+    given.update(given_values(args, HardwareConfig, skip=skip))
+    return given
+
+
+def resolve_hardware(stored, given, where="the checkpoint"):
+    """(HardwareConfig, notes) of a run: `given` ({field: value}, `given_hardware`) over the
+    `stored` config (a checkpoint's). Each note names a given value that contradicts the
+    stored one."""
+    settings = stored.to_dict()
+    hardware = HardwareConfig.from_json({**settings, **given})  # validates keys and values
+    notes = [f"{flag_name(key) if key in FLAGGED else '--hw ' + key} "
+             f"{_shown(getattr(hardware, key))} overrides {where}'s {_shown(settings[key])}"
+             for key in given if getattr(hardware, key) != settings[key]]
+    return hardware, notes
+
+
+def _shown(value):
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def describe(hardware):
+    """One line naming the array a run used."""
+    return (f"{hardware.weight_encoding}, {hardware.weight_bits}-bit weights, "
+            f"{hardware.activation_bits}-bit inputs, {hardware.crossbar_rows}x"
+            f"{hardware.crossbar_cols} crossbars, "
+            + (f"{hardware.adc_bits}-bit {hardware.adc_range} ADC" if hardware.adc_bits
+               else "ideal ADC"))
 
 
 def layer_energy_report(counts, config):

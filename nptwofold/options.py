@@ -6,7 +6,9 @@ all derived from it.
 
 makes `--lr` (type float, help with its default), refuses `--lr -1` with
 "--lr must be > 0 (got -1.0)", and is stored by name in the checkpoint's JSON config.
-Field types are int, float, bool, str and list[int]; a None default means "optional".
+Field types are int, float, bool, str, list[int], list[float] and nested configs; a None
+default means "optional". A field declared with flag=False has no flag of its own (a nested
+config, or a hardware constant set with `--hw KEY=VALUE`), and its messages use its name.
 """
 import argparse
 import dataclasses
@@ -65,6 +67,9 @@ def option(default, help, bound=None, choices=None, flag=True, check=None):
     metadata = dict(help=help, bound=bound, choices=choices, flag=flag, check=check)
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    if dataclasses.is_dataclass(default):  # a nested config: each instance gets its own copy
+        return dataclasses.field(default_factory=lambda: dataclasses.replace(default),
+                                 metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -85,12 +90,14 @@ def _base_type(field):
 def _checked_value(field, value, kind=None):
     """`value` converted to the field's type (an int is a valid float), or NptwofoldError.
     `kind` is given for the items of a list field."""
-    name = flag_name(field.name)
+    name = flag_name(field.name) if field.metadata.get("flag") else field.name
     if value is None and field.default is None and kind is None:
         return None
     if kind is None:
         kind, is_list = _base_type(field)
         if is_list:
+            if isinstance(value, tuple):
+                value = list(value)
             if not isinstance(value, list):
                 raise NptwofoldError(f"{name} must be a list of {kind.__name__} "
                                      f"(got {value!r})")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .build import build_model, restore_state
 from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, dataset_name
 from .errors import NptwofoldError
 from .files import (RunLock, atomic_write, check_output_dir, stale_temporaries, write_csv,
                     write_json)
@@ -206,8 +206,9 @@ class Trainer:
         self.write_logs()
 
     def save(self, path):
-        save_checkpoint(path, self.model, self.optimizer, self.state,
-                        dataclasses.asdict(self.config),
+        # the dataset by name: a checkpoint holds no path of the machine that wrote it
+        config = dict(dataclasses.asdict(self.config), data=dataset_name(self.config.data))
+        save_checkpoint(path, self.model, self.optimizer, self.state, config,
                         extra_groups={"twofold": self.method.write_h5} if self.method else None)
 
     def run(self, max_steps=None):

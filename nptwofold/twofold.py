@@ -76,8 +76,6 @@ class TwofoldConfig:
     """
     sparsity: float = option(0.5, "network sparsity p of every mapped layer",
                              between(0, 1, high_open=True))
-    bits: int = option(8, "weight precision b, even, 2..16 (SPEC 2: 8 [assumption])",
-                       check=check_bits)
     lambda_net: float = option(10.0, "Reg_Net strength lambda [assumption]", at_least(0))
     beta_bit: float = option(20.0, "Reg_Bit strength beta [assumption]", at_least(0))
     reg_bit_form: str = option("poster", "Reg_Bit form: poster = ||sum_n B(n)||_2, plane_lasso "
@@ -106,15 +104,8 @@ class TwofoldConfig:
     lambda_energy: float = option(
         0.0, "energy regularizer strength lambda_E: R_E = lambda_E sum_i a_i e(q_i) / E_ref "
         "(docs/energy-regularizer.md); 0 = off", at_least(0))
-    weight_encoding: str = option(
-        "twos_complement", "the array's weight encoding (HardwareConfig.weight_encoding): the "
-        "bit planes are trained, re-binarized and stored in it, and the energy regularizer and "
-        "the report weigh its cell energy e(q)", choices=ENCODINGS)
     activity_images: int = option(500, "training images (the first ones, not augmented) the "
                                   "input activity a_i is measured on, each epoch", at_least(1))
-    activation_bits: int = option(8, "a, bits of the array's unsigned inputs, for the input "
-                                  "activity a_i (HardwareConfig.activation_bits)",
-                                  between(1, 16))
     energy_rounding: float = option(
         0.0, "post-training re-binarizations round energy-aware: a weight takes the cheaper (in "
         "cell energy e(q) of --weight-encoding) of the two grid levels around q~ when it lies "
@@ -150,8 +141,12 @@ def layer_matrix_shape(weight_shape):
 class Twofold:
     """The method's state for one model: mapped layers, their masks, and the training hooks."""
 
-    def __init__(self, model, config, seed):
+    def __init__(self, model, config, seed, hardware=None):
         self.config = config.validated()
+        # the array the bit planes are made for: their precision b and encoding, the input
+        # bits and cell energies the energy regularizer weighs
+        self.hardware = HardwareConfig() if hardware is None else hardware
+        self.bits, self.encoding = self.hardware.weight_bits, self.hardware.weight_encoding
         self.model = model
         self.layers = {}  # name -> WeightLayer
         self.masks = {}   # name -> LfsrKeepMask
@@ -165,10 +160,10 @@ class Twofold:
                 sparsity[name] = own
         for index, (name, layer) in enumerate(mapped):
             if not layer.bit_width:
-                layer.use_bit_weights(config.bits, config.weight_encoding)
-            elif layer.bit_encoding != config.weight_encoding:
+                layer.use_bit_weights(self.bits, self.encoding)
+            elif layer.bit_encoding != self.encoding:
                 raise NptwofoldError(f"{name} holds {layer.bit_encoding} bit planes, the twofold "
-                                     f"config says {config.weight_encoding}")
+                                     f"hardware config says {self.encoding}")
             rows, cols = layer_matrix_shape(layer.params["weight_bits"].shape[1:])
             width = lfsr_width_for_rows(rows)
             lfsr_seed = int(np.random.default_rng([base_seed, LFSR_STREAM, index])
@@ -184,15 +179,15 @@ class Twofold:
         self.param_share = {name: layer.params["weight_bits"][0].size / total
                             for name, layer in self.layers.items()}
         self.pruned = False  # set by hard_prune: from then on the masks are enforced every step
-        self.energy_table = level_energy_table(config.bits, config.weight_encoding,
-                                               HardwareConfig().cell_energy_pj)
+        self.energy_table = level_energy_table(self.bits, self.encoding,
+                                               self.hardware.cell_energy_pj)
         # Reg_Bit counts the planes the array stores as cell bits: sign-magnitude's sign plane
         # only picks the column group, so it is left out
-        self.sign_plane = (config.bits - 1 if encoding_code(config.weight_encoding)
+        self.sign_plane = (self.bits - 1 if encoding_code(self.encoding)
                            == SIGN_MAGNITUDE else None)
         # the planes of level 0, which a cut weight holds (not all zero in offset binary)
-        self.zero_planes = decompose(np.zeros(1, np.int64), config.bits,
-                                     config.weight_encoding)[:, 0]
+        self.zero_planes = decompose(np.zeros(1, np.int64), self.bits,
+                                     self.encoding)[:, 0]
         self.activity_images = None  # uint8 images a_i is measured on, set by the trainer
         self.check_labels = None  # their labels: the budgeted rounding's Fisher needs them
         self.activity = None         # name -> a_i in the weight's shape; None = to be measured
@@ -228,7 +223,7 @@ class Twofold:
 
     def _regularize_layer(self, name):
         layer = self.layers[name]
-        encoding = self.config.weight_encoding
+        encoding = self.encoding
         bits, scale = layer.params["weight_bits"], layer.buffers["weight_scale"][0]
         values = {}
         if self.config.lambda_net:
@@ -281,7 +276,7 @@ class Twofold:
         def count(module, x):
             name = names[id(module)]
             clip = STEM_CLIP if name == first else maxima[name]
-            levels = (quantize_activations(x, clip, self.config.activation_bits) if clip > 0
+            levels = (quantize_activations(x, clip, self.hardware.activation_bits) if clip > 0
                       else np.zeros_like(x))
             ones = activation_ones(levels)
             if x.ndim == 4:  # conv: rows in the im2col order (ky, kx, ci)
@@ -291,7 +286,7 @@ class Twofold:
             # the layer sees its quantized inputs, so the next layer's are those of the array
             return module.own_forward(levels * x.dtype.type(clip / full_scale))
 
-        full_scale = (1 << self.config.activation_bits) - 1
+        full_scale = (1 << self.hardware.activation_bits) - 1
         training = self.model.training
         self.model.eval()
         try:
@@ -312,8 +307,8 @@ class Twofold:
                 per_row = per_row.reshape(shape[2], shape[3], shape[1]).transpose(2, 0, 1)
             self.activity[name] = np.ascontiguousarray(
                 np.broadcast_to(per_row, shape) * self.keep_mask(name))
-        two_complement_mean = level_energy_table(self.config.bits, "twos_complement",
-                                                 HardwareConfig().cell_energy_pj).mean()
+        two_complement_mean = level_energy_table(self.bits, "twos_complement",
+                                                 self.hardware.cell_energy_pj).mean()
         self.energy_reference = two_complement_mean * sum(a.sum() for a in self.activity.values())
         if not self.energy_reference > 0:
             raise NptwofoldError("no input bit was 1 on the activity images; the energy "
@@ -327,7 +322,7 @@ class Twofold:
 
     def level_energy(self, levels):
         """e(q) in pJ of integer levels in the config's bits and encoding (float64)."""
-        return self.energy_table[levels.astype(np.int64) + max_level(self.config.bits)]
+        return self.energy_table[levels.astype(np.int64) + max_level(self.bits)]
 
     def after_step(self):
         for layer in self.layers.values():
@@ -356,7 +351,7 @@ class Twofold:
         budget = loss_before + self.config.plane_drop_tolerance
         planes_dropped = 0
         open_layers = [layer for layer in self.layers.values()
-                       if layer.dropped_planes < self.config.bits - 2]
+                       if layer.dropped_planes < self.bits - 2]
         while open_layers:
             for layer in list(open_layers):
                 layer.dropped_planes += 1
@@ -366,7 +361,7 @@ class Twofold:
                     open_layers.remove(layer)
                     continue
                 loss_after, planes_dropped = loss, planes_dropped + 1
-                if layer.dropped_planes == self.config.bits - 2:
+                if layer.dropped_planes == self.bits - 2:
                     open_layers.remove(layer)
         return dict(check_loss_before=loss_before, check_loss_after=loss_after,
                     planes_dropped=planes_dropped)
@@ -376,7 +371,7 @@ class Twofold:
         once hard-pruned (post-training), energy-aware with radius `energy_rounding` (after
         the `last` epoch `energy_rounding_last`, if set) and within `energy_rounding_budget` if
         that is set. Logs and returns the rounding's figures (none for a plain one)."""
-        b, encoding = self.config.bits, self.config.weight_encoding
+        b, encoding = self.bits, self.encoding
         radius = self.config.energy_rounding
         if last and self.config.energy_rounding_last is not None:
             radius = self.config.energy_rounding_last
@@ -412,7 +407,7 @@ class Twofold:
         if self.activity is None:
             self.measure_activity()
         fisher = self.weight_fisher()
-        qmax = max_level(self.config.bits)
+        qmax = max_level(self.bits)
         gains, costs = [], []
         for name, (nearest, cheaper) in candidates.items():
             scale = float(self.layers[name].buffers["weight_scale"][0])
@@ -468,7 +463,7 @@ class Twofold:
     def levels(self, name):
         layer = self.layers[name]
         return rounded_levels(layer.params["weight_bits"], layer.dropped_planes,
-                              self.config.weight_encoding)
+                              self.encoding)
 
     def layer_report(self):
         """Per-layer rows (and a total row) of network and bit sparsity and cell states.
@@ -476,12 +471,12 @@ class Twofold:
         Bits and cells are counted over the kept weights only: those are what the CIM array
         stores. `zero_weight_share` counts all weights whose level is 0.
         """
-        b = self.config.bits
+        b = self.bits
         rows, totals = [], None
         for name, layer in self.layers.items():
             keep = self.keep_mask(name)
             levels = self.levels(name)
-            encoding = self.config.weight_encoding
+            encoding = self.encoding
             planes = decompose(levels, b, encoding)[:, keep.astype(bool)]  # (b, kept weights)
             cells = weight_cells(levels, b, encoding)[:, keep.astype(bool)]
             counts = dict(
@@ -534,7 +529,7 @@ class Twofold:
 
     def write_h5(self, group):
         """The integer weights, exact bit planes, scale, keep-mask and LFSR parameters per layer."""
-        b, encoding = self.config.bits, self.config.weight_encoding
+        b, encoding = self.bits, self.encoding
         for name, layer in self.layers.items():
             levels = self.levels(name)
             scale = float(layer.buffers["weight_scale"][0])
@@ -560,15 +555,16 @@ class Twofold:
         if set(stored) != set(self.layers):
             raise NptwofoldError(f"{path}: /twofold layers {sorted(stored)[:3]}... do not "
                                  "match the model's mapped layers")
-        b, encoding = self.config.bits, self.config.weight_encoding
+        b, encoding = self.bits, self.encoding
         for name, entry in stored.items():
             attrs, layer, where = entry["attrs"], self.layers[name], f"{path}: /twofold/{name}"
             shape = layer.params["weight_bits"].shape[1:]
             if attrs["bits"] != b:
-                raise NptwofoldError(f"{where}/@bits is {attrs['bits']}, the config says {b}")
+                raise NptwofoldError(f"{where}/@bits is {attrs['bits']}, the hardware config says "
+                                     f"{b}")
             if attrs["encoding"] != encoding:
-                raise NptwofoldError(f"{where}/@encoding is {attrs['encoding']}, the config "
-                                     f"says {encoding}")
+                raise NptwofoldError(f"{where}/@encoding is {attrs['encoding']}, the hardware "
+                                     f"config says {encoding}")
             if not attrs["dropped_planes"] <= b - 2:
                 raise NptwofoldError(f"{where}/@dropped_planes {attrs['dropped_planes']} is "
                                      f"more than b - 2 = {b - 2}")

@@ -2,14 +2,16 @@
 run on the simulated array with a finite ADC in the forward, with the float layer's gradient
 (straight-through), so the model adapts to that ADC width and encoding.
 
-    python scripts/adc_finetune.py CKPT --adc-bits 4 --encoding sign_magnitude --epochs 1
+    python scripts/adc_finetune.py CKPT --adc-bits 4 --weight-encoding sign_magnitude --epochs 1
         --out DIR [--lr 0.002] [--train-images N] [--calib-images 500] [--batch-size 128]
-        [--data PATH|sample] [--seed 0] [--threads 2]
+        [--data PATH|sample|cifar10] [--seed 0] [--threads 2]
 
-Writes DIR/last.h5 (a normal checkpoint: the model, its config with an "adc_finetune" entry,
-and the /cim calibration the ADC ranges came from, so scripts/cim_eval.py evaluates it with
-them) and DIR/log.json (settings, loss and accuracy of every step). The clips and ADC ranges are
-calibrated on CKPT's weights first (cached in CKPT when it is writable, as cim_eval does).
+The array is CKPT's stored one, changed by the flags (the ADC must be finite). Writes
+DIR/last.h5 (a normal checkpoint: the model, its config with the array it was adapted to and an
+"adc_finetune" entry), DIR/last.h5.cim.h5 (the calibration the ADC ranges came from, so
+scripts/cim_eval.py evaluates the model with them) and DIR/log.json (settings, loss and
+accuracy of every step). The clips and ADC ranges are calibrated on CKPT's weights first
+(cached in CKPT's calibration file when its folder is writable, as cim_eval does).
 """
 import dataclasses
 import sys
@@ -17,34 +19,26 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nptwofold.options import MAX_BATCH_SIZE, ScriptParser  # noqa: E402
+from nptwofold.options import MAX_BATCH_SIZE, ScriptParser, threads_flag  # noqa: E402
 from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
-
-ENCODINGS = ("twos_complement", "offset_binary", "sign_magnitude")
 
 
 def parse_args(argv):
+    from nptwofold.cim.tools import add_cim_flags
+
     parser = ScriptParser(__doc__)
     parser.add_argument("checkpoint", help="float checkpoint to adapt")
     parser.add_argument("--out", required=True, help="output folder (must not hold last.h5)")
-    parser.add_argument("--adc-bits", type=int, required=True, help="ADC width to adapt to")
-    parser.add_argument("--encoding", choices=ENCODINGS, default="sign_magnitude",
-                        help="weight encoding of the array")
-    parser.add_argument("--adc-range", choices=("fixed", "calibrated"), default="calibrated",
-                        help="ADC full scale")
+    add_cim_flags(parser, skip=("images",))
     parser.add_argument("--epochs", type=int, default=1, help="fine-tune epochs")
     parser.add_argument("--lr", type=float, default=0.002, help="constant SGD learning rate")
     parser.add_argument("--batch-size", type=int, default=128, help="training batch size")
     parser.add_argument("--train-images", type=int,
                         help="first N training images (default: all 50,000)")
-    parser.add_argument("--calib-images", type=int, default=500,
-                        help="training images that calibrate the clips and ADC ranges")
-    parser.add_argument("--data", help="CIFAR-10 tarball or folder, 'sample' or 'cifar10' "
-                        "(default: the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order and augmentation")
     parser.add_argument("--threads", type=int, default=2, help="threads of the CIM kernels")
     args = parser.parse_args(argv)
-    for name in ("adc_bits", "epochs", "batch_size", "train_images", "calib_images", "threads"):
+    for name in ("epochs", "batch_size", "train_images", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -58,27 +52,32 @@ def parse_args(argv):
 def run(args):
     from nptwofold.adc_finetune import finetune
     from nptwofold.checkpoint import save_checkpoint
+    from nptwofold.cim.calibration import default_path
+    from nptwofold.cim.tools import (calibration_cache, dataset_of, hardware_line,
+                                     open_checkpoint, options_of)
     from nptwofold.cim_network import CimNetwork
-    from nptwofold.data import load_dataset
     from nptwofold.errors import NptwofoldError
     from nptwofold.files import RunLock, check_output_dir, write_json
-    from nptwofold.hardware import HardwareConfig
 
     out = Path(args.out).absolute()
     check_output_dir(out)  # before the fine-tuning, which a late failure would lose
     RunLock(out).acquire()  # held to the end of the process
     if (out / "last.h5").exists():
         raise NptwofoldError(f"{out / 'last.h5'} exists; choose another --out")
-    hardware = HardwareConfig(weight_encoding=args.encoding, adc_bits=args.adc_bits,
-                              adc_range=args.adc_range)
-    network, content = CimNetwork.from_checkpoint(args.checkpoint, hardware)
-    if network.method is not None:
+    options = options_of(args)
+    model, method, content, hardware, notes = open_checkpoint(args.checkpoint, args)
+    if method is not None:
         raise NptwofoldError("ADC-aware fine-tuning takes a float checkpoint; "
                              f"{args.checkpoint} is a twofold model")
-    dataset = load_dataset(args.data or content["config"].get("data", "cifar10"))
-    calibration = dataset.train_images[:args.calib_images]
-    network.calibrate_checkpoint(args.checkpoint, content, calibration)
-    network.ensure_adc_calibration(args.checkpoint, calibration)
+    if not hardware.adc_bits:
+        raise NptwofoldError("ADC-aware fine-tuning needs a finite ADC; the checkpoint's is "
+                             "ideal: give --adc-bits N")
+    print(hardware_line(hardware, notes))
+    network = CimNetwork(model, None, hardware)
+    dataset = dataset_of(options, content)
+    cache = calibration_cache(args.checkpoint, options, dataset, content=content)
+    cache.prepare(network)
+    cache.save(network)
 
     settings = {key: value for key, value in vars(args).items() if key not in ("out", "threads")}
     steps = []
@@ -94,17 +93,18 @@ def run(args):
     labels = dataset.train_labels[:args.train_images]
     finetune(network, images, labels, args.epochs, args.lr, args.batch_size, seed=args.seed,
              on_step=on_step)
-    config = dict(content["config"], adc_finetune=dict(
-        settings, hardware=dataclasses.asdict(hardware), train_images_used=len(images)))
+    config = dict(content["config"], hardware=dataclasses.asdict(hardware),
+                  adc_finetune=dict(settings, train_images_used=len(images)))
     save_checkpoint(out / "last.h5", network.model, config=config)
-    network.store_calibration(out / "last.h5", len(calibration))
+    cache.pin(network, default_path(out / "last.h5"))
     write_json(out / "log.json", dict(settings=settings, steps=steps))
     print(f"wrote {out / 'last.h5'} after {time.perf_counter() - started:.0f} s")
 
 
 def main(argv=None):
+    threads = threads_flag(argv)
+    configure_threads(threads, numba_threads=threads)
     args = parse_args(argv)
-    configure_threads(args.threads, numba_threads=args.threads)
     from nptwofold.errors import NptwofoldError
 
     try:

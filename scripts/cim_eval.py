@@ -4,59 +4,48 @@ runs, for a list of ADC widths and weight encodings in one go, and energy per im
 default the same weights on every row, with `--baseline CKPT` a separately trained dense model
 run on the same images (its energy counted from its own activations).
 
-    python scripts/cim_eval.py CKPT [--baseline CKPT] [--data PATH|sample] [--images N]
-        [--adc-bits N [N ...]] [--encoding E [E ...]] [--adc-range fixed|calibrated]
-        [--hw-config JSON] [--hw KEY=VALUE ...] [--calib-images N] [--json OUT] [--csv OUT]
-        [--plot OUT.png] [--threads N]
+    python scripts/cim_eval.py CKPT [--baseline CKPT] [--data PATH|sample|cifar10] [--images N]
+        [--adc-bits N [N ...]] [--weight-encoding E [E ...]] [--adc-range fixed|calibrated]
+        [--hw-config FILE] [--hw KEY=VALUE ...] [--calib-images N] [--calibration FILE]
+        [--json OUT] [--csv OUT] [--plot OUT.png] [--threads N]
 
-The activation clips and the ADC partial-sum histograms are calibrated on training images and
-cached in the checkpoint (/cim) when it is writable; a read-only checkpoint is evaluated all the
-same and the report says the calibration was not cached.
+The array is the one the checkpoint was trained for (its stored hardware config: encoding,
+weight and activation bits, ADC, ...); a flag changes it, and the report says so. The
+activation clips and ADC partial-sum histograms are calibrated on training images and cached in
+a calibration file beside the checkpoint (CKPT.cim.h5, or --calibration FILE), never in the
+checkpoint; a calibration computed from other weights, images or settings is redone.
+
+In the table, "= fq" is the share of test images on which the CIM run predicts the same class
+as the fake-quant run (quantized weights and inputs, exact integer matmul): 100 % means the ADC
+changed no prediction.
 """
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nptwofold.options import MAX_EVAL_BATCH_SIZE, ScriptParser  # noqa: E402
+from nptwofold.options import ScriptParser, threads_flag  # noqa: E402
 from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
 
 NANOJOULE = 1e3  # pJ per nJ: the tables print nJ, the files keep pJ
-ENCODINGS = ("twos_complement", "offset_binary", "sign_magnitude")
+SWEPT = ("adc_bits", "weight_encoding")  # the array flags that take a list here
 
 
 def parse_args(argv):
+    from nptwofold.cim.tools import add_cim_flags
+    from nptwofold.hardware import ADC_RANGES  # noqa: F401  (the choices come from the config)
+    from nptwofold.kernels.quant import ENCODINGS
+
     parser = ScriptParser(__doc__)
     parser.add_argument("checkpoint", help="an nptwofold checkpoint (Twofold or float)")
     parser.add_argument("--baseline", metavar="CKPT",
                         help="dense 8-bit baseline checkpoint to compare the energy with "
                         "(default: this checkpoint's weights mapped dense)")
-    parser.add_argument("--data", help="CIFAR-10 tarball or folder, 'sample' or 'cifar10' "
-                        "(default: the data the checkpoint was trained on)")
-    parser.add_argument("--images", type=int, help="first N test images (default: all)")
-    parser.add_argument("--adc-bits", type=int, nargs="+", metavar="N",
-                        help="ADC widths to run, 0 = ideal (default: 0, or the --hw-config "
-                        "file's adc_bits)")
-    parser.add_argument("--encoding", nargs="+", choices=ENCODINGS,
-                        help="weight encodings to run (default: twos_complement, or the "
-                        "--hw-config file's weight_encoding)")
-    parser.add_argument("--adc-range", choices=("fixed", "calibrated"),
-                        help="ADC full scale (default: calibrated, or the --hw-config file's "
-                        "adc_range)")
-    parser.add_argument("--hw-config", help="HardwareConfig JSON file (default: none, the values in "
-                        "docs/cim-model.md)")
-    parser.add_argument("--hw", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one HardwareConfig field, the value in JSON; repeatable "
-                        "(--hw crossbar_rows=256 --hw 'cell_energy_pj=[0.08,0.36,0.73,1.49]')")
-    parser.add_argument("--calib-images", type=int, default=500,
-                        help="training images that calibrate the activation clips and ADC "
-                        "ranges; cached in the checkpoint (/cim) if it is writable")
-    parser.add_argument("--recalibrate", action="store_true",
-                        help="calibrate again even if the checkpoint holds a calibration")
-    parser.add_argument("--weight-bits", type=int,
-                        help="bits of a float checkpoint's weights (default 8)")
-    parser.add_argument("--batch-size", type=int, default=50, help="images per simulated batch")
+    array = add_cim_flags(parser, hardware_skip=SWEPT)
+    array.add_argument("--adc-bits", type=int, nargs="+", metavar="N",
+                       help="ADC widths to run, 0 = ideal (default: the checkpoint's)")
+    array.add_argument("--weight-encoding", nargs="+", choices=ENCODINGS,
+                       help="weight encodings to run (default: the checkpoint's)")
     parser.add_argument("--threads", type=int, default=2,
                         help="threads of the CIM kernels (default 2; results do not depend on it)")
     parser.add_argument("--json", metavar="OUT", help="write the full report as JSON")
@@ -65,53 +54,26 @@ def parse_args(argv):
                         "ADC width (needs matplotlib, the optional extra 'plot')")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    for name in ("images", "calib_images", "batch_size", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.batch_size > MAX_EVAL_BATCH_SIZE:
-        parser.error(f"--batch-size must be <= {MAX_EVAL_BATCH_SIZE} (got {args.batch_size})")
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
     return args
 
 
-def hardware_overrides(pairs):
-    """{key: value} of the --hw KEY=VALUE flags, values parsed as JSON."""
-    from nptwofold.errors import NptwofoldError
+def hardware_variants(args, hardware):
+    """The HardwareConfig of every (encoding, ADC width) run, encodings outermost, and the
+    notes on the list flags that contradict the checkpoint's `hardware`."""
+    import dataclasses
 
-    overrides = {}
-    for pair in pairs:
-        key, separator, text = pair.partition("=")
-        if not separator:
-            raise NptwofoldError(f"--hw takes KEY=VALUE, got {pair!r}")
-        try:
-            overrides[key.strip()] = json.loads(text)
-        except ValueError:
-            raise NptwofoldError(f"--hw {key}: {text!r} is not a JSON value") from None
-    return overrides
-
-
-def hardware_variants(args):
-    """The HardwareConfig of every (encoding, ADC width) run, encodings outermost."""
-    from nptwofold.hardware import HardwareConfig
-
-    settings = HardwareConfig.from_json(args.hw_config).to_dict() if args.hw_config else {}
-    settings.update(hardware_overrides(args.hw))
-    if args.adc_range:
-        settings["adc_range"] = args.adc_range
-    base = HardwareConfig.from_json(settings)  # validates keys and values
-    encodings = args.encoding or [base.weight_encoding]
-    widths = args.adc_bits if args.adc_bits is not None else [base.adc_bits]
-    return base, [HardwareConfig.from_json(dict(settings, weight_encoding=encoding,
-                                                adc_bits=bits))
-                  for encoding in encodings for bits in widths]
-
-
-def calibration_note(calibrated, stored):
-    if not calibrated:
-        return "stored in the checkpoint by an earlier calibration"
-    if stored:
-        return "calibrated now, stored in the checkpoint"
-    return "calibrated now, not cached: the checkpoint is not writable"
+    encodings = args.weight_encoding or [hardware.weight_encoding]
+    widths = args.adc_bits if args.adc_bits is not None else [hardware.adc_bits]
+    variants = [dataclasses.replace(hardware, weight_encoding=encoding, adc_bits=bits)
+                for encoding in encodings for bits in widths]
+    notes = [f"--{flag.replace('_', '-')} {' '.join(map(str, values))} overrides the "
+             f"checkpoint's {getattr(hardware, flag)}"
+             for flag, values in (("weight_encoding", args.weight_encoding),
+                                  ("adc_bits", args.adc_bits))
+             if values and any(value != getattr(hardware, flag) for value in values)]
+    return variants, notes
 
 
 def run_batches(images, batch_size, logits_of, bar):
@@ -131,52 +93,57 @@ def evaluate_on_array(args):
     import numpy as np
     from tqdm import tqdm
 
+    from nptwofold.cim.tools import (calibration_cache, dataset_of, hardware_line,
+                                     open_checkpoint, options_of)
     from nptwofold.cim_network import CimNetwork
-    from nptwofold.data import load_dataset
 
-    base_hardware, variants = hardware_variants(args)
-    network, content = CimNetwork.from_checkpoint(args.checkpoint, variants[0],
-                                                  args.weight_bits)
-    dataset = load_dataset(args.data or content["config"].get("data", "cifar10"))
-    images = dataset.test_images[:args.images]
-    labels = dataset.test_labels[:args.images]
-    calibration = dataset.train_images[:args.calib_images]
+    options = options_of(args)
+    model, method, content, hardware, notes = open_checkpoint(args.checkpoint, args, SWEPT)
+    variants, list_notes = hardware_variants(args, hardware)
+    notes += list_notes
+    network = CimNetwork(model, method, variants[0])
+    dataset = dataset_of(options, content)
+    images = dataset.test_images[:options.images]
+    labels = dataset.test_labels[:options.images]
 
     started = time.perf_counter()
-    notes = [calibration_note(*network.calibrate_checkpoint(
-        args.checkpoint, content, calibration, args.batch_size, args.recalibrate))]
-    networks = [network.with_hardware(hardware) for hardware in variants]
+    cache = calibration_cache(args.checkpoint, options, dataset, log=tqdm.write,
+                              content=content)
+    cache.prepare(network)
+    networks = [network.with_hardware(variant) for variant in variants]
     for variant in networks:
-        found = variant.ensure_adc_calibration(args.checkpoint, calibration, args.batch_size)
-        if found[0]:
-            notes.append(f"{variant.hardware.weight_encoding} ADC ranges "
-                         + calibration_note(*found))
-            for other in networks:  # the same encoding's other widths share the histograms
-                other.adc_histograms = {**variant.adc_histograms, **other.adc_histograms}
-                other.select_adc_histograms()
+        cache.ensure_adc(variant)
+        for other in [network, *networks]:  # the same encoding's other widths share them
+            other.adc_histograms = {**variant.adc_histograms, **other.adc_histograms}
+            other.select_adc_histograms()
+    cache.save(network)
     seconds = dict(calibration=time.perf_counter() - started)
 
-    total = len(images) * (2 + len(networks))
-    with tqdm(total=total, unit="img", desc="cim eval", disable=args.no_progress) as bar:
-        float_predictions, seconds["float"] = run_batches(images, args.batch_size,
-                                                          network.float_logits, bar)
-        fake_predictions, seconds["fake_quant"] = run_batches(images, args.batch_size,
-                                                              network.fake_quant_logits, bar)
-        runs = []
-        for variant in networks:
-            predictions, elapsed = run_batches(images, args.batch_size, variant.cim_logits, bar)
-            runs.append((variant, predictions, elapsed))
+    # one bar per run, counting test images: the runs differ in speed by orders of
+    # magnitude, so only a run's own bar can give a true ETA
+    def run(label, logits_of):
+        with tqdm(total=len(images), unit="img", desc=label, leave=False,
+                  disable=args.no_progress) as bar:
+            return run_batches(images, options.eval_batch_size, logits_of, bar)
+
+    float_predictions, seconds["float"] = run("float", network.float_logits)
+    fake_predictions, seconds["fake_quant"] = run("fake-quant", network.fake_quant_logits)
+    runs = []
+    for variant in networks:
+        label = f"CIM {variant.hardware.weight_encoding}, {adc_label(variant.hardware.to_dict())}"
+        predictions, elapsed = run(label, variant.cim_logits)
+        runs.append((variant, predictions, elapsed))
 
     baseline = None
     if args.baseline:
-        baseline = baseline_energy(args.baseline, base_hardware, dataset, images, args)
+        baseline = baseline_energy(args.baseline, hardware, dataset, images, options)
     results = []
     for variant, predictions, elapsed in runs:
         energy = variant.energy_report(baseline)
-        hardware = variant.hardware
+        used = variant.hardware
         results.append(dict(
-            encoding=hardware.weight_encoding, adc_bits=hardware.adc_bits,
-            adc_range=hardware.adc_range, hardware=hardware.to_dict(),
+            encoding=used.weight_encoding, adc_bits=used.adc_bits,
+            adc_range=used.adc_range, hardware=used.to_dict(),
             accuracy=float(np.mean(predictions == labels)),
             fake_quant_agreement=float(np.mean(predictions == fake_predictions)),
             seconds=elapsed,
@@ -187,20 +154,29 @@ def evaluate_on_array(args):
         checkpoint=str(args.checkpoint), data=dataset.source, n_images=len(images),
         baseline=(f"{args.baseline}, counted on the same images" if args.baseline else
                   "the same weights on every row, same encoding, no LFSR"),
-        calibration_images=len(calibration), calibration="; ".join(notes),
+        calibration_images=len(cache.images), calibration="; ".join(cache.notes),
+        array=hardware_line(hardware, notes), hardware=hardware.to_dict(),
+        hardware_notes=notes,
         accuracy=dict(float=float(np.mean(float_predictions == labels)),
                       fake_quant=float(np.mean(fake_predictions == labels))),
         seconds=seconds, runs=results)
 
 
-def baseline_energy(path, hardware, dataset, images, args):
-    """energy_report of the baseline checkpoint on `images`, by counting (ideal-ADC run)."""
+def baseline_energy(path, hardware, dataset, images, options):
+    """energy_report of the baseline checkpoint on `images`, by counting (ideal-ADC run), on
+    the evaluated checkpoint's array with the baseline's own weight bits."""
+    import dataclasses
+
+    from nptwofold.cim.tools import calibration_cache
     from nptwofold.cim_network import CimNetwork
 
-    network, content = CimNetwork.from_checkpoint(path, hardware)
-    network.calibrate_checkpoint(path, content, dataset.train_images[:args.calib_images],
-                                 args.batch_size, args.recalibrate)
-    network.count_energy(images, args.batch_size)
+    network, content = CimNetwork.from_checkpoint(path)
+    network = CimNetwork(network.model, network.method, dataclasses.replace(
+        hardware, weight_bits=network.hardware.weight_bits))
+    cache = calibration_cache(path, options, dataset, content=content)
+    cache.prepare(network)
+    cache.save(network)
+    network.count_energy(images, options.eval_batch_size)
     return network.energy_report()
 
 
@@ -220,9 +196,11 @@ def format_table(result):
         f"{hardware['activation_bits']}-bit inputs, {hardware['crossbar_rows']}x"
         f"{hardware['crossbar_cols']} crossbars; calibration ({result['calibration_images']} "
         f"images): {result['calibration']}",
+        result["array"],
         f"accuracy: float {accuracy['float']:.4f}, fake-quant (ideal ADC) "
         f"{accuracy['fake_quant']:.4f}",
-        f"energy per image, nJ (dense: {result['baseline']}; ratio = dense / this)",
+        f"energy per image, nJ (dense: {result['baseline']}; ratio = dense / this; "
+        "= fq: share of images the CIM run classifies as the fake-quant run does)",
         f"{'encoding':<17}{'ADC':<16}{'accuracy':>9}{'= fq':>7}{'cells':>9}{'ADC':>8}"
         f"{'LFSR':>7}{'total':>9}{'dense':>9}{'ratio':>7}{'seconds':>9}",
     ]
@@ -306,14 +284,15 @@ def write_outputs(args, result):
 
 
 def main(argv=None):
+    threads = threads_flag(argv)
+    configure_threads(threads, numba_threads=threads)
     args = parse_args(argv)
-    configure_threads(args.threads, numba_threads=args.threads)
 
     from nptwofold.errors import NptwofoldError
     from nptwofold.files import check_output_file
 
     try:
-        for path in (args.json, args.csv, args.plot):
+        for path in (args.json, args.csv, args.plot, args.calibration):
             check_output_file(path)
         result = evaluate_on_array(args)
         print(format_table(result))

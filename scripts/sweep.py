@@ -12,7 +12,7 @@ in the twofold phase, --finetune-beta-bit, by default the same, in the fine-tune
 each `scripts/train_cifar.py --preset twofold --init BASELINE` (twofold phase, then
 post-training) in OUT/p<100p>-bitreg-<on|off>, with --resume once a phase of it exists, so a
 stopped sweep continues where it stopped and finished runs are skipped. The other Twofold flags
-(--bits, --mask-group, ...) go to every run. `--jobs` runs go side by side,
+(--weight-bits, --mask-group, ...) go to every run. `--jobs` runs go side by side,
 each on one engine thread (on 2 cores, two 1-thread runs train more images per second than one
 2-thread run). Each run's output goes to its train.log.
 
@@ -50,6 +50,7 @@ BIT_REG_ONLY = ("plane_drop_tolerance", "finetune_beta_bit")
 def parse_args(argv):
     from nptwofold.config import PipelineConfig
     from nptwofold.errors import NptwofoldError
+    from nptwofold.hardware import HardwareConfig
     from nptwofold.twofold import TwofoldConfig
 
     parser = ScriptParser(__doc__)
@@ -76,6 +77,7 @@ def parse_args(argv):
         "train_cifar.py flags passed to the runs (" + ", ".join(map(flag_name, BIT_REG_ONLY))
         + " only to the runs with Reg_Bit on)")
     add_flags(passed, TwofoldConfig, skip=("sparsity", "beta_bit"))
+    add_flags(passed, HardwareConfig)
     add_flags(passed, PipelineConfig)
     parser.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     args = parser.parse_args(argv)
@@ -90,9 +92,10 @@ def parse_args(argv):
     if any(not 0 <= p < 1 for p in args.sparsity):
         parser.error(f"--sparsity must be in [0, 1) (got {args.sparsity})")
     args.passed = {**given_values(args, TwofoldConfig, skip=("sparsity", "beta_bit")),
-                   **given_values(args, PipelineConfig)}
+                   **given_values(args, HardwareConfig), **given_values(args, PipelineConfig)}
     try:
         TwofoldConfig(**given_values(args, TwofoldConfig, skip=("sparsity",))).validated()
+        HardwareConfig(**given_values(args, HardwareConfig))
         args.pipeline = PipelineConfig(**given_values(args, PipelineConfig)).validated()
     except NptwofoldError as exc:
         parser.error(str(exc))
@@ -146,10 +149,13 @@ def train_all(args, out_dir):
 
 def energy_of(checkpoint, dataset, args, baseline=None):
     """(ideal-ADC accuracy, energy_report) of a checkpoint on the first test images, counted."""
+    from nptwofold.cim.calibration import CalibrationCache, default_path
     from nptwofold.cim_network import CimNetwork
 
     network, content = CimNetwork.from_checkpoint(checkpoint)
-    network.calibrate_checkpoint(checkpoint, content, dataset.train_images[:args.calib_images])
+    cache = CalibrationCache(default_path(checkpoint), dataset.train_images[:args.calib_images])
+    cache.prepare(network)
+    cache.save(network)
     predictions = network.count_energy(dataset.test_images[:args.energy_images],
                                        progress=f"energy {Path(checkpoint).parent.parent.name}")
     accuracy = float((predictions == dataset.test_labels[:args.energy_images]).mean())

@@ -5,8 +5,10 @@ schedule over 150 epochs), paper (He et al. 2016, 182 epochs), twofold (baseline
 OUT/baseline, OUT/twofold, OUT/post). Flags override the preset. Every epoch writes
 OUT/last.h5 (and best.h5), log.csv, log.json and summary.json; --resume continues a run,
 --resume --epochs N trains it to N epochs in all.
-Any Twofold flag (--sparsity, --bits, ...) turns a run into Twofold training; start it from a
-trained baseline with --init CKPT.
+Any Twofold flag (--sparsity, --beta-bit, ...) turns a run into Twofold training; start it
+from a trained baseline with --init CKPT. The array flags (--weight-bits, --weight-encoding,
+--hw ...) say what the model is made for: the bit planes follow them, the energy regularizer
+prices them, and the checkpoint stores them for scripts/cim_eval.py.
 """
 import dataclasses
 import json
@@ -28,6 +30,7 @@ PHASE_FLAGS = {("twofold", "epochs"): "twofold_epochs", ("post", "epochs"): "fin
 
 def parse_args(argv=None):
     from nptwofold.config import PRESETS, PipelineConfig, TrainConfig
+    from nptwofold.hardware import add_hardware_flags
     from nptwofold.twofold import TwofoldConfig
 
     parser = ScriptParser(__doc__)
@@ -44,9 +47,10 @@ def parse_args(argv=None):
         + ", ".join(map(flag_name, PIPELINE_TRAIN_FLAGS)) + ", and its data is cifar10)")
     add_flags(training, TrainConfig, shown_defaults=preset_defaults())
     method = parser.add_argument_group(
-        "Twofold Sparsity (SPEC sections 3-4); any of these makes the run a twofold one")
+        "Twofold Sparsity; any of these makes the run a twofold one")
     add_flags(method, TwofoldConfig)
     add_flags(method, PipelineConfig)
+    add_hardware_flags(parser)
     args = parser.parse_args(argv)
     args.preset_given, args.preset = args.preset is not None, args.preset or "quick"
     if args.threads < 1:
@@ -83,21 +87,24 @@ def phase_configs(args, out_dir):
     """[(phase folder, TrainConfig)]: one run, or the three phases of the twofold preset; on
     --resume of one run its config is None (the checkpoint holds it)."""
     from nptwofold.config import TWOFOLD_PHASES, PipelineConfig, TrainConfig
+    from nptwofold.hardware import given_hardware
     from nptwofold.twofold import TwofoldConfig
 
     twofold = given_values(args, TwofoldConfig)
+    hardware = given_hardware(args)  # every phase is made for the same array
     if args.preset != "twofold":
         if args.resume:  # the run's config is the stored one (--epochs is applied to it)
             return [(out_dir, None)]
         return [(out_dir, TrainConfig.from_preset(args.preset, **given_values(args, TrainConfig),
-                                                  twofold=twofold or None))]
+                                                  twofold=twofold or None, hardware=hardware))]
     pipeline = PipelineConfig(**given_values(args, PipelineConfig)).validated()
     phase_epochs = {"twofold": pipeline.twofold_epochs, "post": pipeline.finetune_epochs}
     phases, init = [], args.init
     for name, preset, settings in TWOFOLD_PHASES:
         if name == "baseline" and args.init:
             continue  # --init is the trained baseline
-        settings = {**settings, **given_values(args, TrainConfig), "init": init}
+        settings = {**settings, **given_values(args, TrainConfig), "init": init,
+                    "hardware": hardware}
         if name != "baseline":
             settings["twofold"] = twofold  # {} = twofold with every default
             settings["epochs"] = phase_epochs[name]
@@ -108,8 +115,10 @@ def phase_configs(args, out_dir):
     return phases
 
 
-def run_phase(config, phase_dir, resume_from, progress, epochs=None, single_run=True):
-    """Trains one phase: from `resume_from` (a checkpoint) if given, else from the start.
+def run_phase(config, phase_dir, resume_from, progress, epochs=None, single_run=True,
+              data=None):
+    """Trains one phase: from `resume_from` (a checkpoint) if given, else from the start; a
+    resumed run reads `data` if given, else the dataset its checkpoint names.
     `epochs` on a resume trains the run to that many epochs in all; a finished `single_run`
     (not a phase of the twofold preset) says how to train it longer."""
     from nptwofold.checkpoint import load_checkpoint
@@ -119,7 +128,7 @@ def run_phase(config, phase_dir, resume_from, progress, epochs=None, single_run=
 
     if resume_from is not None:
         stored = load_checkpoint(resume_from)["config"]
-        dataset = load_dataset(stored["data"])
+        dataset = load_dataset(data or stored["data"])
         trainer = Trainer.resume(resume_from, dataset, phase_dir, progress=progress,
                                  epochs=epochs)
         state, total = trainer.state, trainer.config.epochs
@@ -169,12 +178,20 @@ def extension_note(trainer, planned):
 
 def config_differences(saved, wanted):
     """{field: (saved value, wanted value)} where `wanted` (a TrainConfig dict, or some of its
-    fields) differs from the `saved` one: Twofold fields by their own name, --init by the file
-    it names."""
+    fields) differs from the `saved` one: Twofold and hardware fields by their own name, --init
+    by the file it names, --data by the dataset it holds."""
+    from nptwofold.config import dataset_name
+
     differences = {}
     for name, value in wanted.items():
         old = saved.get(name)
-        if name == "twofold" and old is not None and value is not None:
+        if name == "hardware":  # the array's fields, by their own name
+            differences.update({key: (old.get(key), item) for key, item in value.items()
+                                if old.get(key) != item})
+        elif name == "data":  # a checkpoint names its dataset; --data may say where it lies
+            if dataset_name(old) != dataset_name(value):
+                differences[name] = (old, value)
+        elif name == "twofold" and old is not None and value is not None:
             differences.update({key: (old.get(key), item) for key, item in value.items()
                                 if old.get(key) != item})
         elif name == "twofold" and (old is None) != (value is None):
@@ -195,6 +212,7 @@ def check_resume_flags(args, phases):
     from nptwofold.checkpoint import load_checkpoint
     from nptwofold.config import TrainConfig
     from nptwofold.errors import NptwofoldError
+    from nptwofold.hardware import given_hardware
     from nptwofold.twofold import TwofoldConfig
 
     def shown(differences, phase=None):
@@ -210,6 +228,8 @@ def check_resume_flags(args, phases):
         wanted.pop("epochs", None)  # --epochs trains the run to that many (Trainer.resume)
         if given_values(args, TwofoldConfig):
             wanted["twofold"] = given_values(args, TwofoldConfig)
+        if given_hardware(args):
+            wanted["hardware"] = given_hardware(args)
         if args.preset_given:
             wanted["preset"] = args.preset
         differences = config_differences(saved_config(path), wanted)
@@ -262,7 +282,8 @@ def main(argv=None):
                     resume_from = (phase_dir / "last.h5" if args.resume == "last"
                                    else Path(args.resume))
                 run_phase(config, phase_dir, resume_from, progress=not args.no_progress,
-                          epochs=args.epochs if args.resume else None, single_run=not pipeline)
+                          epochs=args.epochs if args.resume else None, single_run=not pipeline,
+                          data=args.data)
         final = json.loads((phases[-1][0] / "summary.json").read_text())
     except NptwofoldError as exc:
         remove_empty_folders(created)

@@ -27,3 +27,17 @@ def assert_one_line_error(result, fragment):
 
 def state_of(model):
     return {name: value.copy() for name, value in model.state_arrays()}
+
+
+def twofold_of(model, seed=0, **settings):
+    """The Twofold state of `model` for settings of `TwofoldConfig` and `HardwareConfig`
+    together (each key goes to the config that declares it)."""
+    import dataclasses
+
+    from nptwofold.hardware import HardwareConfig
+    from nptwofold.twofold import Twofold, TwofoldConfig
+
+    array = {field.name for field in dataclasses.fields(HardwareConfig)}
+    hardware = HardwareConfig(**{key: value for key, value in settings.items() if key in array})
+    config = TwofoldConfig(**{key: value for key, value in settings.items() if key not in array})
+    return Twofold(model, config, seed, hardware)

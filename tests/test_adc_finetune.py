@@ -10,6 +10,7 @@ import pytest
 
 from nptwofold.adc_finetune import refresh_mapping, ste_forward
 from nptwofold.checkpoint import save_checkpoint
+from nptwofold.cim.calibration import CalibrationCache, default_path
 from nptwofold.cim_network import CimNetwork
 from nptwofold.config import TrainConfig
 from nptwofold.hardware import HardwareConfig
@@ -17,7 +18,7 @@ from nptwofold.kernels.augment import to_float
 from nptwofold.kernels.quant import quantize
 from nptwofold.model import ResNet20
 
-from helpers import run
+from helpers import assert_one_line_error, run
 
 ADC = HardwareConfig(weight_encoding="sign_magnitude", adc_bits=3, adc_range="calibrated")
 
@@ -93,22 +94,29 @@ def test_the_array_follows_the_weights(network):
     np.testing.assert_array_equal(layer.crossbar.cells, before)
 
 
-def test_script_writes_a_checkpoint_with_its_calibration(tmp_path):
+def test_script_writes_a_checkpoint_with_its_array_and_calibration(sample, tmp_path):
     checkpoint = tmp_path / "float.h5"
     model = ResNet20(np.random.default_rng(1))
     save_checkpoint(checkpoint, model, config=dataclasses.asdict(TrainConfig(data="sample")))
     out = tmp_path / "tuned"
-    run("scripts/adc_finetune.py", checkpoint, "--adc-bits", 4, "--out", out, "--data",
-        "sample", "--train-images", 8, "--batch-size", 4, "--calib-images", 4, "--lr", 0.01)
+    printed = run("scripts/adc_finetune.py", checkpoint, "--adc-bits", 4, "--weight-encoding",
+                  "sign_magnitude", "--out", out, "--data", "sample", "--train-images", 8,
+                  "--batch-size", 4, "--calib-images", 4, "--lr", 0.01).stdout
+    assert "--weight-encoding sign_magnitude overrides the checkpoint's twos_complement" in printed
     log = json.loads((out / "log.json").read_text())
     assert [step["step"] for step in log["steps"]] == [1, 2]
-    tuned, content = CimNetwork.from_checkpoint(out / "last.h5", HardwareConfig(
-        weight_encoding="sign_magnitude", adc_bits=4, adc_range="calibrated"))
-    assert content["config"]["adc_finetune"]["adc_bits"] == 4
-    assert content["cim"]["calibration_images"] == 4
-    assert tuned._restore_calibration(content, 4) and tuned.adc_calibrated
+    tuned, content = CimNetwork.from_checkpoint(out / "last.h5")  # the array it adapted to
+    assert tuned.hardware == HardwareConfig(weight_encoding="sign_magnitude", adc_bits=4)
+    assert content["config"]["adc_finetune"]["train_images_used"] == 8
+    assert content["cim"] is None  # the calibration is a file of its own, beside it
+    cache = CalibrationCache(default_path(out / "last.h5"), sample.train_images[:4])
+    cache.prepare(tuned)
+    assert cache.notes == [f"read from {default_path(out / 'last.h5')}"] and tuned.adc_calibrated
     assert not np.array_equal(tuned.model.fc.params["weight"], model.fc.params["weight"])
     refused = run("scripts/adc_finetune.py", checkpoint, "--adc-bits", 4, "--out", out,
                   check=False)
     assert refused.returncode != 0 and refused.stderr.strip().count("\n") == 0
     assert "exists" in refused.stderr
+    refused = run("scripts/adc_finetune.py", checkpoint, "--out", tmp_path / "ideal", "--data",
+                  "sample", check=False)
+    assert_one_line_error(refused, "needs a finite ADC; the checkpoint's is ideal")

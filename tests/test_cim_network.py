@@ -1,23 +1,27 @@
 """A whole network on the simulated CIM array (SPEC 6 and 7): the CIM forward against the
 fake-quant forward and the integer matmul for every encoding, each layer's exact matmul against
-its float matmul, the energy of a run against a direct simulation, the calibration cache, and
-scripts/cim_eval.py end to end."""
+its float matmul, the energy of a run against a direct simulation, the array a checkpoint
+stores, its calibration file, and scripts/cim_eval.py end to end."""
 import dataclasses
 import json
+import re
 
 import h5py
 import numpy as np
 import pytest
 
-from nptwofold.checkpoint import save_checkpoint
+from nptwofold.build import checkpoint_hardware, load_model
+from nptwofold.checkpoint import load_checkpoint, save_checkpoint
+from nptwofold.cim.calibration import CalibrationCache, default_path
+from nptwofold.cim.tools import open_checkpoint
 from nptwofold.cim_network import CimNetwork
-from nptwofold.config import TrainConfig
+from nptwofold.config import TrainConfig, upgraded
+from nptwofold.hardware import HardwareConfig
 from nptwofold.errors import NptwofoldError
 from nptwofold.kernels import cim
 from nptwofold.model import ResNet20
-from nptwofold.twofold import Twofold, TwofoldConfig
 
-from helpers import REPO, run
+from helpers import REPO, run, twofold_of
 
 N_IMAGES = 3
 PROBED = "layer2.0.conv1"  # a strided conv in the middle of the network
@@ -31,7 +35,7 @@ def assert_same_counts(actual, expected):
 
 def twofold_model(group=1):
     model = ResNet20(np.random.default_rng(0))
-    return model, Twofold(model, TwofoldConfig(sparsity=0.5, mask_group=group), 0)
+    return model, twofold_of(model, 0, sparsity=0.5, mask_group=group)
 
 
 @pytest.fixture(scope="module")
@@ -128,48 +132,156 @@ def test_group_of_one_tile_stores_only_the_kept_rows():
         assert scattered.layers[name].crossbar.kept_rows_per_tile.max() > kept
 
 
-def test_calibration_is_cached_and_read_only_checkpoints_still_evaluate(sample, tmp_path,
-                                                                        monkeypatch):
-    model, method = twofold_model()
+def save_twofold(path, encoding="twos_complement", legacy=False):
+    """A fresh twofold checkpoint made for `encoding`; with `legacy`, in the layout older
+    versions wrote (the array's facts in the twofold config, a machine's data path)."""
+    model = ResNet20(np.random.default_rng(0))
+    method = twofold_of(model, 0, sparsity=0.5, weight_encoding=encoding)
+    config = dataclasses.asdict(TrainConfig(twofold=dataclasses.asdict(method.config),
+                                            hardware=dataclasses.asdict(method.hardware)))
+    if legacy:
+        hardware = config.pop("hardware")
+        config["twofold"].update(bits=hardware["weight_bits"], weight_encoding=encoding,
+                                 activation_bits=hardware["activation_bits"])
+        config["data"] = "/home/someone/cifar-10-binary.tar.gz"
+    save_checkpoint(path, model, config=config, extra_groups={"twofold": method.write_h5})
+    return model, method
+
+
+class Args:
+    """The command-line values `open_checkpoint` reads, none given."""
+    hw_config, hw = None, []
+    weight_encoding = weight_bits = activation_bits = adc_bits = adc_range = None
+
+
+def test_the_array_comes_from_the_checkpoint_and_a_contradicting_flag_is_reported(tmp_path):
+    path = tmp_path / "sm.h5"
+    save_twofold(path, "sign_magnitude")
+    _, method, _, hardware, notes = open_checkpoint(path, Args())
+    assert hardware.weight_encoding == method.encoding == "sign_magnitude" and notes == []
+    network, _ = CimNetwork.from_checkpoint(path)
+    assert network.hardware.weight_encoding == "sign_magnitude"
+    given = Args()
+    given.weight_encoding, given.adc_bits = "twos_complement", 4
+    _, _, _, hardware, notes = open_checkpoint(path, given)
+    assert (hardware.weight_encoding, hardware.adc_bits) == ("twos_complement", 4)
+    assert notes == ["--weight-encoding twos_complement overrides the checkpoint's "
+                     "sign_magnitude", "--adc-bits 4 overrides the checkpoint's 0"]
+    given = Args()
+    given.weight_bits = 4  # a twofold model's levels cannot be remapped to other bits
+    _, method, _, hardware, _ = open_checkpoint(path, given)
+    with pytest.raises(NptwofoldError, match="8-bit weights; it cannot be mapped with 4"):
+        CimNetwork(method.model, method, hardware)
+
+
+def test_old_layout_checkpoints_load_with_their_array(tmp_path):
+    path = tmp_path / "old.h5"
+    _, method = save_twofold(path, "sign_magnitude", legacy=True)
+    model, loaded, content = load_model(path)
+    assert loaded.encoding == "sign_magnitude" and loaded.bits == 8
+    assert content["config"]["data"] == "cifar10"  # a name, never the old machine's path
+    assert checkpoint_hardware(content).weight_encoding == "sign_magnitude"
+    for name in method.layers:
+        np.testing.assert_array_equal(loaded.levels(name), method.levels(name))
+    # the committed float baseline, written before the config had a hardware entry
+    content = load_checkpoint(REPO / "results/short-seed0/last.h5")
+    assert content["config"]["data"] == "cifar10"
+    assert checkpoint_hardware(content) == HardwareConfig()
+    # an ADC-aware fine-tune's output kept its array in its "adc_finetune" entry
+    finetune = upgraded(dict(content["config"], adc_finetune=dict(hardware=dict(
+        weight_encoding="sign_magnitude", adc_bits=4))))
+    assert TrainConfig.from_dict(finetune).hardware == HardwareConfig(
+        weight_encoding="sign_magnitude", adc_bits=4)
+
+
+def test_calibration_file_is_separate_and_recalibrates_on_a_digest_mismatch(sample, tmp_path):
     path = tmp_path / "twofold.h5"
-    config = TrainConfig(twofold=dataclasses.asdict(TwofoldConfig(sparsity=0.5)))
-    save_checkpoint(path, model, config=dataclasses.asdict(config),
-                    extra_groups={"twofold": method.write_h5})
-    first, content = CimNetwork.from_checkpoint(path)
-    assert first.calibrate_checkpoint(path, content, sample.train_images[:4]) == (True, True)
-    second, content = CimNetwork.from_checkpoint(path)
-    assert second.calibrate_checkpoint(path, content, sample.train_images[:4]) == (False, False)
+    save_twofold(path)
+    before = path.read_bytes()
+    calibration = default_path(path)
+    images = sample.train_images[:4]
+
+    def prepared(images, network=None, path=path):
+        network = network or CimNetwork.from_checkpoint(path)[0]
+        cache = CalibrationCache(calibration, images, log=lambda line: None)
+        cache.prepare(network)
+        cache.save(network)
+        return network, cache.notes
+
+    first, notes = prepared(images)
+    assert notes == ["activation clips and ADC ranges calibrated now", f"stored in {calibration}"]
+    assert path.read_bytes() == before  # the checkpoint is never written
+    second, notes = prepared(images)
+    assert notes == [f"read from {calibration}"]
     assert [layer.clip for layer in second.layers.values()] == [
         layer.clip for layer in first.layers.values()]
     for name, layer in second.layers.items():
         np.testing.assert_array_equal(layer.adc_histogram, first.layers[name].adc_histogram)
+    _, notes = prepared(sample.train_images[1:5])
+    assert notes[0] == f"{calibration} was computed from other calibration images: recalibrated"
+    other, _ = CimNetwork.from_checkpoint(path)  # the same model, with one plane cleared
+    next(iter(other.layers.values())).module.params["weight_bits"][0] = 0.0
+    other = CimNetwork(other.model, other.method, other.hardware)
+    _, notes = prepared(sample.train_images[1:5], other)  # the images the file holds now
+    assert notes[0] == f"{calibration} was computed from other weights: recalibrated"
 
-    def read_only(*args):
-        raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr("nptwofold.cim_network.store_group", read_only)
-    third, content = CimNetwork.from_checkpoint(path)
-    assert third.calibrate_checkpoint(path, content, sample.train_images[:3]) == (True, False)
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: f.attrs.__setitem__("format", "other"), "not an nptwofold calibration file"),
+    (lambda f: f["fc"].attrs.__setitem__("activation_clip", float("nan")), "activation_clip"),
+    (lambda f: f["fc"].attrs.__setitem__("activation_clip", -1.0), "activation_clip"),
+    (lambda f: (f["fc"].__delitem__(KEY), f["fc"].create_dataset(
+        KEY, data=np.zeros((8, 385), np.int64))), "has shape (8, 385)"),
+    (lambda f: (f["fc"].__delitem__(KEY), f["fc"].create_dataset(
+        KEY, data=np.zeros((5, 385), np.float64))), "not int64 counts"),
+    (lambda f: (f["fc"].__delitem__(KEY), f["fc"].create_dataset(
+        KEY, data=-np.ones((5, 385), np.int64))), "negative counts"),
+    (lambda f: f["fc"].__setitem__("adc_histogram.bogus.1x1", np.zeros((1, 4), np.int64)),
+     "known encoding"),
+])
+def test_damaged_calibration_files_are_refused_in_one_line(sample, tmp_path, damage, message):
+    path = tmp_path / "twofold.h5"
+    save_twofold(path)
+    network, _ = CimNetwork.from_checkpoint(path)
+    cache = CalibrationCache(default_path(path), sample.train_images[:2], log=lambda line: None)
+    cache.prepare(network)
+    cache.save(network)
+    with h5py.File(default_path(path), "r+") as f:
+        damage(f)
+    with pytest.raises(NptwofoldError, match=re.escape(message)):
+        CalibrationCache(default_path(path), sample.train_images[:2]).prepare(network)
+
+
+KEY = "adc_histogram.twos_complement.128x128"
 
 
 def test_cim_eval_script(tmp_path):
-    model, method = twofold_model()
-    config = TrainConfig(twofold=dataclasses.asdict(TwofoldConfig(sparsity=0.5)))
     checkpoint = tmp_path / "twofold.h5"
-    save_checkpoint(checkpoint, model, config=dataclasses.asdict(config),
-                    extra_groups={"twofold": method.write_h5})
+    save_twofold(checkpoint, "sign_magnitude")
+    before = checkpoint.read_bytes()
     out = run(REPO / "scripts/cim_eval.py", checkpoint, "--data", "sample", "--images", 2,
-              "--calib-images", 3, "--adc-bits", 0, 4, "--encoding", "sign_magnitude",
+              "--calib-images", 3, "--adc-bits", 0, 4, "--weight-encoding", "sign_magnitude",
               "offset_binary", "--adc-range", "calibrated", "--json", tmp_path / "r.json",
               "--csv", tmp_path / "r.csv", "--no-progress").stdout
     assert "fake-quant" in out and "layer3.2.conv2" in out
+    assert "calibrating the activation clips and ADC ranges on 3 training images" in out
+    assert ("--weight-encoding sign_magnitude offset_binary overrides the checkpoint's "
+            "sign_magnitude") in out
     result = json.loads((tmp_path / "r.json").read_text())
     assert [(r["encoding"], r["adc_bits"]) for r in result["runs"]] == [
         ("sign_magnitude", 0), ("sign_magnitude", 4), ("offset_binary", 0), ("offset_binary", 4)]
     assert result["runs"][0]["fake_quant_agreement"] == 1.0
-    assert "stored in the checkpoint" in result["calibration"]
-    with h5py.File(checkpoint, "r") as f:
-        assert "adc_histogram.sign_magnitude.128x128" in f["cim"]["fc"]
+    assert f"stored in {default_path(checkpoint)}" in result["calibration"]
+    assert checkpoint.read_bytes() == before
+    with h5py.File(default_path(checkpoint), "r") as f:
+        assert "adc_histogram.sign_magnitude.128x128" in f["fc"]
+    # no encoding flag: the checkpoint's sign-magnitude, and the calibration read back
+    out = run(REPO / "scripts/cim_eval.py", checkpoint, "--data", "sample", "--images", 2,
+              "--calib-images", 3, "--json", tmp_path / "r.json", "--no-progress").stdout
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert [r["encoding"] for r in result["runs"]] == ["sign_magnitude"]
+    assert result["hardware_notes"] == [] and "(the checkpoint's)" in out
+    assert result["calibration"] == f"read from {default_path(checkpoint)}"
 
     not_a_folder = tmp_path / "file.txt"
     not_a_folder.write_text("")
@@ -179,9 +291,10 @@ def test_cim_eval_script(tmp_path):
     assert failed.returncode and lines == [lines[-1]] and "r.json" in lines[-1]
 
     for args, message in [((tmp_path / "missing.h5",), "checkpoint not found"),
-                          ((checkpoint, "--data", "sample", "--adc-bits", "-1"), "adc_bits"),
+                          ((checkpoint, "--data", "sample", "--adc-bits", "-1"), "--adc-bits"),
                           ((checkpoint, "--hw", "bogus=1"), "unknown hardware config keys"),
-                          ((checkpoint, "--hw", "adc_bits=six"), "not a JSON value")]:
+                          ((checkpoint, "--hw", "adc_bits=6"), "use --adc-bits"),
+                          ((checkpoint, "--hw", "crossbar_rows=six"), "not a JSON value")]:
         failed = run(REPO / "scripts/cim_eval.py", *args, check=False)
         lines = [line for line in failed.stderr.splitlines() if line.strip()]
         assert failed.returncode and lines == [lines[-1]] and message in lines[-1], failed.stderr
@@ -195,6 +308,7 @@ def test_mask_group_script_stores_the_union_of_a_tiles_masks(tmp_path):
                     config=dataclasses.asdict(TrainConfig(data="sample")))
     out = tmp_path / "groups.json"
     run("scripts/cim_mask_groups.py", checkpoint, "--groups", 1, 16, "--images", 2,
+        "--weight-encoding", "sign_magnitude",
         "--calib-images", 2, "--json", out)
     per_column, per_tile = json.loads(out.read_text())["rows"]
     assert per_tile["stored_rows_share"] == per_tile["kept_rows_share"]

@@ -11,10 +11,12 @@ from nptwofold.kernels.quant import bits_backward
 from nptwofold.model import ResNet20
 from nptwofold.twofold import Twofold, TwofoldConfig
 
+from helpers import twofold_of
+
 
 def energy_model(images, seed=0, **settings):
     model = ResNet20(np.random.default_rng(seed))
-    method = Twofold(model, TwofoldConfig(**settings), seed)
+    method = twofold_of(model, seed, **settings)
     method.activity_images = images
     return model, method
 
@@ -91,3 +93,35 @@ def test_stem_and_classifier_have_their_own_sparsity():
     assert (fc.sum(axis=1) == kept_per_column(64, 0.5)).all()
     inner = method.keep_mask("layer1.0.conv1")
     assert (inner.reshape(16, -1).sum(axis=1) == kept_per_column(144, 0.9)).all()
+
+
+def test_the_regularizer_prices_the_array_it_is_given():
+    """`--hw cell_energy_pj=...` reaches training: the Twofold state prices the levels with
+    the training config's hardware, not with the defaults."""
+    from nptwofold.kernels.energy import level_energy_table
+
+    cheap = [0.01, 0.02, 0.05, 0.1]
+    model = ResNet20(np.random.default_rng(0))
+    method = twofold_of(model, 0, lambda_energy=1.0, cell_energy_pj=cheap,
+                        weight_encoding="sign_magnitude")
+    np.testing.assert_array_equal(method.energy_table,
+                                  level_energy_table(8, "sign_magnitude", cheap))
+    assert not np.array_equal(method.energy_table, level_energy_table(
+        8, "sign_magnitude", HardwareConfig().cell_energy_pj))
+
+
+def test_train_flags_carry_the_array_into_the_config(tmp_path):
+    """The array flags of scripts/train_cifar.py land in TrainConfig.hardware, which the run's
+    Twofold state is built with."""
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("train_cifar", REPO / "scripts/train_cifar.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args(["--sparsity", "0.5", "--weight-encoding", "sign_magnitude",
+                              "--hw", "cell_energy_pj=[0.01, 0.02, 0.05, 0.1]"])
+    [(_, config)] = script.phase_configs(args, tmp_path)
+    assert config.hardware == HardwareConfig(weight_encoding="sign_magnitude",
+                                             cell_energy_pj=[0.01, 0.02, 0.05, 0.1])

@@ -176,7 +176,7 @@ def twofold_checkpoint(tiny_dataset, tmp_path_factory):
     common = dict(epochs=1, warmup_epochs=0)
     Trainer(tiny_config(**common), tiny_dataset, root / "base", progress=False).run()
     trainer = Trainer(tiny_config(**common, lr=0.01, init=str(root / "base/last.h5"),
-                                  twofold=dict(bits=2, sparsity=0.5)),
+                                  twofold=dict(sparsity=0.5), hardware=dict(weight_bits=2)),
                       tiny_dataset, root / "twofold", progress=False)
     trainer.run()
     path = root / "twofold/last.h5"

@@ -18,12 +18,12 @@ from nptwofold.config import TrainConfig
 from nptwofold.train import Trainer
 from nptwofold.twofold import Twofold, TwofoldConfig, plane_check_loss
 
-from helpers import state_of
+from helpers import state_of, twofold_of
 
 
 def twofold_model(seed=0, **settings):
     model = ResNet20(np.random.default_rng(seed))
-    return model, Twofold(model, TwofoldConfig(**settings), seed)
+    return model, twofold_of(model, seed, **settings)
 
 
 def test_every_conv_and_the_fc_are_mapped_with_exact_kept_counts():
@@ -261,9 +261,6 @@ def test_report_counts_bits_and_cells_of_kept_weights(encoding):
     (dict(sparsity=1.0), "--sparsity must be in [0, 1) (got 1.0)"),
     (dict(sparsity=-0.1), "--sparsity must be in [0, 1) (got -0.1)"),
     (dict(sparsity=float("nan")), "--sparsity must be a finite number (got nan)"),
-    (dict(bits=7), "--bits 7: weight bit width b=7 is odd"),
-    (dict(bits=18), "--bits 18: weight bit width b=18 is outside 2..16"),
-    (dict(bits=0), "--bits 0: weight bit width b=0 is outside 2..16"),
     (dict(lambda_net=-1.0), "--lambda-net must be >= 0 (got -1.0)"),
     (dict(reg_bit_form="l1"), "--reg-bit-form must be one of poster, plane_lasso (got 'l1')"),
     (dict(mask_group=0), "--mask-group must be >= 1 (got 0)"),
@@ -376,7 +373,8 @@ def test_planes_cells_and_checkpoint_follow_the_weight_encoding(pipeline, tiny_d
     those of the levels by the encoding's definition, and the model's bits are those planes."""
     root, _ = pipeline
     common = dict(epochs=1, batch_size=16, eval_batch_size=10, warmup_epochs=0, seed=4)
-    twofold = dict(sparsity=0.5, lambda_net=0.5, beta_bit=5.0, weight_encoding=encoding)
+    twofold = dict(sparsity=0.5, lambda_net=0.5, beta_bit=5.0)
+    common["hardware"] = dict(weight_encoding=encoding)
     Trainer(TrainConfig.from_preset("quick", **common, lr=0.01, init=str(root / "base/last.h5"),
                                     twofold=twofold), tiny_dataset, tmp_path / "twofold",
             progress=False).run()
@@ -400,10 +398,10 @@ def test_planes_cells_and_checkpoint_follow_the_weight_encoding(pipeline, tiny_d
     model, method, _ = load_model(tmp_path / "post/last.h5")
     images = tiny_dataset.test_images[:6].astype(np.float32) / 255
     assert np.array_equal(model.eval().forward(images), post.model.eval().forward(images))
-    other = dict(twofold, weight_encoding="twos_complement")
+    other = dict(common, hardware=dict(weight_encoding="twos_complement"))
     with pytest.raises(NptwofoldError, match=f"/twofold/conv1/@encoding is {encoding}, the "
-                                             "config says twos_complement"):
-        Trainer(TrainConfig.from_preset("quick", **common, twofold=other, post_training=True,
+                                             "hardware config says twos_complement"):
+        Trainer(TrainConfig.from_preset("quick", **other, twofold=twofold, post_training=True,
                                         init=str(tmp_path / "post/last.h5")),
                 tiny_dataset, None, progress=False)
 
