@@ -13,3 +13,11 @@ def check_integer(name, value, minimum, maximum=None):
         upper = "" if maximum is None else f"..{maximum}"
         raise NptwofoldError(f"{name} must be in {minimum}{upper}, got {value}")
     return int(value)
+
+
+def check_integer_matrix(name, array):
+    """Return array as a NumPy array if it is a 2-D integer matrix, else raise."""
+    array = np.asarray(array)
+    if array.ndim != 2 or array.dtype.kind not in "iu":
+        raise NptwofoldError(f"{name} must be a 2-D integer array, got {array.dtype} {array.shape}")
+    return array

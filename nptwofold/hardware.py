@@ -10,23 +10,21 @@ flags of their own (`--weight-encoding`, `--weight-bits`, `--activation-bits`, `
 `--adc-range`); the constants are set with `--hw KEY=VALUE` or `--hw-config FILE`.
 `resolve_hardware` applies them to a checkpoint's stored config and says what it used.
 
-`layer_energy_report` turns the integer event counts of `nptwofold.kernels.cim` into pJ: counts
-times table entries, so equal counts always give equal energies. docs/cim-model.md explains
-each assumption.
+docs/cim-model.md explains each assumption.
 """
 import dataclasses
 import json
 from pathlib import Path
 
 from .errors import NptwofoldError
-from .kernels.cim import (CELL_BITS, CELL_STATES, ENCODINGS, MAX_ACTIVATION_BITS, N_CELL_STATES,
-                          calibrated_adc, fixed_adc, ideal_adc, outputs_per_tile)
+from .cim.adc import ADC_RANGES, adc_steps, check_adc_bits, conversion_energy_pj, needs_ranges
+from .cim.device import (CELL_BITS, CELL_STATES, MAX_ACTIVATION_BITS, N_CELL_STATES,
+                         outputs_per_tile)
+from .kernels.quant import ENCODINGS
 from .kernels.quant import check_bits
 from .options import (Bound, above, add_flags, at_least, between, check_fields, flag_name,
                       given_values, option)
 
-ADC_RANGES = ("fixed", "calibrated")
-MAX_ADC_BITS = 30
 # word and bit lines of one crossbar at most: real RRAM crossbars have 64 to 1024; the tile
 # buffers and the ADC histograms grow with them (100,000 rows ask for terabytes)
 MAX_CROSSBAR_SIZE = 4096
@@ -60,7 +58,7 @@ class HardwareConfig:
                                   "bit-serially [assumption: 8]",
                                   between(1, MAX_ACTIVATION_BITS))
     adc_bits: int = option(0, "ADC resolution in bits; 0 = ideal (reads every partial sum)",
-                           between(0, MAX_ADC_BITS))
+                           check=check_adc_bits)
     adc_range: str = option(
         "calibrated", "ADC full scale: calibrated = per layer and ADC channel, the "
         "adc_percentile-th percentile of the partial sums on calibration images; fixed = 0..3 x "
@@ -80,7 +78,7 @@ class HardwareConfig:
     adc_energy_pj: float = option(0.208, "pJ per conversion of an adc_reference_bits-bit ADC "
                                   "(poster)", above(0), flag=False)
     adc_reference_bits: int = option(8, "the ADC width that costs adc_energy_pj; an ideal ADC "
-                                     "is charged at it [assumption]", between(1, MAX_ADC_BITS),
+                                     "is charged at it [assumption]", at_least(1),
                                      flag=False)
     adc_energy_per_bit: float = option(2.0, "factor of the conversion energy per added bit "
                                        "[assumption: a SAR/flash ADC's energy roughly doubles "
@@ -102,24 +100,18 @@ class HardwareConfig:
     @property
     def adc_conversion_energy_pj(self):
         """pJ of one conversion at adc_bits (the reference width for an ideal ADC)."""
-        bits = self.adc_bits or self.adc_reference_bits
-        return self.adc_energy_pj * self.adc_energy_per_bit ** (bits - self.adc_reference_bits)
+        return conversion_energy_pj(self.adc_bits, self.adc_energy_pj, self.adc_reference_bits,
+                                    self.adc_energy_per_bit)
 
     @property
     def needs_adc_ranges(self):
         """True if the ADC is finite and calibrated: it needs the partial-sum ranges."""
-        return bool(self.adc_bits) and self.adc_range == "calibrated"
+        return needs_ranges(self.adc_bits, self.adc_range)
 
     def adc_for(self, crossbar, full_scale=None):
-        """The `AdcSteps` of a crossbar: ideal, fixed full scale, or calibrated from
-        `full_scale` (per ADC channel, `calibrated_full_scale`)."""
-        if not self.adc_bits:
-            return ideal_adc(crossbar)
-        if self.adc_range == "fixed":
-            return fixed_adc(crossbar, self.adc_bits)
-        if full_scale is None:
-            raise NptwofoldError("a calibrated ADC needs the partial-sum ranges; calibrate first")
-        return calibrated_adc(crossbar, self.adc_bits, full_scale)
+        """The `AdcSteps` of a crossbar (`cim.adc.adc_steps`; `full_scale` per ADC channel
+        for a calibrated ADC)."""
+        return adc_steps(crossbar, self.adc_bits, self.adc_range, full_scale)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -229,24 +221,3 @@ def describe(hardware):
             f"{hardware.crossbar_cols} crossbars, "
             + (f"{hardware.adc_bits}-bit {hardware.adc_range} ADC" if hardware.adc_bits
                else "ideal ADC"))
-
-
-def layer_energy_report(counts, config):
-    """pJ of one layer from its `cim.EnergyCounts`: cells / ADC / LFSR / total, the activated
-    cell-state histogram (counts and shares of 00, 01, 10, 11) and the raw event counts."""
-    cell_counts = [int(n) for n in counts.cell_state_counts]
-    cells_pj = sum(n * energy for n, energy in zip(cell_counts, config.cell_energy_pj))
-    adc_pj = counts.adc_conversions * config.adc_conversion_energy_pj
-    lfsr_pj = counts.lfsr_steps * config.lfsr_step_energy_pj
-    activated = sum(cell_counts)
-    return {
-        "cells_pj": cells_pj,
-        "adc_pj": adc_pj,
-        "lfsr_pj": lfsr_pj,
-        "total_pj": cells_pj + adc_pj + lfsr_pj,
-        "cell_state_counts": dict(zip(CELL_STATES, cell_counts)),
-        "cell_state_share": {state: n / activated if activated else 0.0
-                             for state, n in zip(CELL_STATES, cell_counts)},
-        "adc_conversions": int(counts.adc_conversions),
-        "lfsr_steps": int(counts.lfsr_steps),
-    }

@@ -117,7 +117,7 @@ class WeightLayer(Module):
         """Route `forward(x)` through `op(layer, x)`; None restores the layer's own forward.
 
         The hook of a simulator that runs the layer's matmul elsewhere (the CIM array,
-        `nptwofold.cim_network`). op may call `layer.own_forward(x)` first, which fills the cache
+        `nptwofold.cim.network`). op may call `layer.own_forward(x)` first, which fills the cache
         `backward` uses: a straight-through fine-tune returns its own output and trains with the
         layer's plain gradient.
         """

@@ -28,7 +28,7 @@ def configure_threads(threads, numba_threads=1):
     """Give the engine `threads` threads; BLAS gets one, Numba `numba_threads`.
 
     The engine's Numba kernels run single-threaded inside the pool's chunks; only the CIM
-    kernels (`kernels.cim`, parallel over output positions, called from the main thread and
+    kernels (`kernels.cim_events`, `kernels.cim_packed`, parallel over output positions, called from the main thread and
     never inside a chunk) use Numba threads, so the CIM scripts give Numba as many as the pool.
     """
     if "numpy" in sys.modules or "numba" in sys.modules:

@@ -35,7 +35,10 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import NptwofoldError
-from .hardware import CELL_STATES, HardwareConfig
+from .cim.calibration import input_maxima
+from .cim.device import CELL_STATES
+from .cim.mapping import in_weight_layout
+from .hardware import HardwareConfig
 from .kernels.lfsr import (kept_per_column, lfsr_keep_mask_for_kept, lfsr_width_for_rows,
                            weight_mask)
 from .kernels.quant import (ENCODINGS, STEM_CLIP, SIGN_MAGNITUDE, bits_backward, check_bits,
@@ -44,7 +47,8 @@ from .kernels.quant import (ENCODINGS, STEM_CLIP, SIGN_MAGNITUDE, bits_backward,
                             rounded_levels)
 from .kernels.regularizers import reg_bit, reg_bit_plane_lasso, reg_net
 from .kernels.augment import to_float
-from .kernels.cim import activation_ones, weight_cells
+from .cim.device import weight_cells
+from .kernels.cim_events import activation_ones
 from .kernels.conv import im2col_column_sums
 from .kernels.energy import (budgeted_moves, energy_regularizer, energy_rounding_candidates,
                              level_energy_table)
@@ -266,12 +270,7 @@ class Twofold:
         images = self.activity_images[:self.config.activity_images]
         first = next(iter(self.layers))
         names = {id(layer): name for name, layer in self.layers.items()}
-        maxima = dict.fromkeys(self.layers, 0.0)
         driven = dict.fromkeys(self.layers, 0.0)  # 1-bits per matrix row, summed over images
-
-        def observe(module, x):
-            maxima[names[id(module)]] = max(maxima[names[id(module)]], float(x.max()))
-            return module.own_forward(x)
 
         def count(module, x):
             name = names[id(module)]
@@ -290,11 +289,13 @@ class Twofold:
         training = self.model.training
         self.model.eval()
         try:
-            for op in (observe, count):
-                for layer in self.layers.values():
-                    layer.use_forward_op(op)
-                for start in range(0, len(images), ACTIVITY_BATCH):
-                    self.model.forward(to_float(images[start:start + ACTIVITY_BATCH]))
+            # the clips of the model as trained (the CIM's calibration uses the masked levels)
+            maxima = input_maxima(self.model, self.layers, images,
+                                  lambda module, x: module.own_forward(x), ACTIVITY_BATCH)
+            for layer in self.layers.values():
+                layer.use_forward_op(count)
+            for start in range(0, len(images), ACTIVITY_BATCH):
+                self.model.forward(to_float(images[start:start + ACTIVITY_BATCH]))
         finally:
             for layer in self.layers.values():
                 layer.use_forward_op(None)
@@ -302,9 +303,7 @@ class Twofold:
         self.activity = {}
         for name, layer in self.layers.items():
             shape = layer.params["weight_bits"].shape[1:]
-            per_row = driven[name] / len(images)
-            if len(shape) == 4:  # (ky, kx, ci) -> (ci, ky, kx), the OIHW weight's (in, h, w)
-                per_row = per_row.reshape(shape[2], shape[3], shape[1]).transpose(2, 0, 1)
+            per_row = in_weight_layout(driven[name] / len(images), shape)
             self.activity[name] = np.ascontiguousarray(
                 np.broadcast_to(per_row, shape) * self.keep_mask(name))
         two_complement_mean = level_energy_table(self.bits, "twos_complement",

@@ -50,12 +50,12 @@ def parse_args(argv):
 
 
 def run(args):
-    from nptwofold.adc_finetune import finetune
+    from nptwofold.cim.finetune import finetune
     from nptwofold.checkpoint import save_checkpoint
     from nptwofold.cim.calibration import default_path
     from nptwofold.cim.tools import (calibration_cache, dataset_of, hardware_line,
                                      open_checkpoint, options_of)
-    from nptwofold.cim_network import CimNetwork
+    from nptwofold.cim.network import CimNetwork
     from nptwofold.errors import NptwofoldError
     from nptwofold.files import RunLock, check_output_dir, write_json
 

@@ -1,6 +1,6 @@
 """Run a checkpoint on the simulated CIM array: test accuracy of the float, fake-quant and CIM
 runs, for a list of ADC widths and weight encodings in one go, and energy per image (cells / ADC
-/ LFSR, cell-state histogram) with its ratio to a dense baseline (`nptwofold.cim_network`): by
+/ LFSR, cell-state histogram) with its ratio to a dense baseline (`nptwofold.cim.network`): by
 default the same weights on every row, with `--baseline CKPT` a separately trained dense model
 run on the same images (its energy counted from its own activations).
 
@@ -95,7 +95,7 @@ def evaluate_on_array(args):
 
     from nptwofold.cim.tools import (calibration_cache, dataset_of, hardware_line,
                                      open_checkpoint, options_of)
-    from nptwofold.cim_network import CimNetwork
+    from nptwofold.cim.network import CimNetwork
 
     options = options_of(args)
     model, method, content, hardware, notes = open_checkpoint(args.checkpoint, args, SWEPT)
@@ -168,7 +168,7 @@ def baseline_energy(path, hardware, dataset, images, options):
     import dataclasses
 
     from nptwofold.cim.tools import calibration_cache
-    from nptwofold.cim_network import CimNetwork
+    from nptwofold.cim.network import CimNetwork
 
     network, content = CimNetwork.from_checkpoint(path)
     network = CimNetwork(network.model, network.method, dataclasses.replace(

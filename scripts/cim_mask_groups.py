@@ -74,7 +74,7 @@ def main(argv=None):
     import dataclasses
 
     from nptwofold.cim.tools import dataset_of, hardware_line, open_checkpoint, options_of
-    from nptwofold.cim_network import CimNetwork
+    from nptwofold.cim.network import CimNetwork
     from nptwofold.errors import NptwofoldError
     from nptwofold.files import check_output_file, write_json
 

@@ -150,7 +150,7 @@ def train_all(args, out_dir):
 def energy_of(checkpoint, dataset, args, baseline=None):
     """(ideal-ADC accuracy, energy_report) of a checkpoint on the first test images, counted."""
     from nptwofold.cim.calibration import CalibrationCache, default_path
-    from nptwofold.cim_network import CimNetwork
+    from nptwofold.cim.network import CimNetwork
 
     network, content = CimNetwork.from_checkpoint(checkpoint)
     cache = CalibrationCache(default_path(checkpoint), dataset.train_images[:args.calib_images])

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from nptwofold.adc_finetune import refresh_mapping, ste_forward
+from nptwofold.cim.finetune import refresh_mapping, ste_forward
 from nptwofold.checkpoint import save_checkpoint
 from nptwofold.cim.calibration import CalibrationCache, default_path
-from nptwofold.cim_network import CimNetwork
+from nptwofold.cim.network import CimNetwork
 from nptwofold.config import TrainConfig
 from nptwofold.hardware import HardwareConfig
 from nptwofold.kernels.augment import to_float

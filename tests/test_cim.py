@@ -1,7 +1,7 @@
 """CIM array simulation, energy event counting and hardware config against SPEC 5 to 7.
 
 References are slow plain Python written from the SPEC and from the mapping, encodings and ADC
-model documented in nptwofold.kernels.cim, not from the kernels.
+model documented in nptwofold.cim (device, mapping, adc), not from the kernels.
 """
 import json
 
@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from nptwofold.errors import NptwofoldError
-from nptwofold.hardware import HardwareConfig, layer_energy_report
-from nptwofold.kernels import cim
+from nptwofold.cim.ledger import layer_energy_report
+from nptwofold.hardware import HardwareConfig
+from nptwofold.cim import adc as cim_adc, device, mapping
+from nptwofold.kernels import cim_bitserial, cim_events, cim_packed
+from nptwofold.kernels.quant import ENCODINGS
 from nptwofold.kernels.lfsr import lfsr_keep_mask_for_kept, weight_mask
 
-ENCODINGS = cim.ENCODINGS
 
 
 def reference_columns(level, bits, encoding):
@@ -84,8 +86,8 @@ def reference_histograms(levels, keep, bits, encoding, rows_per_tile, cols, x,
                          activation_bits):
     """(ADC channels, 3T + 1) counts of every partial sum converted (the calibration
     histograms), one conversion at a time from the mapped cells."""
-    crossbar = cim.map_layer(levels, bits, rows_per_tile, cols, encoding, keep)
-    histograms = np.zeros((len(cim.adc_channels(encoding, bits)),
+    crossbar = mapping.map_layer(levels, bits, rows_per_tile, cols, encoding, keep)
+    histograms = np.zeros((len(device.adc_channels(encoding, bits)),
                            3 * rows_per_tile + 1), np.int64)
     row_tile = crossbar.row_tile
     for k in range(crossbar.n_columns):
@@ -113,7 +115,7 @@ def random_inputs(rng, n_positions, n_rows, activation_bits, density=1.0):
 
 
 def uniform_adc(crossbar, step, top):
-    return cim.AdcSteps(np.full(crossbar.n_columns, float(step)),
+    return cim_adc.AdcSteps(np.full(crossbar.n_columns, float(step)),
                         np.full(crossbar.n_columns, top))
 
 
@@ -132,28 +134,28 @@ def test_simulation_packed_and_counting_agree_with_the_reference(encoding, case)
     bits, n_rows, n_outputs, kept, group, rows_per_tile, cols, activation_bits = case
     rng = np.random.default_rng(n_rows)
     levels, keep = random_layer(rng, n_rows, n_outputs, bits, kept, group)
-    crossbar = cim.map_layer(levels, bits, rows_per_tile, cols, encoding, keep, lfsr_steps=7)
+    crossbar = mapping.map_layer(levels, bits, rows_per_tile, cols, encoding, keep, lfsr_steps=7)
     x = random_inputs(rng, 3, n_rows, activation_bits, 0.6)
     for adc in (None, (1.0, 5), (2.0, 7), (1.5, 3)):
         for skip_zero_tiles in (False, True):
             expected = reference_simulation(levels, keep, bits, encoding, rows_per_tile, cols, x,
                                             activation_bits, adc, skip_zero_tiles)
             steps = None if adc is None else uniform_adc(crossbar, *adc)
-            y, counts = cim.cim_matmul(crossbar, x, activation_bits, steps, skip_zero_tiles)
+            y, counts = cim_bitserial.cim_matmul(crossbar, x, activation_bits, steps, skip_zero_tiles)
             np.testing.assert_allclose(y, expected[0], rtol=1e-12)
             assert counts.cell_state_counts.tolist() == expected[1]
             assert counts.adc_conversions == expected[2] and counts.lfsr_steps == 7 * len(x)
-            packed = cim.cim_matmul_packed(crossbar, x, activation_bits, steps, skip_zero_tiles)
+            packed = cim_packed.cim_matmul_packed(crossbar, x, activation_bits, steps, skip_zero_tiles)
             np.testing.assert_array_equal(packed[0], y)  # bit for bit
             np.testing.assert_array_equal(  # every partial sum, counted by channel
-                cim.PackedCrossbar(crossbar).partial_sum_histograms(x, activation_bits),
+                cim_packed.PackedCrossbar(crossbar).partial_sum_histograms(x, activation_bits),
                 reference_histograms(levels, keep, bits, encoding, rows_per_tile, cols, x,
                                      activation_bits))
-            counted = cim.count_events(crossbar, x, activation_bits, skip_zero_tiles)
+            counted = cim_events.count_events(crossbar, x, activation_bits, skip_zero_tiles)
             found_counts = [packed[1], counted]
             if not skip_zero_tiles:  # from the 1-bits per row alone
                 row_ones = sum((x >> j) & 1 for j in range(activation_bits)).sum(axis=0)
-                found_counts.append(cim.count_events_of_row_ones(crossbar, row_ones, len(x),
+                found_counts.append(cim_events.count_events_of_row_ones(crossbar, row_ones, len(x),
                                                                  activation_bits))
             for found in found_counts:
                 np.testing.assert_array_equal(found.cell_state_counts, counts.cell_state_counts)
@@ -167,12 +169,12 @@ def test_steps_of_one_clip_only_where_the_driven_rows_reach_the_top(encoding):
     reach the top (skipped), dense ones whose sums clip."""
     rng = np.random.default_rng(11)
     levels, keep = random_layer(rng, 300, 9, 8, 280, 1)
-    crossbar = cim.map_layer(levels, 8, 128, 40, encoding, keep)
+    crossbar = mapping.map_layer(levels, 8, 128, 40, encoding, keep)
     x = np.concatenate([random_inputs(rng, 20, 300, 8, density) for density in (0.05, 0.45, 0.9)])
     adc = uniform_adc(crossbar, 1.0, 40)
-    expected = cim.cim_matmul(crossbar, x, 8, adc)[0]
-    assert not np.array_equal(expected[20:], cim.cim_matmul(crossbar, x[20:], 8)[0])  # clipped
-    np.testing.assert_array_equal(cim.cim_matmul_packed(crossbar, x, 8, adc)[0], expected)
+    expected = cim_bitserial.cim_matmul(crossbar, x, 8, adc)[0]
+    assert not np.array_equal(expected[20:], cim_bitserial.cim_matmul(crossbar, x[20:], 8)[0])  # clipped
+    np.testing.assert_array_equal(cim_packed.cim_matmul_packed(crossbar, x, 8, adc)[0], expected)
 
 
 @pytest.mark.parametrize("n_rows, activation_bits", [(1, 1), (63, 3), (64, 8), (130, 8),
@@ -188,7 +190,7 @@ def test_input_bit_packing_against_a_bit_by_bit_loop(n_rows, activation_bits):
                 if (int(x[p, r]) >> j) & 1:
                     expected[p, j, r // 64] |= np.uint64(1 << (r % 64))
     for inputs in (x, x.astype(np.float32)):
-        np.testing.assert_array_equal(cim._pack_input_bits(inputs, activation_bits, n_words),
+        np.testing.assert_array_equal(cim_packed._pack_input_bits(inputs, activation_bits, n_words),
                                       expected)
 
 
@@ -198,17 +200,17 @@ def test_an_adc_reading_every_reachable_sum_exactly_is_ideal(encoding):
     crossbars (exact); one code less and the all-ones input is clipped on some column."""
     rng = np.random.default_rng(3)
     levels, keep = random_layer(rng, 40, 7, 8, 17, 1)
-    crossbar = cim.map_layer(levels, 8, 8, 20, encoding, keep)
+    crossbar = mapping.map_layer(levels, 8, 8, 20, encoding, keep)
     largest = crossbar.largest_partial_sums
     x = np.ones((1, 40), np.int64)
-    exact, _ = cim.cim_matmul(crossbar, x, 1)
-    reading_all = cim.AdcSteps(np.ones(crossbar.n_columns), largest)
+    exact, _ = cim_bitserial.cim_matmul(crossbar, x, 1)
+    reading_all = cim_adc.AdcSteps(np.ones(crossbar.n_columns), largest)
     assert reading_all.is_ideal(crossbar, largest)
-    np.testing.assert_array_equal(cim.cim_matmul_packed(crossbar, x, 1, reading_all)[0], exact)
-    clipping = cim.AdcSteps(np.ones(crossbar.n_columns), largest - (largest == largest.max()))
+    np.testing.assert_array_equal(cim_packed.cim_matmul_packed(crossbar, x, 1, reading_all)[0], exact)
+    clipping = cim_adc.AdcSteps(np.ones(crossbar.n_columns), largest - (largest == largest.max()))
     assert not clipping.is_ideal(crossbar, largest)
-    clipped = cim.cim_matmul_packed(crossbar, x, 1, clipping)[0]
-    np.testing.assert_array_equal(clipped, cim.cim_matmul(crossbar, x, 1, clipping)[0])
+    clipped = cim_packed.cim_matmul_packed(crossbar, x, 1, clipping)[0]
+    np.testing.assert_array_equal(clipped, cim_bitserial.cim_matmul(crossbar, x, 1, clipping)[0])
     assert not np.array_equal(clipped, exact)
 
 
@@ -217,58 +219,58 @@ def test_an_adc_reading_every_reachable_sum_exactly_is_ideal(encoding):
 def test_ideal_adc_equals_integer_matmul(encoding, bits):
     rng = np.random.default_rng(bits)
     levels, keep = random_layer(rng, 150, 9, bits, 70, 2)
-    crossbar = cim.map_layer(levels, bits, 64, 128, encoding, keep)
+    crossbar = mapping.map_layer(levels, bits, 64, 128, encoding, keep)
     x = random_inputs(rng, 11, 150, 8, 0.7)
-    y, _ = cim.cim_matmul_packed(crossbar, x, 8)
+    y, _ = cim_packed.cim_matmul_packed(crossbar, x, 8)
     np.testing.assert_array_equal(y, x @ (levels * keep))
-    np.testing.assert_array_equal(y, cim.cim_matmul(crossbar, x, 8)[0])
+    np.testing.assert_array_equal(y, cim_bitserial.cim_matmul(crossbar, x, 8)[0])
 
 
 def test_union_mapping_stores_every_row_a_tile_needs():
     levels, keep = random_layer(np.random.default_rng(0), 64, 8, 8, 32, 1)
-    crossbar = cim.map_layer(levels, 8, 128, 20, "twos_complement", keep)  # 4 outputs per tile
+    crossbar = mapping.map_layer(levels, 8, 128, 20, "twos_complement", keep)  # 4 outputs per tile
     for tile in range(2):
         union = keep[:, 4 * tile:4 * tile + 4].any(axis=1)
         np.testing.assert_array_equal(crossbar.stored[tile], union)
     assert crossbar.kept_rows_per_tile.tolist() == [int(keep[:, :4].any(1).sum()),
                                                     int(keep[:, 4:].any(1).sum())]
     grouped = lfsr_keep_mask_for_kept(64, 8, 32, 5, 4).mask.astype(bool)
-    assert cim.map_layer(levels, 8, 128, 20, "twos_complement",
+    assert mapping.map_layer(levels, 8, 128, 20, "twos_complement",
                          grouped).kept_rows_per_tile.tolist() == [32, 32]
 
 
 def test_matrix_rows_follow_the_conv_matrix():
     weight = np.arange(2 * 3 * 3 * 3).reshape(2, 3, 3, 3)
-    matrix = cim.layer_matrix(weight)
+    matrix = mapping.layer_matrix(weight)
     pytorch = weight.reshape(2, -1).T  # rows (ci, ky, kx), the LFSR order
-    rows = cim.matrix_rows(np.arange(27), weight.shape)
+    rows = mapping.matrix_rows(np.arange(27), weight.shape)
     np.testing.assert_array_equal(matrix[rows], pytorch)
     mask = np.zeros((27, 2), np.uint8)
     mask[[4, 20], 0] = 1
     weight_mask_rows = np.nonzero(layer_matrix_of_mask(mask, weight.shape)[:, 0])[0]
-    assert sorted(weight_mask_rows) == sorted(cim.matrix_rows([4, 20], weight.shape))
+    assert sorted(weight_mask_rows) == sorted(mapping.matrix_rows([4, 20], weight.shape))
 
 
 def layer_matrix_of_mask(mask, shape):
-    return cim.layer_matrix(weight_mask(mask, shape))
+    return mapping.layer_matrix(weight_mask(mask, shape))
 
 
 def test_full_scale_at_percentile():
     histogram = np.array([[5, 0, 3, 2], [0, 0, 0, 10], [0, 0, 0, 0]])
-    assert cim.full_scale_at_percentile(histogram, 50).tolist() == [1, 3, 1]  # at least 1
-    assert cim.full_scale_at_percentile(histogram, 80).tolist() == [2, 3, 1]
-    assert cim.full_scale_at_percentile(histogram, 100).tolist() == [3, 3, 1]
-    crossbar = cim.map_layer(np.ones((4, 1), np.int64), 4, 4, 8, "sign_magnitude")
-    adc = cim.calibrated_adc(crossbar, 2, [30.0, 1.0, 6.0, 1.0])
+    assert cim_adc.full_scale_at_percentile(histogram, 50).tolist() == [1, 3, 1]  # at least 1
+    assert cim_adc.full_scale_at_percentile(histogram, 80).tolist() == [2, 3, 1]
+    assert cim_adc.full_scale_at_percentile(histogram, 100).tolist() == [3, 3, 1]
+    crossbar = mapping.map_layer(np.ones((4, 1), np.int64), 4, 4, 8, "sign_magnitude")
+    adc = cim_adc.calibrated_adc(crossbar, 2, [30.0, 1.0, 6.0, 1.0])
     # 4 ADC channels: positive0, positive1, negative0, negative1; top code 3
     assert adc.step.tolist() == [10.0, 1.0, 2.0, 1.0] and adc.top.tolist() == [3] * 4
-    assert not adc.is_ideal(crossbar) and cim.ideal_adc(crossbar).is_ideal(crossbar)
+    assert not adc.is_ideal(crossbar) and cim_adc.ideal_adc(crossbar).is_ideal(crossbar)
 
 
 def test_results_do_not_depend_on_the_thread_count():
     rng = np.random.default_rng(3)
     levels, keep = random_layer(rng, 300, 20, 8, 150, 1)
-    crossbar = cim.map_layer(levels, 8, 64, 128, "sign_magnitude", keep)
+    crossbar = mapping.map_layer(levels, 8, 64, 128, "sign_magnitude", keep)
     x = random_inputs(rng, 700, 300, 8, 0.5)
     adc = uniform_adc(crossbar, 3.0, 15)
     threads = numba.get_num_threads()
@@ -276,8 +278,8 @@ def test_results_do_not_depend_on_the_thread_count():
         results = []
         for count in sorted({1, threads}):
             numba.set_num_threads(count)
-            y, events = cim.cim_matmul_packed(crossbar, x, 8, adc, True)
-            histogram = cim.PackedCrossbar(crossbar).partial_sum_histograms(x, 8)
+            y, events = cim_packed.cim_matmul_packed(crossbar, x, 8, adc, True)
+            histogram = cim_packed.PackedCrossbar(crossbar).partial_sum_histograms(x, 8)
             results.append((y, events.cell_state_counts, events.adc_conversions, histogram))
     finally:
         numba.set_num_threads(threads)
@@ -289,20 +291,20 @@ def test_results_do_not_depend_on_the_thread_count():
 def test_bad_layers_and_inputs_raise():
     levels = np.zeros((4, 2), np.int64)
     with pytest.raises(NptwofoldError, match="keep mask"):
-        cim.map_layer(levels, 4, 2, 16, keep=np.ones((4, 3), bool))
+        mapping.map_layer(levels, 4, 2, 16, keep=np.ones((4, 3), bool))
     with pytest.raises(NptwofoldError, match="-7..7"):
-        cim.map_layer(np.full((4, 2), 8), 4, 2, 16)
+        mapping.map_layer(np.full((4, 2), 8), 4, 2, 16)
     with pytest.raises(NptwofoldError, match="unknown weight encoding"):
-        cim.map_layer(levels, 4, 2, 16, "gray")
-    layer = cim.map_layer(levels, 4, 2, 16)
+        mapping.map_layer(levels, 4, 2, 16, "gray")
+    layer = mapping.map_layer(levels, 4, 2, 16)
     with pytest.raises(NptwofoldError, match="unsigned 3-bit"):
-        cim.cim_matmul(layer, np.array([[0, 8, 0, 0]]), 3)
+        cim_bitserial.cim_matmul(layer, np.array([[0, 8, 0, 0]]), 3)
     with pytest.raises(NptwofoldError, match="rows"):
-        cim.count_events(layer, np.zeros((1, 3), np.int64), 3)
-    with pytest.raises(NptwofoldError, match="ADC bits"):
-        cim.fixed_adc(layer, -1)
+        cim_events.count_events(layer, np.zeros((1, 3), np.int64), 3)
+    with pytest.raises(NptwofoldError, match="adc_bits must be in 0..30"):
+        cim_adc.fixed_adc(layer, -1)
     with pytest.raises(NptwofoldError, match="ADC channels"):
-        cim.calibrated_adc(layer, 4, [1.0])
+        cim_adc.calibrated_adc(layer, 4, [1.0])
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -353,7 +355,7 @@ def test_adc_energy_doubles_per_bit_from_the_reference():
     assert HardwareConfig(adc_bits=5).adc_conversion_energy_pj == pytest.approx(0.208 / 8)
     assert HardwareConfig(adc_bits=4, adc_energy_per_bit=3.0, adc_reference_bits=6
                           ).adc_conversion_energy_pj == pytest.approx(0.208 / 9)
-    counts = cim.EnergyCounts(np.zeros(4, np.int64), 10, 0)
+    counts = cim_events.EnergyCounts(np.zeros(4, np.int64), 10, 0)
     assert layer_energy_report(counts, HardwareConfig(adc_bits=4))["adc_pj"] == pytest.approx(
         10 * 0.208 / 16)
 

@@ -14,18 +14,19 @@ from nptwofold.build import checkpoint_hardware, load_model
 from nptwofold.checkpoint import load_checkpoint, save_checkpoint
 from nptwofold.cim.calibration import CalibrationCache, default_path
 from nptwofold.cim.tools import open_checkpoint
-from nptwofold.cim_network import CimNetwork
+from nptwofold.cim.network import CimNetwork
 from nptwofold.config import TrainConfig, upgraded
 from nptwofold.hardware import HardwareConfig
 from nptwofold.errors import NptwofoldError
-from nptwofold.kernels import cim
+from nptwofold.cim import mapping
+from nptwofold.kernels import cim_bitserial
+from nptwofold.kernels.quant import ENCODINGS
 from nptwofold.model import ResNet20
 
 from helpers import REPO, run, twofold_of
 
 N_IMAGES = 3
 PROBED = "layer2.0.conv1"  # a strided conv in the middle of the network
-ENCODINGS = cim.ENCODINGS
 
 
 def assert_same_counts(actual, expected):
@@ -61,9 +62,9 @@ def test_ideal_cim_forward_equals_fake_quant_and_counted_energy(network, images,
     np.testing.assert_array_equal(logits, variant.fake_quant_logits(images))  # bit for bit
     inputs, y = trace[PROBED]
     layer = variant.layers[PROBED]
-    np.testing.assert_array_equal(y, inputs @ cim.layer_matrix(layer.kept_levels))
+    np.testing.assert_array_equal(y, inputs @ mapping.layer_matrix(layer.kept_levels))
     # the run's energy is the simulation's, event for event, and the counting path's
-    simulated_y, simulated = cim.cim_matmul(layer.crossbar, inputs, variant.activation_bits)
+    simulated_y, simulated = cim_bitserial.cim_matmul(layer.crossbar, inputs, variant.activation_bits)
     np.testing.assert_array_equal(simulated_y, y)
     assert_same_counts(variant.ledger.design[PROBED], simulated)
     counted = network.with_hardware(HardwareConfig(weight_encoding=encoding))
@@ -112,7 +113,7 @@ def test_finite_adc_changes_outputs_and_energy_follows(sample, network, images):
     inputs, y = trace[PROBED]
     layer = coarse.layers[PROBED]
     adc = hardware.adc_for(layer.crossbar, layer.full_scale(hardware.adc_percentile))
-    simulated_y, simulated = cim.cim_matmul(layer.crossbar, inputs, 8, adc)
+    simulated_y, simulated = cim_bitserial.cim_matmul(layer.crossbar, inputs, 8, adc)
     np.testing.assert_array_equal(simulated_y, y)
     assert_same_counts(coarse.ledger.design[PROBED], simulated)
     report = coarse.energy_report()["total"]

@@ -6,7 +6,7 @@ import pytest
 
 from nptwofold.errors import NptwofoldError
 from nptwofold.hardware import HardwareConfig
-from nptwofold.kernels.cim import ENCODINGS
+from nptwofold.kernels.quant import ENCODINGS
 from nptwofold.kernels.energy import (energy_regularizer, budgeted_moves, energy_rounding_candidates,
                                       level_cell_energy_pj, level_energy_table)
 from nptwofold.kernels.quant import max_level

@@ -3,7 +3,7 @@ and the stem and classifier sparsity options."""
 import numpy as np
 import pytest
 
-from nptwofold.cim_network import CimNetwork
+from nptwofold.cim.network import CimNetwork
 from nptwofold.hardware import HardwareConfig
 from nptwofold.kernels.energy import energy_regularizer
 from nptwofold.kernels.lfsr import kept_per_column

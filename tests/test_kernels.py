@@ -11,7 +11,7 @@ import pytest
 from nptwofold.kernels.augment import CROP_PAD, crop_flip_to_float, to_float
 from nptwofold.kernels.batchnorm import (batchnorm_backward, batchnorm_forward_train,
                                          channel_affine, channel_moments)
-from nptwofold.kernels.cim import activation_ones
+from nptwofold.kernels.cim_events import activation_ones
 from nptwofold.kernels import conv
 from nptwofold.kernels.conv import (col2im_3x3, conv3x3_backward, conv3x3_forward, im2col_3x3,
                                     im2col_batch, im2col_column_sums, im2col_rows,

@@ -1,5 +1,6 @@
-"""Calibration files: the activation clips and ADC partial-sum histograms of a checkpoint,
-cached in a file of their own so that evaluating a checkpoint never changes it.
+"""Calibration: the measurement of the activation clips (`input_maxima`, shared by the CIM
+and the energy regularizer), and the files that cache the clips and ADC partial-sum histograms
+of a checkpoint, beside it, so that evaluating a checkpoint never changes it.
 
 A file holds one calibration (HDF5; docs/checkpoint-format.md):
   /                 attrs format, format_version, weights_digest, images_digest, settings (JSON:
@@ -20,7 +21,8 @@ import numpy as np
 
 from ..errors import NptwofoldError
 from ..files import atomic_write
-from ..kernels.cim import MAX_CELL_STATE, adc_channels
+from ..kernels.augment import to_float
+from .device import MAX_CELL_STATE, adc_channels
 
 FORMAT = "nptwofold-cim-calibration"
 FORMAT_VERSION = 1
@@ -28,6 +30,31 @@ SUFFIX = ".cim.h5"
 HISTOGRAM_PREFIX = "adc_histogram."
 # the old cache: the /cim group older versions wrote into the checkpoint itself
 LEGACY_NOTE = "read from the checkpoint's /cim group (written before calibration files)"
+
+
+def input_maxima(model, layers, images, forward, batch_size):
+    """{name: max of the layer's input over uint8 `images`}, each mapped layer of `layers`
+    ({name: WeightLayer}) computing forward(module, x) meanwhile: the measurement behind every
+    activation clip. The CIM calibration runs it with the quantized, masked weights
+    (`CimNetwork.calibrate`); the energy regularizer with the weights as trained
+    (`Twofold.measure_activity`)."""
+    maxima = dict.fromkeys(layers, 0.0)
+    names = {id(module): name for name, module in layers.items()}
+
+    def observe(module, x):
+        name = names[id(module)]
+        maxima[name] = max(maxima[name], float(x.max()))
+        return forward(module, x)
+
+    for module in layers.values():
+        module.use_forward_op(observe)
+    try:
+        for start in range(0, len(images), batch_size):
+            model.forward(to_float(images[start:start + batch_size]))
+    finally:
+        for module in layers.values():
+            module.use_forward_op(None)
+    return maxima
 
 
 def default_path(checkpoint):

@@ -1,8 +1,8 @@
 """Cell energy of integer weight levels, and the energy regularizer on them (issue 13).
 
 e(q): the pJ that weight level q costs each time its word line is driven, i.e. the summed
-energy of the states of the cells the chosen encoding stores for q on one row (`kernels.cim`
-is the one home of the layout; this module reads the states from `cim._encoded_columns`):
+energy of the states of the cells the chosen encoding stores for q on one row (`cim.device`
+is the one home of the layout; this module reads the states from `encoded_columns`):
 - twos_complement: the M = b/2 code cells of q mod 2^b plus the sign column's cell (01 if q < 0);
 - offset_binary: the M code cells of q + 2^(b-1) (the tile's shared reference column does not
   depend on q and is left out);
@@ -31,7 +31,7 @@ import numba
 import numpy as np
 
 from ..errors import NptwofoldError
-from .cim import N_CELL_STATES, _encoded_columns, columns_per_output
+from ..cim.device import N_CELL_STATES, columns_per_output, encoded_columns
 from .quant import check_bits, check_dropped_planes, check_float_array, level_dtype, max_level
 
 
@@ -45,7 +45,7 @@ def level_energy_table(bits, encoding, cell_energy_pj):
                              f"{cell_energy_pj.tolist()}")
     qmax = max_level(bits)
     levels = np.arange(-qmax, qmax + 1, dtype=np.int64)[:, None]  # one output channel
-    states = _encoded_columns(levels, encoding, bits)[0][0]  # (columns, levels)
+    states = encoded_columns(levels, encoding, bits)[0][0]  # (columns, levels)
     return cell_energy_pj[states].sum(axis=0)
 
 

@@ -6,7 +6,7 @@ IEEE default, so 3.5 -> 4 and 2.5 -> 2. Levels are stored as int8 for b <= 8 and
 the narrowest types that hold every b-bit two's complement value.
 
 Bit planes: b planes B(0..b-1) per weight, in the encoding the CIM array stores
-(`HardwareConfig.weight_encoding`; `kernels.cim` lays the planes onto cells):
+(`HardwareConfig.weight_encoding`; `cim.device` lays the planes onto cells):
 - twos_complement: the b-bit two's complement of q, plane b-1 the sign bit:
   q = -2^(b-1) B(b-1) + sum_{n<b-1} 2^n B(n);
 - offset_binary: the unsigned code u = q + 2^(b-1): q = sum_{n<b} 2^n B(n) - 2^(b-1);

@@ -54,39 +54,28 @@ import functools
 import numpy as np
 from tqdm import tqdm
 
-from .build import checkpoint_hardware, load_model
-from .cim.calibration import histogram_key
-from .errors import NptwofoldError
-from .hardware import CELL_STATES, HardwareConfig, layer_energy_report
-from .kernels.augment import to_float
-from .kernels.cim import (EnergyCounts, N_CELL_STATES, PackedCrossbar, activation_ones,
-                          count_events, count_events_of_row_ones, full_scale_at_percentile, layer_matrix,
-                          map_layer, matrix_rows)
-from .kernels.conv import (conv3x3_forward, conv_output_size, im2col_batch, im2col_column_sums,
+from ..build import checkpoint_hardware, load_model
+from ..errors import NptwofoldError
+from ..hardware import HardwareConfig
+from ..kernels.augment import to_float
+from ..kernels.cim_events import (EnergyCounts, activation_ones, count_events,
+                                  count_events_of_row_ones)
+from ..kernels.cim_packed import PackedCrossbar
+from ..kernels.conv import (conv3x3_forward, conv_output_size, im2col_batch, im2col_column_sums,
                            rows_matmul)
-from .kernels.lfsr import feedback_mask, lfsr_in_range_rows, lfsr_keep_mask, weight_mask
-from .kernels.quant import (STEM_CLIP, decompose, dequantize, max_level, quantize,
+from ..kernels.lfsr import lfsr_keep_mask, weight_mask
+from ..kernels.quant import (STEM_CLIP, decompose, dequantize, max_level, quantize,
                             quantize_activations)
-from .layers import WeightLayer
-from .steps import predict
+from ..layers import WeightLayer
+from ..steps import predict
+from .adc import full_scale_at_percentile
+from .calibration import histogram_key, input_maxima
+from .device import CELL_STATES, N_CELL_STATES
+from .ledger import EnergyLedger, layer_energy_report
+from .mapping import layer_matrix, lfsr_steps_per_position, map_layer, matrix_rows
 
 STEM = "conv1"           # the layer fed by the image, pixel / 255 in [0, 1]
 
-
-def lfsr_steps_per_position(mask, outputs_per_tile):
-    """LFSR steps a layer needs per output position on the physical mapping (module docstring):
-    the stretches of the sequence of every group a column tile holds, summed over tiles."""
-    n_rows, n_cols = mask.mask.shape
-    n_groups = mask.kept_rows.shape[0]
-    walked = [0]  # steps of the walk up to the end of each group's stretch
-    for group in range(n_groups):
-        walked.append(lfsr_in_range_rows(mask.seed, mask.width, feedback_mask(mask.taps), n_rows,
-                                         (group + 1) * mask.kept)[1])
-    steps = 0
-    for first in range(0, n_cols, outputs_per_tile):
-        last = min(first + outputs_per_tile, n_cols) - 1
-        steps += walked[last // mask.group + 1] - walked[first // mask.group]
-    return steps
 
 
 @dataclasses.dataclass
@@ -168,18 +157,6 @@ class MappedLayer:
             return None
         return full_scale_at_percentile(self.adc_histogram, percentile)
 
-
-class EnergyLedger:
-    """Energy events of the runs so far, per layer, of the design and its dense baseline."""
-
-    def __init__(self, names):
-        self.n_images = 0
-        self.design = {name: EnergyCounts.zero() for name in names}
-        self.baseline = {name: EnergyCounts.zero() for name in names}
-
-    def add(self, name, design, baseline):
-        self.design[name] += design
-        self.baseline[name] += baseline
 
 
 def mapped_layers(model, method, weight_bits):
@@ -298,16 +275,11 @@ class CimNetwork:
         then counts the partial sums the ADC ranges are taken from. Returns the clips."""
         if len(images) == 0:
             raise NptwofoldError("calibration needs at least one image")
-        maxima = dict.fromkeys(self.layers, 0.0)
-
-        def observe(module, x):
-            layer = self._by_module[id(module)]
-            maxima[layer.name] = max(maxima[layer.name], float(x.max()))
-            return self.dequantized_layer(layer, x)
-
-        with self.routed(observe):
-            for start in range(0, len(images), batch_size):
-                self.model.forward(self._network_input(images[start:start + batch_size]))
+        self._network_input(images[:1])  # checks the images' type and shape
+        maxima = input_maxima(self.model, {name: layer.module for name, layer in
+                                           self.layers.items()}, images,
+                              lambda module, x: self.dequantized_layer(self.layer_of(module), x),
+                              batch_size)
         for name, layer in self.layers.items():
             if name == STEM:
                 continue

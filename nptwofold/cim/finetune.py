@@ -19,11 +19,11 @@ Float (dense) models only: a twofold model's levels live in its bit planes and L
 """
 import numpy as np
 
-from .errors import NptwofoldError
-from .kernels.augment import CROP_PAD, crop_flip_to_float
-from .kernels.quant import quantize
-from .optim import SGD
-from .steps import train_step
+from ..errors import NptwofoldError
+from ..kernels.augment import CROP_PAD, crop_flip_to_float
+from ..kernels.quant import quantize
+from ..optim import SGD
+from ..steps import train_step
 
 
 def ste_forward(network):
