@@ -33,7 +33,6 @@ SWEPT = ("adc_bits", "weight_encoding")  # the array flags that take a list here
 
 def parse_args(argv):
     from nptwofold.cim.tools import add_cim_flags
-    from nptwofold.hardware import ADC_RANGES  # noqa: F401  (the choices come from the config)
     from nptwofold.kernels.quant import ENCODINGS
 
     parser = ScriptParser(__doc__)

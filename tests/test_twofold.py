@@ -502,11 +502,11 @@ def test_weight_fisher_is_batch_size_times_the_mean_squared_batch_gradient(sampl
     model's mode are left as they were."""
     from nptwofold.kernels.augment import to_float
     from nptwofold.kernels.loss import softmax_cross_entropy
-    from nptwofold.twofold import FISHER_BATCH
+    from nptwofold.twofold.fisher import FISHER_BATCH, weight_fisher
     model, method = fisher_model(sample)
     model.eval()
     bn_before = {name: value.copy() for name, value in model.state_arrays() if "running" in name}
-    fisher = method.weight_fisher()
+    fisher = weight_fisher(method)
     assert not model.training
     for name, value in model.state_arrays():
         if name in bn_before:
@@ -531,13 +531,14 @@ def test_budgeted_energy_rounding_takes_the_best_moves_within_the_budget(sample)
     rest round to the nearest level."""
     from nptwofold.kernels.energy import budgeted_moves, energy_rounding_candidates
     from nptwofold.kernels.quant import real_levels
+    from nptwofold.twofold.fisher import weight_fisher
     budget = 2e-4
     _, method = fisher_model(sample, energy_rounding=0.9, energy_rounding_budget=budget)
     unsettle_bits(method, seed=7)
     method.hard_prune()
     real = {name: real_levels(layer.params["weight_bits"], "sign_magnitude")
             for name, layer in method.layers.items()}
-    fisher = method.weight_fisher()
+    fisher = weight_fisher(method)
     method.measure_activity()
     figures = method.rebinarize()
     assert 0 < figures["rounding_moved"] < figures["rounding_candidates"]

@@ -26,7 +26,7 @@ from numba.extending import intrinsic
 from ..cim.adc import check_adc, ideal_adc
 from ..cim.device import MAX_CELL_STATE, adc_channels
 from ..threads import run_parallel
-from .cim_bitserial import adc_code, combine
+from .cim_bitserial import combine
 from .cim_events import (POSITIONS_PER_CHUNK, check_inputs, count_events, crossbar_blocks,
                          popcount)
 
