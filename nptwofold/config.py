@@ -25,7 +25,7 @@ PRESETS = {
 }
 
 
-# The `twofold` preset: baseline -> twofold training from it -> post-training (SPEC 3), each a
+# The `twofold` preset: baseline -> twofold training from it -> post-training, each a
 # run of its own in OUT/<phase>, started from the previous phase's last.h5.
 TWOFOLD_PHASES = (
     ("baseline", "short", {}),

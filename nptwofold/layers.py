@@ -100,7 +100,7 @@ class WeightLayer(Module):
     After `use_bit_weights(b, encoding)` the trained variable is `weight_bits`, b continuous
     planes in [0, 1] in the array's weight encoding (`kernels.quant`: two's complement, offset
     binary or sign-magnitude), so what is trained is what the array stores; the weight used in
-    the forward pass is s * Round(clip(q~)) / qmax with a straight-through gradient (SPEC 3). `dropped_planes`
+    the forward pass is s * Round(clip(q~)) / qmax with a straight-through gradient. `dropped_planes`
     counts the low planes the Twofold method has dropped (it holds them at 0); the rounding
     then goes to multiples of 2^dropped_planes. The scale
     `weight_scale` = max|W| of the starting weights is a buffer, not trained: trained, Reg_Net

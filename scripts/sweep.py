@@ -19,10 +19,10 @@ each on one engine thread (on 2 cores, two 1-thread runs train more images per s
 Collection, for every finished run:
 - test accuracy before post-training, after hard pruning and after the fine-tune (summaries);
 - share of zero bits and of 00 cells over the kept weights (the post-training report);
-- energy per image on the array, counted over the first --energy-images test images (SPEC 5's
+- energy per image on the array, counted over the first --energy-images test images (the
   counting path, `CimNetwork.fake_quant_logits(count_energy=True)`; its accuracy is the
   ideal-ADC CIM accuracy), with the ratio to the baseline: by default the p = 0 run without
-  Reg_Bit, the dense 8-bit model trained without Reg_Bit of SPEC 3, or --baseline CKPT.
+  Reg_Bit, the dense 8-bit model trained without Reg_Bit (the poster's baseline), or --baseline CKPT.
 Writes OUT/sweep.md, sweep.csv and sweep.json, and with matplotlib the plots
 energy_vs_sparsity.png, accuracy_vs_sparsity.png and layer_energy.png.
 """
@@ -38,7 +38,7 @@ from nptwofold.threads import configure_threads  # noqa: E402  (must precede num
 from nptwofold.options import (ScriptParser, add_flags, flag_name, given_values,  # noqa: E402
                                threads_flag, to_argv)
 
-# The poster's energy claims for ResNet-20 on CIFAR-10 (SPEC 5), drawn beside our ratios.
+# The poster's energy claims for ResNet-20 on CIFAR-10, drawn beside our ratios.
 POSTER_MAX_RATIO = 5.0                               # "up to 5x lower energy"
 TALK_RATIOS = {0.1: 2.2, 0.9: 14.0}                  # overall sparsity -> ratio, talk version
 

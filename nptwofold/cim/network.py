@@ -1,6 +1,6 @@
-"""A whole trained ResNet-20 on the simulated CIM array (SPEC sections 2, 5, 6 and 7).
+"""A whole trained ResNet-20 on the simulated CIM array (docs/cim-model.md).
 
-`CimNetwork` maps every conv and the FC of a model onto crossbars (`kernels.cim.map_layer`,
+`CimNetwork` maps every conv and the FC of a model onto crossbars (`cim.mapping.map_layer`,
 with the encoding, crossbar size and ADC of its `HardwareConfig`) and runs images three ways:
 float (the model as trained), fake-quant (quantized weights and activations, each mapped layer's
 integer matmul done exactly by BLAS in float32 or float64) and CIM (the same matmul on the
@@ -15,7 +15,7 @@ the path from `HardwareConfig.adc_bits` to the kernel is: `CimNetwork.cim_logits
 HardwareConfig.adc_for(crossbar, full scales))`; a conv whose ADC reads every partial sum
 exactly takes the fake-quant path instead, which gives the same output and events bit for bit.
 
-Quantization of a mapped layer (SPEC 2):
+Quantization of a mapped layer:
 - weights: integer levels q with W = s q / qmax, qmax = 2^(b-1) - 1. A twofold model gives its
   trained levels, scale buffer and LFSR keep-mask; a float model is quantized per layer to b
   bits (`quant.quantize`) and mapped dense, or pruned with fresh LFSR masks (`prune`). Pruned
@@ -29,7 +29,7 @@ Quantization of a mapped layer (SPEC 2):
 - a layer's float output is its integer matmul times (s / qmax) (clip / (2^a - 1)), plus the FC
   bias.
 
-ADC calibration (SPEC 7): with `adc_range = "calibrated"`, each layer's partial sums on the
+ADC calibration: with `adc_range = "calibrated"`, each layer's partial sums on the
 calibration images (fake-quant forward, every physical crossbar converted separately) are
 counted per ADC channel; the full scale of a channel is their `adc_percentile`-th percentile.
 The histograms are cached with the clips in the checkpoint's calibration file
@@ -41,10 +41,10 @@ group it holds, so it walks those groups' stretches of the layer's LFSR sequence
 position; a group split over two tiles is walked by both. A dense layer, or a mask keeping every
 row, routes nothing.
 
-Energy (SPEC 5 and 7), per image, per layer and in total: cells / ADC / LFSR pJ and activated
+Energy, per image, per layer and in total: cells / ADC / LFSR pJ and activated
 cell-state histogram (`hardware.layer_energy_report`). **[assumption]** The dense baseline stores
 the same levels q K on every row of every tile, in the same encoding, and is counted on the same
-inputs; the baseline of SPEC 3 (a separately trained dense 8-bit network) is that network's own
+inputs; the poster's baseline (a separately trained dense 8-bit network) is that network's own
 report, passed to `energy_report`.
 """
 import contextlib
@@ -369,7 +369,7 @@ class CimNetwork:
         sums exactly and scales the result in float64 as `cim_logits` does: so the ideal-ADC CIM
         run gives these logits bit for bit, and a difference can only be the array's.
         With `count_energy`, each layer's energy events are counted from its integer inputs
-        (SPEC 5's counting path) and added to the ledger: equal to what `cim_logits` adds.
+        (the counting path) and added to the ledger: equal to what `cim_logits` adds.
         """
         bits = self.activation_bits
 
@@ -414,7 +414,7 @@ class CimNetwork:
         ledger if `count`, and (integer inputs, integer outputs) to `trace` if a dict.
 
         Where the layer's ADC reads every partial sum exactly (`AdcSteps.is_ideal`), the
-        array's output is x @ q exactly (`kernels.cim`), so a conv without a trace or tile
+        array's output is x @ q exactly (`kernels.cim_packed`), so a conv without a trace or tile
         skipping takes the fake-quant path, which gives the same output and events bit for
         bit without building the batch's patches."""
         bits, hardware = self.activation_bits, self.hardware

@@ -28,5 +28,5 @@ def crop_flip_to_float(images, offset_y, offset_x, flip):
 
 
 def to_float(images):
-    """uint8 images -> float32 pixel/255, the network input of SPEC section 1."""
+    """uint8 images -> float32 pixel/255, the network's input."""
     return images.astype(np.float32) / np.float32(255.0)

@@ -1,4 +1,4 @@
-"""LFSR keep-masks (SPEC section 4): which rows of a layer matrix each output column keeps.
+"""LFSR keep-masks (docs/method.md): which rows of a layer matrix each output column keeps.
 
 A layer is an R x C matrix (R = Cin*kh*kw input rows, C = Cout output columns). A maximal-length
 Fibonacci LFSR of width n walks the states 1..2^n-1; state v names row v-1, and states naming no

@@ -1,4 +1,4 @@
-"""Per-layer weight quantization and the bit planes of each weight encoding (SPEC 2 and 3).
+"""Per-layer weight quantization and the bit planes of each weight encoding (docs/method.md).
 
 Integer weights ("levels"): q = Round(W / s * qmax) with s = max|W| and qmax = 2^(b-1) - 1,
 so q lies in [-qmax, qmax] and W ~ s * q / qmax. Round is round-half-to-even (np.rint), the
@@ -396,7 +396,7 @@ def rebinarize_bits(bits, dropped=0, encoding="twos_complement"):
     return levels
 
 
-# The network's input is pixel / 255 in [0, 1] (SPEC 1), so the stem's activation clip is 1 and
+# The network's input is pixel / 255 in [0, 1], so the stem's activation clip is 1 and
 # its a-bit levels are the 8-bit pixels themselves.
 STEM_CLIP = 1.0
 

@@ -1,4 +1,4 @@
-"""Sparsity regularizers of the twofold objective J = L_CE + Reg_Net + Reg_Bit (SPEC 3).
+"""Sparsity regularizers of the twofold objective J = L_CE + Reg_Net + Reg_Bit (docs/method.md).
 
 Each function covers one layer and returns (value, gradient); the caller sums over layers.
 Reg_Net shrinks the weights the LFSR keep-mask will cut, so pruning them later costs little;

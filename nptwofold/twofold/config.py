@@ -31,7 +31,7 @@ class TwofoldConfig:
     reg_bit_form: str = option("poster", "Reg_Bit form: poster = ||sum_n B(n)||_2, plane_lasso "
                                "= BSQ's sum_n ||B(n)||_2", choices=tuple(REG_BIT_FORMS))
     plane_drop_tolerance: float = option(
-        0.0, "post-training precision adjustment [deviation, see the README]: after hard "
+        0.0, "post-training precision adjustment (docs/method.md): after hard "
         "pruning, layers in turn drop their lowest kept bit plane (levels rounded to multiples "
         "of 2^dropped, at most b - 2 planes) while the cross-entropy on the check images stays "
         "within this many nats of its value before the first drop; 0 = never drop",

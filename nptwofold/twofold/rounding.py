@@ -113,7 +113,7 @@ class PostTraining:
 
 def start_post_training(method, model, data, eval_batch_size):
     """Accuracy before, then hard-prune with the masks, drop the bit planes the loss can spare
-    (if `plane_drop_tolerance`; checked on the pruned model) and re-binarize (SPEC 3).
+    (if `plane_drop_tolerance`; checked on the pruned model) and re-binarize.
 
     The fine-tune that follows trains the kept bits under the same objective; the masks stay
     enforced and the bits are re-binarized after its last epoch, so precision is fixed.

@@ -2,17 +2,18 @@
 layer of a trained twofold model (round q to multiples of 2^k), with no further training, and
 measure loss, accuracy and 00-cell share on the first 2,000 test images.
 
-    python results/reg-bit-probe/precision_probe.py results/sweep/p00-bitreg-off/post/last.h5 [DATA]
+    python scripts/probe_precision.py results/sweep/p00-bitreg-off/post/last.h5 [DATA]
 
 DATA is the full CIFAR-10 (tarball or folder); default 'cifar10' (datasets/, else download).
 The checkpoint is not committed (21 MB): `scripts/sweep.py` remakes it.
 
-Exploratory; its output is in precision_probe.txt and results/README.md quotes it.
+Exploratory; its output is in results/reg-bit-probe/precision_probe.txt and results/README.md
+quotes it.
 """
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from nptwofold.threads import configure_threads  # noqa: E402
 

@@ -3,17 +3,17 @@ learning rate with the energy regularizer only (Reg_Net and Reg_Bit off), then r
 measure the test accuracy and the estimated cell energy per image, sum_i a_i e(q_i) (a_i on the
 first 500 training images), in the chosen encoding.
 
-    python results/energy-reg/probe.py SPARSITY LAMBDA_E STEPS LR --data $DATA \
+    python scripts/probe_energy_reg.py SPARSITY LAMBDA_E STEPS LR --data $DATA \
         [--encoding sign_magnitude] [--mask-group 1]      (from the repository root)
 
-Exploratory: what it printed is in probe.jsonl; results/energy-reg/README.md quotes it.
+Exploratory: what it printed is in results/energy-reg/probe.jsonl; results/energy-reg/README.md quotes it.
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from nptwofold.threads import configure_threads  # noqa: E402
 
@@ -36,8 +36,8 @@ config = TrainConfig.from_preset(
     "short", epochs=2, lr=args.lr, warmup_epochs=0, schedule="step", milestones=[99],
     init=str(REPO / "results/short-seed0/last.h5"),
     twofold=dict(sparsity=args.sparsity, lambda_net=0.0, beta_bit=0.0,
-                 lambda_energy=args.lambda_energy, weight_encoding=args.encoding,
-                 mask_group=args.mask_group))
+                 lambda_energy=args.lambda_energy, mask_group=args.mask_group),
+    hardware=dict(weight_encoding=args.encoding))
 trainer = Trainer(config, data, None, progress=False)
 
 

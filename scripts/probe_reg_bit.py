@@ -1,13 +1,13 @@
 """Reg_Bit strength probe: from the short baseline, N twofold steps at constant lr, then
 re-binarize and measure test accuracy, zero-bit share and 00-cell share.
 
-    python results/reg-bit-probe/probe.py SPARSITY LAMBDA BETA STEPS LR          (from the repo root)
-    python results/reg-bit-probe/probe.py 0 0 50 250 0.01 --then-beta 0     (two stages of STEPS)
-    python results/reg-bit-probe/probe.py 0 0 30 250 0.01 --form plane_lasso
+    python scripts/probe_reg_bit.py SPARSITY LAMBDA BETA STEPS LR          (from the repo root)
+    python scripts/probe_reg_bit.py 0 0 50 250 0.01 --then-beta 0     (two stages of STEPS)
+    python scripts/probe_reg_bit.py 0 0 30 250 0.01 --form plane_lasso
     (add --data PATH for a local CIFAR-10 copy; the default 'cifar10' looks in datasets/,
     else downloads)
 
-Exploratory: the numbers it printed are in probe.jsonl; results/README.md quotes them. The lines
+Exploratory: the numbers it printed are in results/reg-bit-probe/probe.jsonl; results/README.md quotes them. The lines
 with "bit_rounding": "per_bit" came from commit 646377b, which had that option; the
 plane_lasso lines ran with a "drop_plane_below" rule that never fired (no plane dropped).
 """
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from nptwofold.threads import configure_threads  # noqa: E402
 
