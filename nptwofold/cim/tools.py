@@ -16,22 +16,25 @@ from .calibration import CalibrationCache, default_path
 @dataclasses.dataclass
 class EvalOptions:
     """The settings every CIM script takes the same way."""
-    data: str | None = option(None, "CIFAR-10 tarball or folder, 'sample' or 'cifar10' "
-                              "(default: the dataset the checkpoint names)")
-    images: int | None = option(None, "first N test images (default: all)", at_least(1))
+    data: str | None = option(None, "CIFAR-10 tarball or folder, 'sample' or 'cifar10'")
+    images: int | None = option(None, "first N test images", at_least(1))
     calib_images: int = option(500, "training images (the first ones) that calibrate the "
                                "activation clips and ADC ranges", at_least(1))
-    calibration: str | None = option(None, "calibration file to read and write (default: "
-                                     "CKPT.cim.h5 beside the checkpoint)")
+    calibration: str | None = option(None, "calibration file to read and write")
     recalibrate: bool = option(False, "calibrate again even if the calibration file matches")
     eval_batch_size: int = option(50, "images per simulated batch (results do not depend on "
                                   "it)", between(1, MAX_EVAL_BATCH_SIZE))
 
 
+# what an omitted flag means, where the field's default (None) does not say it
+SHOWN_DEFAULTS = dict(data="the dataset the checkpoint names", images="all",
+                      calibration="CKPT.cim.h5 beside the checkpoint")
+
+
 def add_cim_flags(parser, hardware_skip=(), skip=()):
     """The flags of `EvalOptions` (except `skip`) and of the array
     (`hardware.add_hardware_flags`, whose omitted flags mean the checkpoint's values)."""
-    add_flags(parser, EvalOptions, skip=skip)
+    add_flags(parser, EvalOptions, skip=skip, defaults=SHOWN_DEFAULTS)
     return add_hardware_flags(parser, skip=hardware_skip, shown_default="the checkpoint's")
 
 
