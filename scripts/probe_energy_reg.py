@@ -4,11 +4,10 @@ measure the test accuracy and the estimated cell energy per image, sum_i a_i e(q
 first 500 training images), in the chosen encoding.
 
     python scripts/probe_energy_reg.py SPARSITY LAMBDA_E STEPS LR --data $DATA \
-        [--encoding sign_magnitude] [--mask-group 1]      (from the repository root)
+        [--weight-encoding sign_magnitude] [--mask-group 1]      (from the repository root)
 
 Exploratory: what it printed is in results/energy-reg/probe.jsonl; results/energy-reg/README.md quotes it.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,14 +20,19 @@ configure_threads(1)
 from nptwofold.config import TrainConfig  # noqa: E402
 from nptwofold.data import load_dataset  # noqa: E402
 from nptwofold.steps import evaluate  # noqa: E402
+from nptwofold.kernels.quant import ENCODINGS  # noqa: E402
+from nptwofold.options import ScriptParser  # noqa: E402
 from nptwofold.train import Trainer  # noqa: E402
 
-parser = argparse.ArgumentParser()
-for name, kind in (("sparsity", float), ("lambda_energy", float), ("steps", int), ("lr", float)):
-    parser.add_argument(name, type=kind)
-parser.add_argument("--encoding", default="sign_magnitude")
-parser.add_argument("--mask-group", type=int, default=1)
-parser.add_argument("--data", default="cifar10")
+parser = ScriptParser(__doc__)
+for name, kind, text in (("sparsity", float, "network sparsity p"),
+                         ("lambda_energy", float, "energy regularizer strength lambda_E"),
+                         ("steps", int, "training steps"), ("lr", float, "learning rate")):
+    parser.add_argument(name, type=kind, help=text)
+parser.add_argument("--weight-encoding", default="sign_magnitude", choices=ENCODINGS,
+                    help="the array's weight encoding")
+parser.add_argument("--mask-group", type=int, default=1, help="columns per LFSR index set")
+parser.add_argument("--data", default="cifar10", help="CIFAR-10 tarball or folder, or 'cifar10'")
 args = parser.parse_args()
 
 data = load_dataset(args.data)
@@ -37,7 +41,7 @@ config = TrainConfig.from_preset(
     init=str(REPO / "results/short-seed0/last.h5"),
     twofold=dict(sparsity=args.sparsity, lambda_net=0.0, beta_bit=0.0,
                  lambda_energy=args.lambda_energy, mask_group=args.mask_group),
-    hardware=dict(weight_encoding=args.encoding))
+    hardware=dict(weight_encoding=args.weight_encoding))
 trainer = Trainer(config, data, None, progress=False)
 
 

@@ -20,15 +20,18 @@ from nptwofold.threads import configure_threads  # noqa: E402
 configure_threads(2)
 from nptwofold.data import load_dataset  # noqa: E402
 from nptwofold.build import load_model  # noqa: E402
+from nptwofold.options import ScriptParser  # noqa: E402
 from nptwofold.steps import evaluate  # noqa: E402
 
-if len(sys.argv) not in (2, 3) or sys.argv[1] in ("-h", "--help"):
-    sys.exit(__doc__)
-data = load_dataset(sys.argv[2] if len(sys.argv) == 3 else "cifar10")
+parser = ScriptParser(__doc__)
+parser.add_argument("checkpoint", help="a trained twofold checkpoint")
+parser.add_argument("data", nargs="?", default="cifar10", help="CIFAR-10 tarball or folder")
+args = parser.parse_args()
+data = load_dataset(args.data)
 images, labels = data.test_images[:2000], data.test_labels[:2000]
 print("dropped planes | test loss | accuracy | 00 cells")
 for dropped in (0, 1, 2, 3):
-    model, method, _ = load_model(sys.argv[1])
+    model, method, _ = load_model(args.checkpoint)
     for layer in method.layers.values():
         layer.dropped_planes = dropped
     method.rebinarize()

@@ -11,7 +11,6 @@ Exploratory: the numbers it printed are in results/reg-bit-probe/probe.jsonl; re
 with "bit_rounding": "per_bit" came from commit 646377b, which had that option; the
 plane_lasso lines ran with a "drop_plane_below" rule that never fired (no plane dropped).
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,14 +23,17 @@ configure_threads(1)
 from nptwofold.data import load_dataset  # noqa: E402
 from nptwofold.config import TrainConfig  # noqa: E402
 from nptwofold.steps import evaluate  # noqa: E402
+from nptwofold.options import ScriptParser  # noqa: E402
 from nptwofold.train import Trainer  # noqa: E402
 
-parser = argparse.ArgumentParser()
+parser = ScriptParser(__doc__)
 for name in ("sparsity", "lambda_net", "beta_bit", "steps", "lr"):
-    parser.add_argument(name, type=int if name == "steps" else float)
+    parser.add_argument(name, type=int if name == "steps" else float,
+                        help=f"{name} of the probe run")
 parser.add_argument("--then-beta", type=float, help="a second stage of STEPS at this beta")
-parser.add_argument("--form", default="poster", choices=["poster", "plane_lasso"])
-parser.add_argument("--test-images", type=int, default=10000)
+parser.add_argument("--form", default="poster", choices=["poster", "plane_lasso"],
+                    help="Reg_Bit form")
+parser.add_argument("--test-images", type=int, default=10000, help="test images evaluated")
 parser.add_argument("--data", default="cifar10",
                     help="full CIFAR-10: tarball or folder, or 'cifar10' (datasets/ or download)")
 args = parser.parse_args()
