@@ -342,8 +342,8 @@ def finished_run(tiny_dataset, tmp_path_factory):
 @pytest.mark.parametrize("flags,fragment", [
     (["--lr", "0.5"], "which has --lr 0.1 (given: 0.5); drop --lr"),
     (["--seed", "3", "--batch-size", "32"], "--batch-size 16 (given: 32); drop --batch-size"),
-    (["--bits", "4", "--sparsity", "0.9"], "--sparsity none (a float run) (given: 0.9), --bits "
-                                           "none (a float run) (given: 4)"),
+    (["--weight-bits", "4", "--sparsity", "0.9"], "--sparsity none (a float run) (given: 0.9), "
+                                                  "--weight-bits 8 (given: 4)"),
     (["--preset", "short"], "--preset quick (given: short)"),
 ])
 def test_a_resume_with_other_flags_is_refused_naming_them(finished_run, flags, fragment):
@@ -374,7 +374,7 @@ def finished_pipeline(finished_run, tiny_dataset, tmp_path_factory):
     """A finished twofold pipeline from --init FINISHED_RUN (no baseline phase), trained on the
     tiny slice with exactly the phase configs the script derives from its flags."""
     out = tmp_path_factory.mktemp("pipeline")
-    flags = ("--data", "sample", "--init", finished_run / "last.h5", "--bits", "2",
+    flags = ("--data", "sample", "--init", finished_run / "last.h5", "--weight-bits", "2",
              "--finetune-epochs", "0")
     for folder, config in pipeline_phases(out, *flags):
         Trainer(config, tiny_dataset, folder, progress=False).run()
@@ -382,11 +382,12 @@ def finished_pipeline(finished_run, tiny_dataset, tmp_path_factory):
 
 
 @pytest.mark.parametrize("flags,fragment", [
-    (["--bits", "4", "--sparsity", "0.9", "--weight-encoding", "sign_magnitude"],
-     "twofold was run with --sparsity 0.5 (given: 0.9), --bits 2 (given: 4), "
-     "--weight-encoding twos_complement (given: sign_magnitude)"),
-    (["--bits", "2", "--finetune-epochs", "1"], "post was run with --finetune-epochs 0 (given: 1)"),
-    (["--bits", "2", "--finetune-epochs", "0", "--twofold-epochs", "2"],
+    (["--weight-bits", "4", "--sparsity", "0.9", "--weight-encoding", "sign_magnitude"],
+     "twofold was run with --sparsity 0.5 (given: 0.9), --weight-encoding twos_complement "
+     "(given: sign_magnitude), --weight-bits 2 (given: 4)"),
+    (["--weight-bits", "2", "--finetune-epochs", "1"],
+     "post was run with --finetune-epochs 0 (given: 1)"),
+    (["--weight-bits", "2", "--finetune-epochs", "0", "--twofold-epochs", "2"],
      "twofold was run with --twofold-epochs 1 (given: 2)"),
 ])
 def test_a_pipeline_resume_with_other_flags_is_refused_naming_them(finished_pipeline, flags,
@@ -644,13 +645,14 @@ def test_outputs_are_checked_before_any_work(tmp_path, script, flags, fragment):
     ("train_cifar.py", ["--out", "{tmp}/o", "--eval-batch-size", "20000"],
      "must be in [1, 10000] (got 20000)"),
     ("evaluate.py", ["{tmp}/missing.h5", "--batch-size", "20000"], "must be <= 10000"),
-    ("cim_eval.py", ["{tmp}/missing.h5", "--batch-size", "20000"], "must be <= 10000"),
+    ("cim_eval.py", ["{tmp}/missing.h5", "--eval-batch-size", "20000"],
+     "--eval-batch-size must be in [1, 10000] (got 20000)"),
     ("adc_finetune.py", ["{tmp}/missing.h5", "--adc-bits", "4", "--out", "{tmp}/o",
                          "--batch-size", "20000"], "must be <= 4096"),
     ("cim_eval.py", ["{tmp}/missing.h5", "--hw", "crossbar_rows=100000000"],
-     "crossbar_rows must be in 1..4096, got 100000000"),
+     "crossbar_rows must be in [1, 4096] (got 100000000)"),
     ("cim_eval.py", ["{tmp}/missing.h5", "--hw", "crossbar_cols=100000"],
-     "crossbar_cols must be in 1..4096, got 100000"),
+     "crossbar_cols must be in [1, 4096] (got 100000)"),
 ])
 def test_batch_and_crossbar_sizes_are_bounded(tmp_path, script, flags, fragment):
     flags = [flag.replace("{tmp}", str(tmp_path)) for flag in flags]

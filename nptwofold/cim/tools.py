@@ -7,9 +7,10 @@ import dataclasses
 from ..build import checkpoint_hardware, load_model
 from ..config import dataset_name
 from ..data import load_dataset
-from ..hardware import add_hardware_flags, describe, given_hardware, resolve_hardware
-from ..options import (MAX_EVAL_BATCH_SIZE, add_flags, at_least, between, given_values,
-                       option)
+from ..hardware import (HardwareConfig, add_hardware_flags, describe, given_hardware,
+                        resolve_hardware)
+from ..options import (MAX_EVAL_BATCH_SIZE, add_flags, at_least, between, check_fields,
+                       given_values, option)
 from .calibration import CalibrationCache, default_path
 
 
@@ -39,16 +40,17 @@ def add_cim_flags(parser, hardware_skip=(), skip=()):
 
 
 def options_of(args):
-    return EvalOptions(**given_values(args, EvalOptions))
+    return check_fields(EvalOptions(**given_values(args, EvalOptions)))
 
 
 def open_checkpoint(path, args, hardware_skip=()):
     """(model, Twofold state or None, content, hardware, notes): the checkpoint's model and
     the array it runs on: the one the checkpoint stores, changed by the given flags; each
     note names a flag that contradicts the stored value."""
+    given = given_hardware(args, skip=hardware_skip)
+    HardwareConfig.from_json(given)  # a bad value is refused before the checkpoint is read
     model, method, content = load_model(path)
-    hardware, notes = resolve_hardware(checkpoint_hardware(content),
-                                       given_hardware(args, skip=hardware_skip))
+    hardware, notes = resolve_hardware(checkpoint_hardware(content), given)
     return model, method, content, hardware, notes
 
 
