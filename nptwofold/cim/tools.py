@@ -35,7 +35,7 @@ SHOWN_DEFAULTS = dict(data="the dataset the checkpoint names", images="all",
 def add_cim_flags(parser, hardware_skip=(), skip=()):
     """The flags of `EvalOptions` (except `skip`) and of the array
     (`hardware.add_hardware_flags`, whose omitted flags mean the checkpoint's values)."""
-    add_flags(parser, EvalOptions, skip=skip, defaults=SHOWN_DEFAULTS)
+    add_flags(parser, EvalOptions, skip=skip, shown_defaults=SHOWN_DEFAULTS)
     return add_hardware_flags(parser, skip=hardware_skip, shown_default="the checkpoint's")
 
 
