@@ -1,11 +1,12 @@
 """Training configuration: the presets, the phases of the twofold preset, and `TrainConfig`
 (with the `HardwareConfig` of the array the model is made for nested in it)."""
 import dataclasses
+import textwrap
 
 from .errors import NptwofoldError
 from .hardware import HardwareConfig
 from .options import (MAX_BATCH_SIZE, MAX_EVAL_BATCH_SIZE, above, at_least, between,
-                      check_fields, known_fields, option)
+                      check_fields, flag_name, known_fields, option, shown_value)
 from .twofold import TwofoldConfig
 
 PRESETS = {
@@ -163,9 +164,60 @@ class TrainConfig:
         return self
 
 
+# The methods a study compares, each the settings it gives the twofold preset's phases
+# ({"twofold": TwofoldConfig fields, "hardware": HardwareConfig fields, "pipeline":
+# PipelineConfig fields}); a flag given beside --method overrides its value. `prune-only` and
+# `energy` share the network level (the array's tile as mask group, dense stem and classifier,
+# sign-magnitude cells), so they differ only in the bit-level training.
+NETWORK_LEVEL_BUILDABLE = dict(mask_group=0, stem_sparsity=0.0, classifier_sparsity=0.0)
+METHODS = {
+    # LFSR masks, Reg_Net and hard pruning; the kept weights stay plain 8-bit levels
+    "prune-only": dict(
+        twofold=dict(NETWORK_LEVEL_BUILDABLE, beta_bit=0.0, lambda_energy=0.0),
+        hardware=dict(weight_encoding="sign_magnitude"),
+        pipeline=dict(finetune_beta_bit=0.0)),
+    # the poster's: two's complement, a mask per output channel over every mapped layer,
+    # Reg_Net + Reg_Bit in training and in the fine-tune
+    "poster": dict(
+        twofold=dict(mask_group=1, stem_sparsity=None, classifier_sparsity=None, beta_bit=20.0,
+                     reg_bit_form="poster", lambda_energy=0.0),
+        hardware=dict(weight_encoding="twos_complement"),
+        pipeline=dict(finetune_beta_bit=None)),
+    # this project's: the cell-energy regularizer on sign-magnitude planes, then the precision
+    # adjustment and energy-aware rounding within a loss budget (results/README.md: the p = 0
+    # settings that lost 0.25 points for 2.57x lower cell energy)
+    "energy": dict(
+        twofold=dict(NETWORK_LEVEL_BUILDABLE, beta_bit=0.0, lambda_energy=16.0,
+                     plane_drop_tolerance=0.002, energy_rounding=0.9,
+                     energy_rounding_budget=0.005, energy_rounding_last=0.6),
+        hardware=dict(weight_encoding="sign_magnitude"),
+        pipeline=dict(finetune_beta_bit=0.0)),
+}
+
+
+def method_help():
+    """What each method sets, a wrapped paragraph each, for --help."""
+    return "\n".join(textwrap.fill(
+        f"--method {name}: " + ", ".join(f"{flag_name(key)} {shown_value(value)}"
+                                         for part in settings.values()
+                                         for key, value in part.items()),
+        width=88, subsequent_indent="    ", break_on_hyphens=False) for name, settings in METHODS.items())
+
+
+def with_method(method, twofold, hardware, pipeline):
+    """(twofold, hardware, pipeline) overrides of a run: those of `method` (None: no method),
+    each replaced by the value a flag gives."""
+    settings = METHODS[method] if method else {}
+    return tuple({**settings.get(part, {}), **given} for part, given in
+                 (("twofold", twofold), ("hardware", hardware), ("pipeline", pipeline)))
+
+
 @dataclasses.dataclass
 class PipelineConfig:
     """Settings of the twofold preset's phases beyond its baseline's (`TWOFOLD_PHASES`)."""
+    method: str | None = option(None, "twofold preset: one method's settings (listed above "
+                                "the flags); a flag given beside it overrides its value",
+                                choices=tuple(METHODS))
     twofold_epochs: int = option(1, "twofold preset: epochs of the twofold phase", at_least(1))
     finetune_epochs: int = option(1, "twofold preset: epochs of the post-training fine-tune "
                                   "(0 = prune and re-binarize only)", at_least(0))

@@ -29,7 +29,7 @@ PHASE_FLAGS = {("twofold", "epochs"): "twofold_epochs", ("post", "epochs"): "fin
 
 
 def parse_args(argv=None):
-    from nptwofold.config import PRESETS, PipelineConfig, TrainConfig
+    from nptwofold.config import PRESETS, PipelineConfig, TrainConfig, method_help
     from nptwofold.hardware import add_hardware_flags
     from nptwofold.twofold import TwofoldConfig
 
@@ -47,7 +47,8 @@ def parse_args(argv=None):
         + ", ".join(map(flag_name, PIPELINE_TRAIN_FLAGS)) + ", and its data is cifar10)")
     add_flags(training, TrainConfig, shown_defaults=preset_defaults())
     method = parser.add_argument_group(
-        "Twofold Sparsity; any of these makes the run a twofold one")
+        "Twofold Sparsity; any of these makes the run a twofold one",
+        method_help())
     add_flags(method, TwofoldConfig)
     add_flags(method, PipelineConfig)
     add_hardware_flags(parser)
@@ -86,18 +87,19 @@ def preset_defaults():
 def phase_configs(args, out_dir):
     """[(phase folder, TrainConfig)]: one run, or the three phases of the twofold preset; on
     --resume of one run its config is None (the checkpoint holds it)."""
-    from nptwofold.config import TWOFOLD_PHASES, PipelineConfig, TrainConfig
+    from nptwofold.config import TWOFOLD_PHASES, PipelineConfig, TrainConfig, with_method
     from nptwofold.hardware import given_hardware
     from nptwofold.twofold import TwofoldConfig
 
-    twofold = given_values(args, TwofoldConfig)
-    hardware = given_hardware(args)  # every phase is made for the same array
+    twofold, hardware, pipeline = with_method(
+        getattr(args, "method", None), given_values(args, TwofoldConfig), given_hardware(args),
+        given_values(args, PipelineConfig))  # every phase is made for the same array
     if args.preset != "twofold":
         if args.resume:  # the run's config is the stored one (--epochs is applied to it)
             return [(out_dir, None)]
         return [(out_dir, TrainConfig.from_preset(args.preset, **given_values(args, TrainConfig),
                                                   twofold=twofold or None, hardware=hardware))]
-    pipeline = PipelineConfig(**given_values(args, PipelineConfig)).validated()
+    pipeline = PipelineConfig(**pipeline).validated()
     phase_epochs = {"twofold": pipeline.twofold_epochs, "post": pipeline.finetune_epochs}
     phases, init = [], args.init
     for name, preset, settings in TWOFOLD_PHASES:

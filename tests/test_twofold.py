@@ -263,7 +263,7 @@ def test_report_counts_bits_and_cells_of_kept_weights(encoding):
     (dict(sparsity=float("nan")), "--sparsity must be a finite number (got nan)"),
     (dict(lambda_net=-1.0), "--lambda-net must be >= 0 (got -1.0)"),
     (dict(reg_bit_form="l1"), "--reg-bit-form must be one of poster, plane_lasso (got 'l1')"),
-    (dict(mask_group=0), "--mask-group must be >= 1 (got 0)"),
+    (dict(mask_group=-1), "--mask-group must be >= 0 (got -1)"),
     (dict(plane_drop_tolerance=-0.1), "--plane-drop-tolerance must be >= 0 (got -0.1)"),
     (dict(plane_drop_images=0), "--plane-drop-images must be >= 1 (got 0)"),
     (dict(rebinarize_epochs=[0]), "--rebinarize-epochs must be >= 1 (got 0)"),

@@ -39,7 +39,8 @@ class TwofoldConfig:
     plane_drop_images: int = option(500, "training images (the first ones, not augmented) "
                                     "the plane-drop check uses", at_least(1))
     mask_group: int = option(1, "output columns sharing one LFSR index set (1 = per output "
-                             "channel)", at_least(1))
+                             "channel; 0 = the output channels of one column tile of the "
+                             "array, the group a crossbar can be built for)", at_least(0))
     lfsr_seed: int = option(0, "base LFSR seed; 0 = derive each layer's from the training seed",
                             at_least(0))
     rebinarize_epochs: list[int] = option([], "epochs (1-based) after which the bits are "

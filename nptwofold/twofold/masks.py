@@ -3,6 +3,7 @@ planes in the array's encoding, and gets a mask of its sparsity (the stem's and 
 classifier's may have their own), drawn from a seed of its own."""
 import numpy as np
 
+from ..cim.device import outputs_per_tile
 from ..errors import NptwofoldError
 from ..kernels.lfsr import (kept_per_column, lfsr_keep_mask_for_kept, lfsr_width_for_rows,
                             weight_mask)
@@ -16,11 +17,13 @@ def layer_matrix_shape(weight_shape):
     return int(np.prod(weight_shape[1:])), int(weight_shape[0])
 
 
-def masked_layers(model, config, bits, encoding, seed):
+def masked_layers(model, config, bits, encoding, seed, crossbar_cols):
     """({name: WeightLayer}, {name: LfsrKeepMask}, {name: the mask in the weight's shape}) of
     every mapped layer of `model`, each turned into `bits` bit planes in `encoding` (a layer
-    that holds planes already must hold them in that encoding)."""
+    that holds planes already must hold them in that encoding). Mask group 0 is the output
+    channels of one column tile of `crossbar_cols` columns."""
     layers, masks = {}, {}
+    group = config.mask_group or outputs_per_tile(encoding, bits, crossbar_cols)
     base_seed = config.lfsr_seed or seed
     mapped = [(n.rstrip("."), m) for n, m in model.named_modules() if isinstance(m, WeightLayer)]
     sparsity = {name: config.sparsity for name, _ in mapped}
@@ -40,7 +43,7 @@ def masked_layers(model, config, bits, encoding, seed):
                         .integers(1, 2 ** width))
         layers[name] = layer
         masks[name] = lfsr_keep_mask_for_kept(
-            rows, cols, kept_per_column(rows, sparsity[name]), lfsr_seed, config.mask_group)
+            rows, cols, kept_per_column(rows, sparsity[name]), lfsr_seed, group)
     # the weight-shaped masks are used every step, so they are laid out once
     weight_masks = {name: np.ascontiguousarray(weight_mask(
         masks[name].mask, layer.params["weight_bits"].shape[1:]))

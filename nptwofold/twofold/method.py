@@ -26,7 +26,7 @@ class Twofold(RegularizerHooks, ActivityMeasurement, PostTraining, LayerReport):
         self.model = model
         # name -> WeightLayer, LfsrKeepMask, and the mask in the weight's shape
         self.layers, self.masks, self.weight_masks = masked_layers(
-            model, config, self.bits, self.encoding, seed)
+            model, config, self.bits, self.encoding, seed, self.hardware.crossbar_cols)
         total = sum(layer.params["weight_bits"][0].size for layer in self.layers.values())
         self.param_share = {name: layer.params["weight_bits"][0].size / total
                             for name, layer in self.layers.items()}
