@@ -37,7 +37,8 @@ def parse_args(argv=None):
     parser.add_argument("--preset", choices=[*PRESETS, "twofold"],
                         help="settings the flags below override (default: quick)")
     parser.add_argument("--threads", type=int, default=2, help="threads of the engine's pool (default: 2)")
-    parser.add_argument("--out", help="output folder (default: runs/<preset>-seed<seed>)")
+    parser.add_argument("--out", help="output folder (default: runs/<preset>-seed<seed>; with "
+                        "--resume CKPT, CKPT's folder)")
     parser.add_argument("--resume", nargs="?", const="last", metavar="CKPT",
                         help="continue OUT/last.h5, or the given checkpoint (default: start a "
                         "new run)")
@@ -252,6 +253,17 @@ def check_resume_flags(args, phases):
                                      "--resume and choose another --out")
 
 
+def output_folder(args):
+    """--out, absolute (so that messages say where the outputs are whatever the working
+    folder); by default the folder of the checkpoint a single run resumes, else
+    runs/<preset>-seed<seed>."""
+    if args.out:
+        return Path(args.out).absolute()
+    if args.resume not in (None, "last") and args.preset != "twofold":
+        return Path(args.resume).absolute().parent
+    return Path(f"runs/{args.preset}-seed{args.seed or 0}").absolute()
+
+
 def main(argv=None):
     configure_threads(threads_flag(argv))
     args = parse_args(argv)
@@ -260,8 +272,7 @@ def main(argv=None):
 
     created = []  # output folders this run made: removed again if it fails before using them
     try:
-        # absolute, so that the messages say where the outputs are whatever the working folder
-        out_dir = Path(args.out or f"runs/{args.preset}-seed{args.seed or 0}").absolute()
+        out_dir = output_folder(args)
         phases = phase_configs(args, out_dir)
         pipeline = len(phases) > 1
         if args.resume and pipeline and not any(

@@ -352,6 +352,14 @@ def test_a_resume_with_other_flags_is_refused_naming_them(finished_run, flags, f
     assert_one_line_error(result, fragment)
 
 
+def test_a_resume_of_a_checkpoint_without_out_writes_beside_it(finished_run, tmp_path):
+    result = subprocess.run([sys.executable, REPO / "scripts/train_cifar.py", "--resume",
+                             finished_run / "last.h5", "--no-progress"], cwd=tmp_path,
+                            capture_output=True, text=True, check=True)
+    assert "finished earlier" in result.stdout and str(finished_run) in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_resume_with_the_saved_flags_goes_on(finished_run):
     result = run(REPO / "scripts/train_cifar.py", "--out", finished_run, "--resume", "--seed",
                  "3", "--lr", "0.1", "--no-progress")
