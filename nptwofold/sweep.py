@@ -1,0 +1,627 @@
+"""Sweeps: a grid of `scripts/train_cifar.py` runs executed as Dask tasks, and the table of
+their results (docs/sweeps.md).
+
+A sweep is axes (a flag and its values; the grid is their product) and shared flags. Each run
+is one task that runs train_cifar.py in its own folder, named from its axis values, with
+`--resume` once the folder holds a checkpoint: a task whose worker is lost is started again by
+Dask on another worker and continues from the run's last epoch, so its final weights are the
+ones an uninterrupted run writes. Collection is a task per finished run too (`cim_eval.py`
+on its final checkpoint, then one row per array variant); the tables and plots are written on
+the client once every row is in.
+
+The folder of a sweep holds its manifest (sweep.json: the grid), a lock held for the sweep's
+life, the run folders and the tables. The Dask cluster is the caller's: `local_cluster`,
+`jobqueue_cluster` or a scheduler address (`connect`).
+"""
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import importlib.util
+import io
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import NptwofoldError
+from .files import check_output_dir, write_csv, write_json
+from .options import flag_name, to_argv
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+MANIFEST = "sweep.json"
+LOCK = "sweep.lock"
+DONE = "done.json"          # written in a run's folder once its trainer exited with 0
+TRAIN_LOG = "train.log"
+CIM_LOG = "cim_eval.log"
+CIM_REPORT = "cim_eval.json"
+CIM_KEY = "cim_eval.key.json"  # what CIM_REPORT was computed from: its flags and the run's DONE
+TABLE = "results"           # results.md, results.csv, results.json
+FORMAT = "nptwofold-sweep"
+INSTALL_HINT = "the sweep runs on Dask: pip install -e '.[cluster]' (dask, distributed, " \
+               "dask-jobqueue)"
+# flags the runner gives each run itself
+RESERVED = {"out": "the run's folder is set by the sweep",
+            "resume": "the sweep resumes runs itself",
+            "threads": "use --run-threads", "no_progress": "runs never draw progress bars"}
+CLUSTERS = ("slurm", "pbs", "sge", "lsf")
+ENDED = ("finished", "error", "cancelled")  # a Future's status once Dask gave up or succeeded
+FOLDER_CHARACTERS = re.compile(r"[^A-Za-z0-9.+-]+")
+
+# Runs a script with a thread that ends it once its parent (the Dask worker) is gone, so a
+# killed worker never leaves a trainer running; unlike prctl(PR_SET_PDEATHSIG) it is portable
+# and needs no preexec_fn, which is unsafe in a multi-threaded worker. argv: PID SCRIPT ARGS.
+ORPHAN_GUARD = """\
+import os, runpy, sys, threading, time
+parent = int(sys.argv[1])
+def watch():
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(137)
+threading.Thread(target=watch, daemon=True).start()
+sys.argv = sys.argv[2:]
+sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def parse_value(text):
+    """A value given on the command line: an int, a finite float, true/false, else the text."""
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            value = kind(text)
+            if math.isfinite(value):
+                return value
+    return {"true": True, "false": False}.get(text, text)
+
+
+def _flag_key(name, where):
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
+        raise NptwofoldError(f"{where}: {name!r} is not a flag name (e.g. sparsity, lambda-net)")
+    key = name.replace("-", "_")
+    if key in RESERVED:
+        raise NptwofoldError(f"{where}: {flag_name(key)} cannot be set ({RESERVED[key]})")
+    return key
+
+
+def _checked_value(value, where):
+    scalars = (bool, int, float, str)
+    if isinstance(value, list) and all(isinstance(item, scalars) for item in value):
+        return value
+    if not isinstance(value, scalars) or (isinstance(value, float) and not math.isfinite(value)):
+        raise NptwofoldError(f"{where} must be a number, a string, true/false or a list of "
+                             f"them (got {value!r})")
+    return value
+
+
+def _checked_flags(flags, where):
+    if not isinstance(flags, dict):
+        raise NptwofoldError(f"{where} must be a table of flag = value (got {flags!r})")
+    return {_flag_key(name, where): _checked_value(value, f"{where}: {name}")
+            for name, value in flags.items()}
+
+
+def _value_text(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "+".join(map(_value_text, value))
+    return FOLDER_CHARACTERS.sub("~", str(value)).strip(".") or "~"
+
+
+@dataclasses.dataclass
+class Sweep:
+    """The grid: `axes` {flag: [values]} (product, first axis outermost), `flags` given to every
+    run, `cim_eval` flags of the collection. Flag names use underscores."""
+    axes: dict
+    flags: dict = dataclasses.field(default_factory=dict)
+    cim_eval: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.axes, dict) or not self.axes:
+            raise NptwofoldError("a sweep needs at least one axis (e.g. sparsity = [0, 0.5])")
+        axes = {}
+        for name, values in self.axes.items():
+            key = _flag_key(name, "axes")
+            if not isinstance(values, list) or not values:
+                raise NptwofoldError(f"axis {name} must be a non-empty list of values "
+                                     f"(got {values!r})")
+            for index, value in enumerate(values):
+                _checked_value(value, f"axis {name}")
+                if value in values[:index]:  # 0.5 and 0.50, or 0 and 0.0, are one run
+                    raise NptwofoldError(f"axis {name} lists {value!r} twice")
+            axes[key] = values
+        self.axes = axes
+        self.flags = _checked_flags(self.flags, "flags")
+        both = set(self.axes) & set(self.flags)
+        if both:
+            raise NptwofoldError("both an axis and a shared flag: "
+                                 + ", ".join(map(flag_name, sorted(both))))
+        self.cim_eval = {_flag_key(name, "cim_eval"): _checked_value(value, f"cim_eval: {name}")
+                         for name, value in _checked_flags(self.cim_eval, "cim_eval").items()}
+
+    def runs(self):
+        """{folder name: (axis values {flag: value}, train_cifar flags)}, in grid order; two
+        runs that would share a folder are refused."""
+        runs = {}
+        for values in itertools.product(*self.axes.values()):
+            point = dict(zip(self.axes, values))
+            name = "_".join(f"{flag_name(key)[2:]}-{_value_text(value)}"
+                            for key, value in point.items())
+            if name in runs:
+                raise NptwofoldError(f"runs {runs[name][0]} and {point} would share the folder "
+                                     f"{name}")
+            runs[name] = (point, to_argv({**self.flags, **point}))
+        return runs
+
+    def grid(self):
+        """What makes two sweeps the same sweep (the manifest compares it)."""
+        return json.loads(json.dumps(dict(axes=self.axes, flags=self.flags)))
+
+
+def load_sweep_file(path):
+    """A Sweep from a TOML (Python >= 3.11) or JSON file with tables `axes`, `flags` and
+    `cim_eval`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise NptwofoldError(f"cannot read sweep file {path}: {exc.strerror or exc}") from None
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:
+            raise NptwofoldError(f"{path}: TOML sweep files need Python >= 3.11; write it as "
+                                 "JSON (same tables)") from None
+        try:
+            content = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise NptwofoldError(f"{path} is not valid TOML: {exc}") from None
+    elif path.suffix == ".json":
+        try:
+            content = json.loads(text)
+        except ValueError as exc:
+            raise NptwofoldError(f"{path} is not valid JSON: {exc}") from None
+    else:
+        raise NptwofoldError(f"sweep file {path} must end in .toml or .json")
+    if not isinstance(content, dict):
+        raise NptwofoldError(f"{path} must hold tables axes, flags and cim_eval")
+    unknown = set(content) - {"axes", "flags", "cim_eval"}
+    if unknown:
+        raise NptwofoldError(f"{path}: unknown table(s) {', '.join(sorted(unknown))} (known: "
+                             "axes, flags, cim_eval)")
+    try:
+        return Sweep(content.get("axes"), content.get("flags", {}), content.get("cim_eval", {}))
+    except NptwofoldError as exc:
+        raise NptwofoldError(f"{path}: {exc}") from None
+
+
+def check_run_flags(sweep):
+    """Parses every run's flags with train_cifar.py's own parser, so that a typo ends the
+    sweep before anything is queued rather than each run on its worker."""
+    spec = importlib.util.spec_from_file_location("train_cifar", SCRIPTS / "train_cifar.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for name, (_, argv) in sweep.runs().items():
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors):
+                script.parse_args([*argv, "--out", name])
+        except SystemExit:
+            message = errors.getvalue().strip().removeprefix("error: ")
+            raise NptwofoldError(f"run {name}: train_cifar.py refuses its flags: "
+                                 f"{message.removesuffix(' (see --help)')}") from None
+
+
+# --- the tasks (run on the workers; everything they read and write is in the run's folder) ---
+
+def _last_line(path):
+    with contextlib.suppress(OSError):
+        lines = [line for line in Path(path).read_text(errors="replace").splitlines()
+                 if line.strip() and not line.startswith("# ")]
+        if lines:
+            return lines[-1].strip()
+    return "(no output)"
+
+
+def _run_script(script, argv, log_path, workdir):
+    """Runs scripts/SCRIPT with `argv` under the orphan guard, its output appended to
+    `log_path`; raises NptwofoldError with the log's last line if it fails."""
+    command = [sys.executable, "-c", ORPHAN_GUARD, str(os.getpid()), str(SCRIPTS / script),
+               *argv]
+    with open(log_path, "a") as log:
+        log.write(f"# {datetime.datetime.now().isoformat(timespec='seconds')} on "
+                  f"{socket.gethostname()}: {script} {shlex.join(argv)}\n")
+        log.flush()
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+                              stdin=subprocess.DEVNULL).returncode
+    if code:
+        raise NptwofoldError(f"{script} exited with {code}: {_last_line(log_path)}")
+
+
+def train_run(run_dir, argv, workdir, run_threads):
+    """Trains (or continues, or skips when finished) one run; returns the seconds it trained
+    (0 when skipped)."""
+    run_dir = Path(run_dir)
+    if (run_dir / DONE).exists():
+        return 0.0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    resume = (run_dir / "last.h5").exists() or any(run_dir.glob("*/last.h5"))
+    _run_script("train_cifar.py", [*argv, "--threads", str(run_threads), "--no-progress",
+                                   *(["--resume"] if resume else []), "--out", str(run_dir)],
+                run_dir / TRAIN_LOG, workdir)
+    seconds = time.time() - started
+    write_json(run_dir / DONE, dict(argv=argv, finished=datetime.datetime.now().isoformat(),
+                                    host=socket.gethostname(), last_seconds=seconds))
+    return seconds
+
+
+def final_folder(run_dir):
+    """The folder of a run's last phase: the run itself, or the twofold preset's last phase."""
+    from .config import TWOFOLD_PHASES
+
+    run_dir = Path(run_dir)
+    for folder in [run_dir] + [run_dir / name for name, _, _ in reversed(TWOFOLD_PHASES)]:
+        if (folder / "summary.json").exists():
+            return folder
+    raise NptwofoldError(f"{run_dir} holds no summary.json")
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise NptwofoldError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
+                             ) from None
+
+
+def evaluate_run(run_dir, point, cim_argv, workdir, run_threads):
+    """The rows of one finished run: one per array variant that `cim_eval.py` ran, with the
+    run's axis values, accuracies and bit statistics. The CIM report is kept in the run's
+    folder and reused while the run and the flags are unchanged."""
+    run_dir = Path(run_dir)
+    final = final_folder(run_dir)
+    key = dict(cim_eval=cim_argv, trained=_read_json(run_dir / DONE))
+    if not ((run_dir / CIM_REPORT).exists() and (run_dir / CIM_KEY).exists()
+            and _read_json(run_dir / CIM_KEY) == key):
+        _run_script("cim_eval.py", [str(final / "last.h5"), *cim_argv, "--threads",
+                                    str(run_threads), "--no-progress", "--json",
+                                    str(run_dir / CIM_REPORT)], run_dir / CIM_LOG, workdir)
+        write_json(run_dir / CIM_KEY, key)
+    return run_rows(run_dir, point, final, _read_json(run_dir / CIM_REPORT))
+
+
+def run_rows(run_dir, point, final, cim_report):
+    """Rows of a run from its files: summary.json, twofold_report.json (if twofold) and the
+    `cim_eval.py --json` report."""
+    summary = _read_json(final / "summary.json")
+    row = dict(run=Path(run_dir).name, **point, test_acc=summary["final_test_acc"])
+    post = summary.get("post_training")
+    if post:
+        row.update(acc_before_post=post["accuracy_before"],
+                   acc_after_prune=post["accuracy_after_prune"])
+    if (final / "twofold_report.json").exists():
+        total = _read_json(final / "twofold_report.json")[-1]["layers"][-1]
+        row.update(network_sparsity=total["network_sparsity"],
+                   zero_bit_share=total["zero_bit_share"], cells_00_share=total["cells_00"])
+    rows = []
+    for variant in cim_report["runs"]:
+        energy = variant["total"]
+        rows.append(dict(
+            row, encoding=variant["encoding"],
+            adc=f"{variant['adc_bits']}-bit {variant['adc_range']}" if variant["adc_bits"]
+            else "ideal",
+            cim_acc=variant["accuracy"], energy_nj=energy["total_pj"] / 1e3,
+            cells_nj=energy["cells_pj"] / 1e3, adc_nj=energy["adc_pj"] / 1e3,
+            lfsr_nj=energy["lfsr_pj"] / 1e3, baseline_nj=energy["baseline_total_pj"] / 1e3,
+            energy_ratio=energy["baseline_ratio"], cim_images=cim_report["n_images"]))
+    return rows
+
+
+# --- the sweep folder ---
+
+@contextlib.contextmanager
+def sweep_lock(out):
+    """Holds OUT/sweep.lock (flock) for the sweep's life: a second sweep on the folder stops
+    with one line naming the holder."""
+    path = Path(out) / LOCK
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            raise NptwofoldError(f"{out} is in use by another sweep ({handle.read().strip()}); "
+                                 "wait for it to end or choose another --out") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def open_sweep_folder(out, sweep):
+    """Checks OUT against its manifest and writes the manifest of a new sweep; returns the
+    sweep (the manifest's when `sweep` is None, for --collect-only)."""
+    manifest = Path(out) / MANIFEST
+    if manifest.exists():
+        saved = _read_json(manifest)
+        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+            raise NptwofoldError(f"{manifest} is not a sweep manifest (format {FORMAT})")
+        if sweep is None:
+            return Sweep(saved["axes"], saved["flags"], saved.get("cim_eval", {}))
+        stored = dict(axes=saved["axes"], flags=saved["flags"])
+        if stored != sweep.grid():
+            differ = [flag_name(name) for part in ("axes", "flags")
+                      for name in sorted(set(stored[part]) | set(sweep.grid()[part]))
+                      if stored[part].get(name) != sweep.grid()[part].get(name)]
+            raise NptwofoldError(f"{out} holds a different sweep ({', '.join(differ)} differ); "
+                                 "choose another --out")
+    else:
+        if sweep is None:
+            raise NptwofoldError(f"{out} holds no sweep ({MANIFEST}): give the sweep file or "
+                                 "--axis flags")
+        foreign = sorted(entry.name for entry in Path(out).iterdir() if entry.name != LOCK)
+        if foreign:
+            raise NptwofoldError(f"{out} holds files but no {MANIFEST} ({foreign[0]}, ...): "
+                                 "not a sweep folder; choose a new or empty --out")
+    write_json(manifest, dict(format=FORMAT, version=1, **sweep.grid(), cim_eval=sweep.cim_eval,
+                              runs=list(sweep.runs())))
+    return sweep
+
+
+# --- clusters ---
+
+def _dask():
+    try:
+        import distributed
+    except ImportError:
+        raise NptwofoldError(INSTALL_HINT) from None
+    return distributed
+
+
+def usable_cores():
+    with contextlib.suppress(AttributeError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def local_cluster(workers=None, run_threads=1, dashboard_address=":8787", lost_workers=10):
+    """A LocalCluster of one-thread worker processes, one per `run_threads` cores."""
+    distributed = _dask()
+    import dask
+
+    dask.config.set({"distributed.scheduler.allowed-failures": lost_workers})
+    return distributed.LocalCluster(
+        n_workers=workers or max(1, usable_cores() // run_threads), threads_per_worker=1,
+        processes=True, memory_limit=0, dashboard_address=dashboard_address)
+
+
+def jobqueue_cluster(kind, run_threads=1, queue=None, account=None, walltime=None,
+                     memory=None, job_extra=(), prologue=(), lost_workers=10, **kwargs):
+    """A dask-jobqueue cluster whose jobs are one worker process each: `run_threads` cores
+    reserved, one task thread (a run at a time). Options not given come from the jobqueue
+    configuration (~/.config/dask/jobqueue.yaml)."""
+    _dask()
+    import dask
+
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise NptwofoldError(INSTALL_HINT) from None
+    if kind not in CLUSTERS:
+        raise NptwofoldError(f"--cluster must be one of {', '.join(CLUSTERS)} (got {kind!r})")
+    dask.config.set({"distributed.scheduler.allowed-failures": lost_workers})
+    cls = getattr(dask_jobqueue, f"{kind.upper()}Cluster")
+    given = dict(queue=queue, account=account, walltime=walltime, memory=memory)
+    config = dask.config.get(f"jobqueue.{kind}", {})
+    options = {name: value for name, value in given.items() if value is not None}
+    options.setdefault("memory", config.get("memory") or "4GB")
+    # the job reserves the run's cores; `--nthreads 1` (the last one given wins) keeps the
+    # worker to one run at a time
+    extra_args = [*(config.get("worker-extra-args") or []), "--nthreads", "1"]
+    try:
+        return cls(cores=run_threads, processes=1, worker_extra_args=extra_args,
+                   job_extra_directives=[*(config.get("job-extra-directives") or []),
+                                         *job_extra],
+                   job_script_prologue=[*(config.get("job-script-prologue") or []), *prologue],
+                   **options, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise NptwofoldError(f"--cluster {kind}: {exc}") from None
+
+
+def connect(address):
+    distributed = _dask()
+    try:
+        return distributed.Client(address, timeout="30s")
+    except (OSError, TimeoutError) as exc:
+        raise NptwofoldError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+
+
+# --- the client side ---
+
+def _duration(seconds):
+    seconds = int(seconds)
+    return (f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600
+            else f"{seconds // 60}m{seconds % 60:02d}s")
+
+
+class Progress:
+    """Counts of the runs and, after the first trained run, an ETA; printed when they change
+    and at least every `every` seconds."""
+
+    def __init__(self, total, print_line, every):
+        self.total, self.print_line, self.every = total, print_line, every
+        self.durations, self.last, self.last_time = [], None, 0.0
+
+    def update(self, done, running, failed, slots):
+        waiting = self.total - done - failed
+        eta = ""
+        if self.durations and waiting:
+            eta = (", ETA " + _duration(sum(self.durations) / len(self.durations)
+                                        * math.ceil(waiting / max(slots, 1))))
+        line = (f"runs: {done}/{self.total} done, {running} running, {failed} failed, "
+                f"{waiting - running} waiting{eta}")
+        if line != self.last or time.time() - self.last_time >= self.every:
+            self.print_line(line)
+            self.last, self.last_time = line, time.time()
+
+
+def _failure(future, run_dir):
+    """One line on a failed task: its error, or the worker losses and the log's last line."""
+    if future.status == "cancelled":
+        return f"cancelled by the scheduler; last log line: {_last_line(run_dir / TRAIN_LOG)}"
+    error = future.exception()
+    if isinstance(error, NptwofoldError):
+        return str(error)
+    return f"{type(error).__name__}: {error}; last log line: {_last_line(run_dir / TRAIN_LOG)}"
+
+
+def run_sweep(client, sweep, out, collect_only=False, retries=2, run_threads=1,
+              progress_every=60, print_line=print):
+    """Trains the runs not finished yet, then collects every finished one; writes the tables
+    and plots. Returns (rows, {run: failure line})."""
+    distributed = _dask()
+    out = Path(out).resolve()
+    check_output_dir(out)
+    with sweep_lock(out):
+        sweep = open_sweep_folder(out, sweep)
+        runs = sweep.runs()
+        if not collect_only:
+            check_run_flags(sweep)
+        workdir = os.getcwd()
+        cim_argv = to_argv(sweep.cim_eval)
+        if client.dashboard_link:
+            print_line(f"dashboard: {client.dashboard_link}")
+        failures, rows, training, collecting = {}, {}, {}, {}
+
+        def collect(name):
+            point = runs[name][0]
+            collecting[client.submit(evaluate_run, str(out / name), point, cim_argv, workdir,
+                                     run_threads, key=f"collect-{name}-{time.time_ns()}",
+                                     retries=retries, pure=False)] = name
+
+        if collect_only:
+            for name in runs:
+                if (out / name / DONE).exists():
+                    collect(name)
+                else:
+                    print_line(f"{name}: not finished, left out of the table")
+        else:
+            for name, (_, argv) in runs.items():
+                training[client.submit(train_run, str(out / name), argv, workdir, run_threads,
+                                       key=f"train-{name}-{time.time_ns()}", retries=retries,
+                                       pure=False)] = name
+        progress = Progress(len(training), print_line, progress_every)
+        done = 0
+        while training or collecting:
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):  # distinct before 3.11
+                distributed.wait([*training, *collecting], timeout=1,
+                                 return_when="FIRST_COMPLETED")
+            for future in [f for f in training if f.status in ENDED]:
+                name = training.pop(future)
+                if future.status == "finished":
+                    done += 1
+                    seconds = future.result()
+                    if seconds:
+                        progress.durations.append(seconds)
+                    collect(name)
+                else:
+                    failures[name] = _failure(future, out / name)
+                    print_line(f"failed {name}: {failures[name]} (log: "
+                               f"{out / name / TRAIN_LOG})")
+            for future in [f for f in collecting if f.status in ENDED]:
+                name = collecting.pop(future)
+                if future.status == "finished":
+                    rows[name] = future.result()
+                    print_line(f"collected {name}")
+                else:
+                    failures[name] = _failure(future, out / name)
+                    print_line(f"collection of {name} failed: {failures[name]} (log: "
+                               f"{out / name / CIM_LOG})")
+            if progress.total:
+                processing = {key for keys in client.processing().values() for key in keys}
+                running = sum(future.key in processing for future in training)
+                progress.update(done, running, len(failures),
+                                sum(client.nthreads().values()))
+        ordered = [row for name in runs if name in rows for row in rows[name]]
+        if ordered:
+            write_tables(out, ordered, sweep)
+            print_line(f"table: {out / TABLE}.md (.csv, .json)")
+            plots = draw_plots(out, ordered, sweep)
+            if plots is None:
+                print_line("matplotlib is not installed: plots skipped (pip install "
+                           "matplotlib)")
+            elif plots:
+                print_line(f"plots: {', '.join(plots)}")
+        elif not failures:
+            raise NptwofoldError(f"no finished runs in {out}")
+        return ordered, failures
+
+
+def _cell(value):
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_tables(out, rows, sweep):
+    from .files import atomic_write
+
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(column, "")) for column in columns) + " |"
+              for row in rows]
+    text = "\n".join(lines) + "\n"
+    atomic_write(out / f"{TABLE}.md", lambda tmp: Path(tmp).write_text(text))
+    write_csv(out / f"{TABLE}.csv", rows)
+    write_json(out / f"{TABLE}.json", dict(**sweep.grid(), cim_eval=sweep.cim_eval, rows=rows))
+
+
+def draw_plots(out, rows, sweep):
+    """Accuracy and energy against the first numeric axis, one line per value of the other
+    axes and array variant, and accuracy against energy; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from .files import atomic_write
+
+    numeric = [axis for axis, values in sweep.axes.items() if all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)]
+    others = [axis for axis in sweep.axes if axis not in numeric[:1]] + ["encoding", "adc"]
+    series = {}
+    for row in rows:
+        label = ", ".join(f"{row[key]}" for key in others if key in row)
+        series.setdefault(label, []).append(row)
+    written = []
+    plots = [("accuracy_vs_energy.png", "energy_nj", "energy per image (nJ)")]
+    if numeric:
+        plots += [(f"accuracy_vs_{numeric[0]}.png", numeric[0], numeric[0]),
+                  (f"energy_vs_{numeric[0]}.png", numeric[0], numeric[0])]
+    for file, x_key, x_label in plots:
+        y_key = "energy_nj" if file.startswith("energy") else "test_acc"
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for label, points in series.items():
+            points = sorted(points, key=lambda row: row[x_key])
+            axis.plot([row[x_key] for row in points], [row[y_key] for row in points],
+                      "o-" if x_key != "energy_nj" else "o", label=label)
+        axis.set(xlabel=x_label, ylabel="energy per image (nJ)" if y_key == "energy_nj"
+                 else "test accuracy")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        atomic_write(out / file, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+        plt.close(figure)
+        written.append(file)
+    return written
