@@ -423,7 +423,9 @@ def jobqueue_cluster(kind, run_threads=1, queue=None, account=None, walltime=Non
         raise NptwofoldError(f"--cluster must be one of {', '.join(CLUSTERS)} (got {kind!r})")
     dask.config.set({"distributed.scheduler.allowed-failures": lost_workers})
     cls = getattr(dask_jobqueue, f"{kind.upper()}Cluster")
-    given = dict(queue=queue, account=account, walltime=walltime, memory=memory)
+    # SGE and LSF call the account a project
+    given = {"queue": queue, "project" if kind in ("sge", "lsf") else "account": account,
+             "walltime": walltime, "memory": memory}
     config = dask.config.get(f"jobqueue.{kind}", {})
     options = {name: value for name, value in given.items() if value is not None}
     options.setdefault("memory", config.get("memory") or "4GB")
@@ -487,10 +489,12 @@ def _failure(future, run_dir):
     return f"{type(error).__name__}: {error}; last log line: {_last_line(run_dir / TRAIN_LOG)}"
 
 
-def run_sweep(client, sweep, out, collect_only=False, retries=2, run_threads=1,
+def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_threads=1,
               progress_every=60, print_line=print):
     """Trains the runs not finished yet, then collects every finished one; writes the tables
-    and plots. Returns (rows, {run: failure line})."""
+    and plots. `sweep` None takes the sweep recorded in `out` (for collect_only);
+    open_client(number of runs) gives the Dask client, called once the folder and the flags
+    passed their checks. Returns (rows, {run: failure line})."""
     distributed = _dask()
     out = Path(out).resolve()
     check_output_dir(out)
@@ -499,6 +503,7 @@ def run_sweep(client, sweep, out, collect_only=False, retries=2, run_threads=1,
         runs = sweep.runs()
         if not collect_only:
             check_run_flags(sweep)
+        client = open_client(len(runs))
         workdir = os.getcwd()
         cim_argv = to_argv(sweep.cim_eval)
         if client.dashboard_link:

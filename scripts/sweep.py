@@ -70,7 +70,8 @@ def parse_args(argv):
     where.add_argument("--cluster", choices=CLUSTERS,
                        help="start workers as batch jobs through dask-jobqueue (default: none)")
     where.add_argument("--queue", help="--cluster: queue or partition (default: jobqueue config)")
-    where.add_argument("--account", help="--cluster: account (default: jobqueue config)")
+    where.add_argument("--account", help="--cluster: account (project on SGE and LSF) (default: "
+                       "jobqueue config)")
     where.add_argument("--walltime", help="--cluster: time limit of a worker job, e.g. "
                        "04:00:00; a run outlasting it resumes in the next job (default: "
                        "jobqueue config)")
@@ -122,22 +123,29 @@ def the_sweep(args):
     return Sweep(axes, flags, cim_eval)
 
 
-def open_client(args, n_runs):
-    """(Dask client, the cluster it drives or None) for the way the runs should go."""
+def client_opener(args, opened):
+    """open_client(number of runs) for run_sweep: a Dask client for the way the runs should
+    go; what it opens is appended to `opened`, for closing."""
     from nptwofold import sweep as runner
 
-    if args.scheduler:
-        return runner.connect(args.scheduler), None
-    if args.cluster:
-        cluster = runner.jobqueue_cluster(
-            args.cluster, run_threads=args.run_threads, queue=args.queue, account=args.account,
-            walltime=args.walltime, memory=args.job_memory, job_extra=args.job_extra,
-            prologue=args.job_prologue, lost_workers=args.lost_workers)
-        cluster.adapt(minimum=0, maximum=args.workers or n_runs)
-    else:
-        cluster = runner.local_cluster(args.workers, args.run_threads, args.dashboard,
-                                       args.lost_workers)
-    return runner.connect(cluster), cluster
+    def open_client(n_runs):
+        if args.scheduler:
+            opened.append(runner.connect(args.scheduler))
+            return opened[-1]
+        if args.cluster:
+            cluster = runner.jobqueue_cluster(
+                args.cluster, run_threads=args.run_threads, queue=args.queue,
+                account=args.account, walltime=args.walltime, memory=args.job_memory,
+                job_extra=args.job_extra, prologue=args.job_prologue,
+                lost_workers=args.lost_workers)
+            opened.append(cluster)
+            cluster.adapt(minimum=0, maximum=args.workers or n_runs)
+        else:
+            opened.append(runner.local_cluster(args.workers, args.run_threads, args.dashboard,
+                                               args.lost_workers))
+        opened.append(runner.connect(opened[-1]))
+        return opened[-1]
+    return open_client
 
 
 def main(argv=None):
@@ -146,25 +154,23 @@ def main(argv=None):
     from nptwofold.errors import NptwofoldError
     from nptwofold.sweep import run_sweep
 
-    client = cluster = None
+    opened = []
     try:
         sweep = the_sweep(args)
         if sweep is None and not args.collect_only:
             raise NptwofoldError("give a sweep file or --axis flags (or --collect-only to "
                                  "redo the tables of --out)")
-        client, cluster = open_client(args, len(sweep.runs()) if sweep else 1)
-        _, failures = run_sweep(client, sweep, args.out, collect_only=args.collect_only,
-                                retries=args.retries, run_threads=args.run_threads,
-                                progress_every=args.progress_every,
+        _, failures = run_sweep(sweep, args.out, client_opener(args, opened),
+                                collect_only=args.collect_only, retries=args.retries,
+                                run_threads=args.run_threads, progress_every=args.progress_every,
                                 print_line=lambda line: print(line, flush=True))
     except NptwofoldError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:
         sys.exit(130)
     finally:
-        for resource in (client, cluster):
-            if resource is not None:
-                resource.close()
+        for resource in reversed(opened):  # the client before its cluster
+            resource.close()
     if failures:
         sys.exit(f"error: {len(failures)} run(s) failed: {', '.join(failures)}")
 

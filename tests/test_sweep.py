@@ -1,0 +1,291 @@
+"""Sweeps (nptwofold.sweep, scripts/sweep.py): the grid and its folders, the sweep folder's
+manifest and lock, the orphan guard, a failing run, and on Dask a grid that survives a killed
+worker with the same weights, and the job script of a batch queue."""
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from helpers import REPO, assert_one_line_error, run
+from nptwofold.errors import NptwofoldError
+from nptwofold.sweep import (CLUSTERS, DONE, MANIFEST, ORPHAN_GUARD, TRAIN_LOG, Sweep,
+                             check_run_flags, load_sweep_file, open_sweep_folder, parse_value,
+                             run_sweep, sweep_lock, train_run)
+
+TINY = dict(preset="quick", epochs=2, warmup_epochs=0)  # about 10 s of training per run
+
+
+def test_run_folders_are_named_from_the_axes_and_flags_pass_through():
+    sweep = Sweep(dict(sparsity=[0.5, 0.501], lambda_net=[0, 1e-4], nesterov=[True, False]),
+                  dict(preset="twofold", milestones=[3, 5], method="energy"))
+    runs = sweep.runs()
+    assert len(runs) == 8 and len(set(runs)) == 8
+    point, argv = runs["sparsity-0.501_lambda-net-0.0001_nesterov-false"]
+    assert point == dict(sparsity=0.501, lambda_net=1e-4, nesterov=False)
+    assert argv == ["--preset", "twofold", "--milestones", "3", "5", "--method", "energy",
+                    "--sparsity", "0.501", "--lambda-net", "0.0001", "--no-nesterov"]
+    assert list(runs)[0] == "sparsity-0.5_lambda-net-0_nesterov-true"  # first axis outermost
+
+
+@pytest.mark.parametrize("axes,flags,fragment", [
+    (dict(sparsity=[0.5, 0.5]), {}, "axis sparsity lists 0.5 twice"),
+    (dict(sparsity=[0, 0.0]), {}, "axis sparsity lists 0.0 twice"),
+    (dict(sparsity=[parse_value("0.5"), parse_value("0.50")]), {}, "lists 0.5 twice"),
+    (dict(init=["a/b.h5", "a~b.h5"]), {}, "would share the folder init-a~b.h5"),
+    (dict(sparsity=[0.5]), dict(sparsity=0.7), "both an axis and a shared flag: --sparsity"),
+    (dict(seed=[]), {}, "axis seed must be a non-empty list"),
+    ({}, {}, "at least one axis"),
+    (dict(seed=[0]), dict(out="x"), "--out cannot be set"),
+    (dict(threads=[1, 2]), {}, "--threads cannot be set (use --run-threads)"),
+    (dict(seed=[0]), dict(lr=float("nan")), "must be a number"),
+    (dict(seed=[0]), {"lr rate": 1}, "is not a flag name"),
+])
+def test_bad_grids_are_refused(axes, flags, fragment):
+    with pytest.raises(NptwofoldError) as error:
+        Sweep(axes, flags).runs()
+    assert fragment in str(error.value)
+
+
+def test_the_results_grid_file_and_its_json_twin(tmp_path):
+    pytest.importorskip("tomllib")
+    sweep = load_sweep_file(REPO / "sweeps/results.toml")
+    runs = sweep.runs()
+    assert len(runs) == 12
+    point, argv = runs["sparsity-0.7_method-prune-only"]
+    assert point == dict(sparsity=0.7, method="prune-only")
+    assert argv[:2] == ["--preset", "twofold"] and "--init" in argv
+    assert argv[-4:] == ["--sparsity", "0.7", "--method", "prune-only"]
+    twin = tmp_path / "results.json"
+    twin.write_text(json.dumps(dict(axes=sweep.axes, flags=sweep.flags, cim_eval=sweep.cim_eval)))
+    assert load_sweep_file(twin).runs() == runs
+    (tmp_path / "bad.json").write_text(json.dumps(dict(axes=dict(seed=[0]), flag={})))
+    with pytest.raises(NptwofoldError, match="unknown table"):
+        load_sweep_file(tmp_path / "bad.json")
+
+
+def test_run_flags_are_checked_by_the_trainers_parser():
+    check_run_flags(Sweep(dict(seed=[0, 1]), TINY))
+    with pytest.raises(NptwofoldError, match="run seed-0: train_cifar.py refuses its flags: "
+                       "unrecognized arguments: --epochz 3"):
+        check_run_flags(Sweep(dict(seed=[0]), dict(epochz=3)))
+
+
+def test_a_sweep_folder_refuses_another_sweep_and_a_second_holder(tmp_path):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    first = Sweep(dict(sparsity=[0.5, 0.7]), dict(bits=8))
+    assert open_sweep_folder(out, first) is first
+    assert open_sweep_folder(out, Sweep(dict(sparsity=[0.5, 0.7]), dict(bits=8))).axes
+    with pytest.raises(NptwofoldError, match="holds a different sweep .--bits, --mask-group "
+                       "differ.; choose another --out"):
+        open_sweep_folder(out, Sweep(dict(sparsity=[0.5, 0.7]), dict(bits=4, mask_group=4)))
+    assert open_sweep_folder(out, None).grid() == first.grid()  # --collect-only
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(NptwofoldError, match="holds files but no sweep.json"):
+        open_sweep_folder(tmp_path / "other", first)
+    with sweep_lock(out):
+        with pytest.raises(NptwofoldError, match=f"in use by another sweep .pid {os.getpid()}"):
+            with sweep_lock(out):
+                pass
+    with sweep_lock(out):  # released
+        pass
+
+
+def test_the_cli_refuses_a_different_sweep_in_one_line(tmp_path):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    open_sweep_folder(out, Sweep(dict(seed=[0, 1]), TINY))
+    pytest.importorskip("distributed")  # without it the message is the install hint
+    result = run(REPO / "scripts/sweep.py", "--out", out, "--axis", "seed", "0", "2",
+                 "--flag", "preset", "quick",
+                 check=False)
+    assert_one_line_error(result, "holds a different sweep (--seed, --epochs, "
+                          "--warmup-epochs differ)")
+    assert_one_line_error(run(REPO / "scripts/sweep.py", "--out", tmp_path / "new", check=False),
+                          "give a sweep file or --axis flags")
+
+
+def test_the_orphan_guard_ends_the_child_when_its_parent_is_killed(tmp_path):
+    """A parent (standing in for a Dask worker) starts a child under the guard and is killed
+    with SIGKILL: the child must not outlive it."""
+    child_script = tmp_path / "child.py"
+    child_script.write_text("import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(120)\n")
+    parent_code = ("import os, subprocess, sys\n"
+                   f"subprocess.run([sys.executable, '-c', {ORPHAN_GUARD!r}, str(os.getpid()), "
+                   f"{str(child_script)!r}])\n")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE,
+                              text=True)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and _alive(child):
+        time.sleep(0.1)
+    assert not _alive(child)
+
+
+def _alive(pid):
+    """False once `pid` has exited (a zombie no one reaped counts as exited)."""
+    if not os.path.isdir("/proc"):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_failing_run_raises_its_last_log_line(tmp_path):
+    with pytest.raises(NptwofoldError, match="train_cifar.py exited with 1: error: .*"
+                       "/nonexistent/cifar.tar.gz"):
+        train_run(tmp_path / "run", ["--data", "/nonexistent/cifar.tar.gz"], str(REPO), 1)
+    assert not (tmp_path / "run" / DONE).exists()
+    assert (tmp_path / "run" / TRAIN_LOG).read_text().startswith("# ")
+
+
+def test_the_cli_reports_a_run_failed_after_its_retries(tmp_path):
+    pytest.importorskip("distributed")
+    result = run(REPO / "scripts/sweep.py", "--out", tmp_path / "sweep", "--axis", "seed", "0",
+                 "--flag", "data", "/nonexistent/cifar.tar.gz", "--workers", "1",
+                 "--retries", "1", "--dashboard", ":0", check=False)
+    assert result.returncode == 1
+    assert "error: 1 run(s) failed: seed-0" in result.stderr
+    assert "failed seed-0: train_cifar.py exited with 1: error: " in result.stdout
+    log = (tmp_path / "sweep" / "seed-0" / TRAIN_LOG).read_text()
+    assert log.count("# ") == 2  # tried twice: once and one retry
+
+
+# --- on Dask ---
+
+def final_arrays(path):
+    """Every dataset of a checkpoint (model, optimizer, twofold), by name."""
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, item: arrays.__setitem__(name, item[()])
+                     if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    distributed = pytest.importorskip("distributed")
+    from nptwofold.sweep import local_cluster
+
+    cluster = local_cluster(workers=2, dashboard_address=None)
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+def kill_a_worker_mid_run(client, out, killed):
+    """Waits until a run has written its first epoch, then SIGKILLs the worker running it
+    (the nanny starts a new one); records the run and the trainer process it ran."""
+    import psutil
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        for run_dir in sorted(out.glob("*/last.h5")):
+            name = run_dir.parent.name
+            if (out / name / DONE).exists():
+                continue
+            for address, keys in client.processing().items():
+                if any(key.startswith(f"train-{name}-") for key in keys):
+                    pid = client.run(os.getpid, workers=[address])[address]
+                    killed.update(run=name, trainers=[
+                        child.pid for child in psutil.Process(pid).children(recursive=True)])
+                    os.kill(pid, signal.SIGKILL)
+                    return
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_grid_survives_a_killed_worker_with_the_same_weights(dask_client, tmp_path):
+    """2 x 2 quick runs on 2 worker processes; one worker is killed during a run's second
+    epoch. The run continues from its first epoch on a new worker, the trainer of the killed
+    worker does not live on, and every final checkpoint equals the one of the same grid run
+    without the kill. Then the collection writes one row per run."""
+    sweep = Sweep(dict(seed=[0, 1], lr=[0.1, 0.05]), TINY,
+                  dict(images=20, calib_images=16))
+    killed, lines = {}, []
+    killer = threading.Thread(target=kill_a_worker_mid_run,
+                              args=(dask_client, tmp_path / "killed", killed))
+    killer.start()
+    rows, failures = run_sweep(sweep, tmp_path / "killed", lambda n_runs: dask_client,
+                               progress_every=5, print_line=lines.append)
+    killer.join()
+    assert killed and not failures, (killed, failures, lines)
+    assert not any(_alive(pid) for pid in killed["trainers"])
+    log = (tmp_path / "killed" / killed["run"] / TRAIN_LOG).read_text()
+    assert "resuming" in log and "at epoch 2" in log, log
+    assert [row["run"] for row in rows] == list(sweep.runs())
+    for row in rows:
+        summary = json.loads((tmp_path / "killed" / row["run"] / "summary.json").read_text())
+        assert row["test_acc"] == summary["final_test_acc"] and row["cim_images"] == 20
+        assert row["energy_nj"] == pytest.approx(row["cells_nj"] + row["adc_nj"]
+                                                 + row["lfsr_nj"])
+    table = (tmp_path / "killed" / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in sweep.runs())
+    assert any(line.startswith("runs: 4/4 done, 0 running, 0 failed") for line in lines)
+
+    reference = Sweep(sweep.axes, sweep.flags)
+    _, failures = run_sweep(reference, tmp_path / "reference", lambda n_runs: dask_client,
+                            print_line=lambda line: None)  # no collection: checkpoints as trained
+    assert not failures
+    for name in sweep.runs():
+        got = final_arrays(tmp_path / "killed" / name / "last.h5")
+        want = final_arrays(tmp_path / "reference" / name / "last.h5")
+        assert set(want) <= set(got)  # the collection added its calibration (/cim)
+        for key in want:
+            assert np.array_equal(got[key], want[key]), (name, key)
+
+    # finished runs are skipped; --collect-only rebuilds the table from the kept reports
+    manifest = (tmp_path / "killed" / MANIFEST).read_text()
+    again, failures = run_sweep(None, tmp_path / "killed", lambda n_runs: dask_client,
+                                collect_only=True, print_line=lines.append)
+    assert again == rows and not failures
+    assert (tmp_path / "killed" / MANIFEST).read_text() == manifest
+
+
+@pytest.mark.parametrize("kind", CLUSTERS)
+def test_a_batch_queue_job_starts_one_single_threaded_worker(kind):
+    """The job script dask-jobqueue would submit (nothing is submitted): the queue options
+    reach it, and the worker command it runs, read by dask-worker's own parser, starts one
+    worker of one thread (a run at a time) on this scheduler."""
+    pytest.importorskip("dask_jobqueue")
+    from distributed.cli.dask_worker import main as dask_worker
+
+    from nptwofold.sweep import jobqueue_cluster
+
+    cluster = jobqueue_cluster(kind, run_threads=2, queue="cpu", account="lab",
+                               walltime="02:00:00", memory="8GB",
+                               prologue=["source /shared/nptwofold/.venv/bin/activate"])
+    try:
+        script = cluster.job_script()
+        assert "source /shared/nptwofold/.venv/bin/activate" in script
+        assert "cpu" in script and "02:00" in script
+        if kind == "slurm":
+            assert "#SBATCH -p cpu" in script and "#SBATCH -A lab" in script
+            assert "#SBATCH --cpus-per-task=2" in script and "#SBATCH -t 02:00:00" in script
+        command = shlex.split(next(line for line in script.splitlines()
+                                   if "distributed.cli.dask_worker" in line))
+        assert command[0] == sys.executable
+        options = dask_worker.make_context(
+            "dask-worker", command[command.index("distributed.cli.dask_worker") + 1:]).params
+        assert options["scheduler"] == cluster.scheduler_address
+        assert options["nthreads"] == 1 and options["nanny"]
+    finally:
+        cluster.close()
