@@ -255,10 +255,14 @@ def train_run(run_dir, argv, workdir, run_threads):
         return 0.0
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    resume = (run_dir / "last.h5").exists() or any(run_dir.glob("*/last.h5"))
-    _run_script("train_cifar.py", [*argv, "--threads", str(run_threads), "--no-progress",
-                                   *(["--resume"] if resume else []), "--out", str(run_dir)],
-                run_dir / TRAIN_LOG, workdir)
+    if (run_dir / "last.h5").exists():
+        flags = ["--resume"]  # a single-phase run: its checkpoint holds its config
+    elif any(run_dir.glob("*/last.h5")):
+        flags = [*argv, "--resume"]  # the twofold preset: the flags make its phases
+    else:
+        flags = argv
+    _run_script("train_cifar.py", [*flags, "--threads", str(run_threads), "--no-progress",
+                                   "--out", str(run_dir)], run_dir / TRAIN_LOG, workdir)
     seconds = time.time() - started
     write_json(run_dir / DONE, dict(argv=argv, finished=datetime.datetime.now().isoformat(),
                                     host=socket.gethostname(), last_seconds=seconds))
@@ -495,7 +499,6 @@ def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_thread
     and plots. `sweep` None takes the sweep recorded in `out` (for collect_only);
     open_client(number of runs) gives the Dask client, called once the folder and the flags
     passed their checks. Returns (rows, {run: failure line})."""
-    distributed = _dask()
     out = Path(out).resolve()
     check_output_dir(out)
     with sweep_lock(out):
@@ -503,6 +506,7 @@ def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_thread
         runs = sweep.runs()
         if not collect_only:
             check_run_flags(sweep)
+        distributed = _dask()
         client = open_client(len(runs))
         workdir = os.getcwd()
         cim_argv = to_argv(sweep.cim_eval)
@@ -556,9 +560,10 @@ def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_thread
                                f"{out / name / CIM_LOG})")
             if progress.total:
                 processing = {key for keys in client.processing().values() for key in keys}
-                running = sum(future.key in processing for future in training)
-                progress.update(done, running, len(failures),
-                                sum(client.nthreads().values()))
+                slots = sum(client.nthreads().values())
+                # a worker may hold more tasks than it has threads, queued
+                running = min(sum(future.key in processing for future in training), slots)
+                progress.update(done, running, len(failures), slots)
         ordered = [row for name in runs if name in rows for row in rows[name]]
         if ordered:
             write_tables(out, ordered, sweep)

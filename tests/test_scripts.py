@@ -152,47 +152,6 @@ def test_evaluate_truncated_checkpoint_gives_one_line_error(quick_run, tmp_path)
     assert_one_line_error(result, "truncated or corrupt")
 
 
-@pytest.mark.slow
-def test_sweep_trains_collects_and_resumes(quick_run, tmp_path):
-    """Four tiny twofold runs on the sample (sparsity 0 and 0.5, Reg_Bit off and on)."""
-    out = tmp_path / "sweep"
-    args = ["--out", out, "--init", quick_run / "last.h5", "--data", "sample",
-            "--sparsity", "0", "0.5", "--beta-bit", "5", "--finetune-beta-bit", "0",
-            "--energy-images", "10",
-            "--calib-images", "8", "--threads", "1"]
-    first = run(REPO / "scripts/sweep.py", *args).stdout
-    result = json.loads((out / "sweep.json").read_text())
-    rows = {row["run"]: row for row in result["rows"]}
-    assert set(rows) == {"p00-bitreg-off", "p00-bitreg-on", "p50-bitreg-off", "p50-bitreg-on"}
-    assert rows["p00-bitreg-off"]["energy_ratio"] == 1.0  # it is the baseline
-    assert rows["p50-bitreg-off"]["network_sparsity"] == pytest.approx(0.5, abs=0.02)
-    assert rows["p50-bitreg-on"]["beta_bit"] == 5.0
-    phase_beta = {phase: json.loads((out / "p50-bitreg-on" / phase / "summary.json").read_text())
-                  ["config"]["twofold"]["beta_bit"] for phase in ("twofold", "post")}
-    assert phase_beta == {"twofold": 5.0, "post": 0.0}  # --finetune-beta-bit reaches the fine-tune
-    for row in rows.values():
-        post = json.loads((out / row["run"] / "post/summary.json").read_text())
-        assert row["acc_after_post"] == post["final_test_acc"]
-        assert row["energy_nj"] == pytest.approx(row["cells_nj"] + row["adc_nj"] + row["lfsr_nj"])
-        assert (row["lfsr_nj"] > 0) == (row["sparsity"] > 0)
-    assert set(result["layer_energy_nj"]) == set(rows) | {"baseline"}
-    assert "| p50-bitreg-on |" in (out / "sweep.md").read_text()
-    try:
-        import matplotlib  # noqa: F401
-        assert (out / "energy_vs_sparsity.png").stat().st_size > 0
-    except ImportError:
-        assert "plots skipped" in first
-    # a second call finds every run finished: nothing is trained again
-    again = run(REPO / "scripts/sweep.py", *args).stdout
-    assert all("finished earlier, skipped" in (out / label / "train.log").read_text()
-               for label in rows) and "failed" not in again
-
-
-def test_sweep_without_finished_runs_is_a_one_line_error(tmp_path):
-    failed = run(REPO / "scripts/sweep.py", "--out", tmp_path, "--collect-only", check=False)
-    assert_one_line_error(failed, "no finished runs")
-
-
 @pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "scripts").glob("*.py")))
 def test_every_flag_has_help_with_its_default_and_version_works(script):
     # ScriptParser refuses to build a parser with an argument that has no help text
