@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from .errors import NptwofoldError
-from .files import check_output_dir, write_csv, write_json
+from .files import atomic_write, check_output_dir, write_csv, write_json
 from .options import flag_name, to_argv
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
@@ -532,7 +532,7 @@ def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_thread
                                        key=f"train-{name}-{time.time_ns()}", retries=retries,
                                        pure=False)] = name
         progress = Progress(len(training), print_line, progress_every)
-        done = 0
+        done = failed = 0
         while training or collecting:
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):  # distinct before 3.11
                 distributed.wait([*training, *collecting], timeout=1,
@@ -546,6 +546,7 @@ def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_thread
                         progress.durations.append(seconds)
                     collect(name)
                 else:
+                    failed += 1
                     failures[name] = _failure(future, out / name)
                     print_line(f"failed {name}: {failures[name]} (log: "
                                f"{out / name / TRAIN_LOG})")
@@ -563,7 +564,7 @@ def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_thread
                 slots = sum(client.nthreads().values())
                 # a worker may hold more tasks than it has threads, queued
                 running = min(sum(future.key in processing for future in training), slots)
-                progress.update(done, running, len(failures), slots)
+                progress.update(done, running, failed, slots)
         ordered = [row for name in runs if name in rows for row in rows[name]]
         if ordered:
             write_tables(out, ordered, sweep)
@@ -584,8 +585,6 @@ def _cell(value):
 
 
 def write_tables(out, rows, sweep):
-    from .files import atomic_write
-
     columns = list(dict.fromkeys(key for row in rows for key in row))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(column, "")) for column in columns) + " |"
@@ -605,7 +604,6 @@ def draw_plots(out, rows, sweep):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from .files import atomic_write
 
     numeric = [axis for axis, values in sweep.axes.items() if all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)]

@@ -118,6 +118,14 @@ def test_the_cli_refuses_a_different_sweep_in_one_line(tmp_path):
                               "seed", "0", check=False), "is a file")
 
 
+def test_without_dask_the_sweep_says_how_to_install_it(tmp_path):
+    code = ("import runpy, sys\n"
+            "sys.modules['distributed'] = None  # import distributed raises ImportError\n"
+            f"sys.argv = ['sweep.py', '--out', {str(tmp_path / 'sweep')!r}, '--axis', 'seed', '0']\n"
+            f"runpy.run_path({str(REPO / 'scripts/sweep.py')!r}, run_name='__main__')\n")
+    assert_one_line_error(run("-c", code, check=False), "pip install -e '.[cluster]'")
+
+
 def test_the_orphan_guard_ends_the_child_when_its_parent_is_killed(tmp_path):
     """A parent (standing in for a Dask worker) starts a child under the guard and is killed
     with SIGKILL: the child must not outlive it."""
