@@ -354,8 +354,9 @@ def sweep_lock(out):
         handle.close()
 
 
-def open_sweep_folder(out, sweep):
-    """Checks OUT against its manifest and writes the manifest of a new sweep; returns the
+def open_sweep_folder(out, sweep, check_flags=False):
+    """Checks OUT against its manifest and writes the manifest of a new sweep (after
+    `check_run_flags` if `check_flags`: a refused grid leaves no manifest behind); returns the
     sweep (the manifest's when `sweep` is None, for --collect-only)."""
     manifest = Path(out) / MANIFEST
     if manifest.exists():
@@ -379,6 +380,8 @@ def open_sweep_folder(out, sweep):
         if foreign:
             raise NptwofoldError(f"{out} holds files but no {MANIFEST} ({foreign[0]}, ...): "
                                  "not a sweep folder; choose a new or empty --out")
+    if check_flags:
+        check_run_flags(sweep)
     write_json(manifest, dict(format=FORMAT, version=1, **sweep.grid(), cim_eval=sweep.cim_eval,
                               runs=list(sweep.runs())))
     return sweep
@@ -502,10 +505,8 @@ def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_thread
     out = Path(out).resolve()
     check_output_dir(out)
     with sweep_lock(out):
-        sweep = open_sweep_folder(out, sweep)
+        sweep = open_sweep_folder(out, sweep, check_flags=not collect_only)
         runs = sweep.runs()
-        if not collect_only:
-            check_run_flags(sweep)
         distributed = _dask()
         client = open_client(len(runs))
         workdir = os.getcwd()

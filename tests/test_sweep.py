@@ -92,6 +92,10 @@ def test_a_sweep_folder_refuses_another_sweep_and_a_second_holder(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(NptwofoldError, match="holds files but no sweep.json"):
         open_sweep_folder(tmp_path / "other", first)
+    (tmp_path / "typo").mkdir()
+    with pytest.raises(NptwofoldError, match="refuses its flags"):
+        open_sweep_folder(tmp_path / "typo", Sweep(dict(seed=[0]), dict(epochz=3)), True)
+    assert not (tmp_path / "typo" / MANIFEST).exists()  # the corrected grid may use the folder
     with sweep_lock(out):
         with pytest.raises(NptwofoldError, match=f"in use by another sweep .pid {os.getpid()}"):
             with sweep_lock(out):
