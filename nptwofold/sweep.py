@@ -48,10 +48,12 @@ TABLE = "results"           # results.md, results.csv, results.json
 FORMAT = "nptwofold-sweep"
 INSTALL_HINT = "the sweep runs on Dask: pip install -e '.[cluster]' (dask, distributed, " \
                "dask-jobqueue)"
-# flags the runner gives each run itself
+# flags the runner gives train_cifar.py and cim_eval.py itself
 RESERVED = {"out": "the run's folder is set by the sweep",
             "resume": "the sweep resumes runs itself",
             "threads": "use --run-threads", "no_progress": "runs never draw progress bars"}
+CIM_RESERVED = {"json": "the sweep keeps the report in the run's folder",
+                "threads": "use --run-threads", "no_progress": "runs never draw progress bars"}
 CLUSTERS = ("slurm", "pbs", "sge", "lsf")
 ENDED = ("finished", "error", "cancelled")  # a Future's status once Dask gave up or succeeded
 FOLDER_CHARACTERS = re.compile(r"[^A-Za-z0-9.+-]+")
@@ -83,12 +85,12 @@ def parse_value(text):
     return {"true": True, "false": False}.get(text, text)
 
 
-def _flag_key(name, where):
+def _flag_key(name, where, reserved=RESERVED):
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
         raise NptwofoldError(f"{where}: {name!r} is not a flag name (e.g. sparsity, lambda-net)")
     key = name.replace("-", "_")
-    if key in RESERVED:
-        raise NptwofoldError(f"{where}: {flag_name(key)} cannot be set ({RESERVED[key]})")
+    if key in reserved:
+        raise NptwofoldError(f"{where}: {flag_name(key)} cannot be set ({reserved[key]})")
     return key
 
 
@@ -102,10 +104,10 @@ def _checked_value(value, where):
     return value
 
 
-def _checked_flags(flags, where):
+def _checked_flags(flags, where, reserved=RESERVED):
     if not isinstance(flags, dict):
         raise NptwofoldError(f"{where} must be a table of flag = value (got {flags!r})")
-    return {_flag_key(name, where): _checked_value(value, f"{where}: {name}")
+    return {_flag_key(name, where, reserved): _checked_value(value, f"{where}: {name}")
             for name, value in flags.items()}
 
 
@@ -145,8 +147,7 @@ class Sweep:
         if both:
             raise NptwofoldError("both an axis and a shared flag: "
                                  + ", ".join(map(flag_name, sorted(both))))
-        self.cim_eval = {_flag_key(name, "cim_eval"): _checked_value(value, f"cim_eval: {name}")
-                         for name, value in _checked_flags(self.cim_eval, "cim_eval").items()}
+        self.cim_eval = _checked_flags(self.cim_eval, "cim_eval", CIM_RESERVED)
 
     def runs(self):
         """{folder name: (axis values {flag: value}, train_cifar flags)}, in grid order; two

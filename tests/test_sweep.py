@@ -47,10 +47,12 @@ def test_run_folders_are_named_from_the_axes_and_flags_pass_through():
     (dict(threads=[1, 2]), {}, "--threads cannot be set (use --run-threads)"),
     (dict(seed=[0]), dict(lr=float("nan")), "must be a number"),
     (dict(seed=[0]), {"lr rate": 1}, "is not a flag name"),
+    (dict(seed=[0]), dict(cim_eval=dict(json="x.json")), "cim_eval: --json cannot be set"),
 ])
 def test_bad_grids_are_refused(axes, flags, fragment):
+    cim_eval = flags.pop("cim_eval", {})
     with pytest.raises(NptwofoldError) as error:
-        Sweep(axes, flags).runs()
+        Sweep(axes, flags, cim_eval).runs()
     assert fragment in str(error.value)
 
 
