@@ -76,7 +76,13 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def parse_value(text):
-    """A value given on the command line: an int, a finite float, true/false, else the text."""
+    """A value given on the command line: an int, a finite float, true/false, a JSON object
+    (a variant: {"name": ..., flags}), else the text."""
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise NptwofoldError(f"{text!r} is not a JSON object: {exc}") from None
     for kind in (int, float):
         with contextlib.suppress(ValueError):
             value = kind(text)
@@ -111,7 +117,18 @@ def _checked_flags(flags, where, reserved=RESERVED):
             for name, value in flags.items()}
 
 
+def _checked_variant(variant, where):
+    """A variant: a table with a `name` (its folder text) and the flags it sets."""
+    if not isinstance(variant, dict) or not isinstance(variant.get("name"), str):
+        raise NptwofoldError(f"{where}: a variant must be a table with a name and its flags, "
+                             f"e.g. {{name = \"on\", beta-bit = 20}} (got {variant!r})")
+    flags = {key: value for key, value in variant.items() if key != "name"}
+    return dict(name=variant["name"], **_checked_flags(flags, where))
+
+
 def _value_text(value):
+    if isinstance(value, dict):
+        value = value["name"]
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
@@ -122,7 +139,9 @@ def _value_text(value):
 @dataclasses.dataclass
 class Sweep:
     """The grid: `axes` {flag: [values]} (product, first axis outermost), `flags` given to every
-    run, `cim_eval` flags of the collection. Flag names use underscores."""
+    run, `cim_eval` flags of the collection. Flag names use underscores. An axis of variants
+    has any name and tables as values, each a `name` and the flags it sets (Reg_Bit off: beta
+    0; on: beta 20 with a precision budget), for runs that differ in several flags at once."""
     axes: dict
     flags: dict = dataclasses.field(default_factory=dict)
     cim_eval: dict = dataclasses.field(default_factory=dict)
@@ -136,31 +155,48 @@ class Sweep:
             if not isinstance(values, list) or not values:
                 raise NptwofoldError(f"axis {name} must be a non-empty list of values "
                                      f"(got {values!r})")
+            if any(isinstance(value, dict) for value in values):
+                values = [_checked_variant(value, f"axis {name}") for value in values]
+                names = [value["name"] for value in values]
+                if len(set(names)) < len(names):
+                    raise NptwofoldError(f"axis {name}: two variants are named "
+                                         f"{next(n for n in names if names.count(n) > 1)!r}")
             for index, value in enumerate(values):
-                _checked_value(value, f"axis {name}")
+                if not isinstance(value, dict):
+                    _checked_value(value, f"axis {name}")
                 if value in values[:index]:  # 0.5 and 0.50, or 0 and 0.0, are one run
                     raise NptwofoldError(f"axis {name} lists {value!r} twice")
             axes[key] = values
         self.axes = axes
         self.flags = _checked_flags(self.flags, "flags")
-        both = set(self.axes) & set(self.flags)
+        set_by = [set(self.flags)] + [{name for variant in values for name in variant} - {"name"}
+                                      if isinstance(values[0], dict) else {key}
+                                      for key, values in self.axes.items()]
+        both = {name for one, other in itertools.combinations(set_by, 2) for name in one & other}
         if both:
-            raise NptwofoldError("both an axis and a shared flag: "
+            raise NptwofoldError("set by two axes, or an axis and a shared flag: "
                                  + ", ".join(map(flag_name, sorted(both))))
         self.cim_eval = _checked_flags(self.cim_eval, "cim_eval", CIM_RESERVED)
 
     def runs(self):
-        """{folder name: (axis values {flag: value}, train_cifar flags)}, in grid order; two
-        runs that would share a folder are refused."""
+        """{folder name: (axis values {axis: value or variant name}, train_cifar flags)}, in
+        grid order; two runs that would share a folder are refused."""
         runs = {}
         for values in itertools.product(*self.axes.values()):
-            point = dict(zip(self.axes, values))
+            point, flags = {}, dict(self.flags)
+            for key, value in zip(self.axes, values):
+                if isinstance(value, dict):
+                    point[key] = value["name"]
+                    flags.update((flag, setting) for flag, setting in value.items()
+                                 if flag != "name")
+                else:
+                    point[key] = flags[key] = value
             name = "_".join(f"{flag_name(key)[2:]}-{_value_text(value)}"
                             for key, value in point.items())
             if name in runs:
                 raise NptwofoldError(f"runs {runs[name][0]} and {point} would share the folder "
                                      f"{name}")
-            runs[name] = (point, to_argv({**self.flags, **point}))
+            runs[name] = (point, to_argv(flags))
         return runs
 
     def grid(self):

@@ -35,12 +35,28 @@ def test_run_folders_are_named_from_the_axes_and_flags_pass_through():
     assert list(runs)[0] == "sparsity-0.5_lambda-net-0_nesterov-true"  # first axis outermost
 
 
+def test_an_axis_of_variants_sets_several_flags_per_run():
+    """Reg_Bit off (beta 0) and on (beta 20 with its own fine-tune and precision budget)."""
+    variants = [parse_value('{"name": "off", "beta-bit": 0}'),
+                parse_value('{"name": "on", "beta-bit": 20, "finetune-beta-bit": 0, '
+                            '"plane-drop-tolerance": 0.02}')]
+    runs = Sweep(dict(sparsity=[0, 0.5], bitreg=variants), dict(preset="twofold")).runs()
+    assert list(runs) == ["sparsity-0_bitreg-off", "sparsity-0_bitreg-on",
+                          "sparsity-0.5_bitreg-off", "sparsity-0.5_bitreg-on"]
+    point, argv = runs["sparsity-0.5_bitreg-on"]
+    assert point == dict(sparsity=0.5, bitreg="on")
+    assert argv == ["--preset", "twofold", "--sparsity", "0.5", "--beta-bit", "20",
+                    "--finetune-beta-bit", "0", "--plane-drop-tolerance", "0.02"]
+    assert runs["sparsity-0_bitreg-off"][1] == ["--preset", "twofold", "--sparsity", "0",
+                                                "--beta-bit", "0"]
+
+
 @pytest.mark.parametrize("axes,flags,fragment", [
     (dict(sparsity=[0.5, 0.5]), {}, "axis sparsity lists 0.5 twice"),
     (dict(sparsity=[0, 0.0]), {}, "axis sparsity lists 0.0 twice"),
     (dict(sparsity=[parse_value("0.5"), parse_value("0.50")]), {}, "lists 0.5 twice"),
     (dict(init=["a/b.h5", "a~b.h5"]), {}, "would share the folder init-a~b.h5"),
-    (dict(sparsity=[0.5]), dict(sparsity=0.7), "both an axis and a shared flag: --sparsity"),
+    (dict(sparsity=[0.5]), dict(sparsity=0.7), "an axis and a shared flag: --sparsity"),
     (dict(seed=[]), {}, "axis seed must be a non-empty list"),
     ({}, {}, "at least one axis"),
     (dict(seed=[0]), dict(out="x"), "--out cannot be set"),
@@ -48,6 +64,12 @@ def test_run_folders_are_named_from_the_axes_and_flags_pass_through():
     (dict(seed=[0]), dict(lr=float("nan")), "must be a number"),
     (dict(seed=[0]), {"lr rate": 1}, "is not a flag name"),
     (dict(seed=[0]), dict(cim_eval=dict(json="x.json")), "cim_eval: --json cannot be set"),
+    (dict(bitreg=[dict(name="on", beta_bit=20), 0]), {}, "a variant must be a table with a name"),
+    (dict(bitreg=[dict(name="on", beta_bit=20), dict(name="on", beta_bit=5)]), {},
+     "axis bitreg: two variants are named 'on'"),
+    (dict(beta_bit=[0, 5], bitreg=[dict(name="on", beta_bit=20)]), {},
+     "set by two axes, or an axis and a shared flag: --beta-bit"),
+    (dict(bitreg=[dict(name="on", out="x")]), {}, "--out cannot be set"),
 ])
 def test_bad_grids_are_refused(axes, flags, fragment):
     cim_eval = flags.pop("cim_eval", {})
