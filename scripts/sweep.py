@@ -8,7 +8,10 @@ each resumed after any loss, and one table of their results (docs/sweeps.md).
 A sweep file has three tables: [axes] (flag = [values]; the runs are their product), [flags]
 (train_cifar.py flags every run gets) and [cim_eval] (cim_eval.py flags of the collection);
 --axis, --flag and --eval add to or replace its entries. Flags are train_cifar.py's, without
-the dashes (`lambda-net = 0.001`, `nesterov = false`, `milestones = [91, 136]`). Each run is
+the dashes (`lambda-net = 0.001`, `nesterov = false`, `milestones = [91, 136]`). Runs that
+differ in several flags are an axis of variants, tables with a name: `bitreg = [{name = "off",
+beta-bit = 0}, {name = "on", beta-bit = 20, plane-drop-tolerance = 0.02}]`, on the command
+line `--axis bitreg '{"name": "off", "beta-bit": 0}' '{"name": "on", ...}'`. Each run is
 `train_cifar.py FLAGS --resume --out DIR/<axis>-<value>_...` in its own folder, so a stopped
 or lost run continues from its last epoch and finished runs are skipped. When the runs are in,
 cim_eval.py runs on every finished run, and DIR/results.md (.csv, .json) and, with matplotlib,
@@ -39,7 +42,7 @@ def parse_args(argv):
     grid = parser.add_argument_group("the grid")
     grid.add_argument("--axis", nargs="+", action="append", default=[],
                       metavar=("FLAG", "VALUE"), help="an axis: a train_cifar.py flag and its "
-                      "values; repeatable")
+                      "values, or a name and JSON variants; repeatable")
     grid.add_argument("--flag", nargs="+", action="append", default=[], metavar=("FLAG", "VALUE"),
                       help="a train_cifar.py flag every run gets (no value: a switch); "
                       "repeatable")
