@@ -452,7 +452,8 @@ def local_cluster(workers=None, run_threads=1, dashboard_address=":8787", lost_w
 
 
 def jobqueue_cluster(kind, run_threads=1, queue=None, account=None, walltime=None,
-                     memory=None, job_extra=(), prologue=(), lost_workers=10, **kwargs):
+                     memory=None, job_extra=(), prologue=(), lost_workers=10,
+                     dashboard_address=":8787"):
     """A dask-jobqueue cluster whose jobs are one worker process each: `run_threads` cores
     reserved, one task thread (a run at a time). Options not given come from the jobqueue
     configuration (~/.config/dask/jobqueue.yaml)."""
@@ -481,7 +482,7 @@ def jobqueue_cluster(kind, run_threads=1, queue=None, account=None, walltime=Non
                    job_extra_directives=[*(config.get("job-extra-directives") or []),
                                          *job_extra],
                    job_script_prologue=[*(config.get("job-script-prologue") or []), *prologue],
-                   **options, **kwargs)
+                   scheduler_options=dict(dashboard_address=dashboard_address), **options)
     except (ValueError, TypeError) as exc:
         raise NptwofoldError(f"--cluster {kind}: {exc}") from None
 

@@ -65,7 +65,8 @@ def parse_args(argv):
     running.add_argument("--progress-every", type=float, default=60,
                          help="seconds between progress lines when nothing changes")
     running.add_argument("--dashboard", default=":8787",
-                         help="local cluster: address of the Dask dashboard")
+                         help="address of the Dask dashboard (not with --scheduler: "
+                         "the scheduler's own)")
     where = parser.add_argument_group("a Dask scheduler or a batch queue")
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="a running Dask scheduler (tcp://host:8786) whose workers run the "
@@ -140,7 +141,7 @@ def client_opener(args, opened):
                 args.cluster, run_threads=args.run_threads, queue=args.queue,
                 account=args.account, walltime=args.walltime, memory=args.job_memory,
                 job_extra=args.job_extra, prologue=args.job_prologue,
-                lost_workers=args.lost_workers)
+                lost_workers=args.lost_workers, dashboard_address=args.dashboard)
             opened.append(cluster)
             cluster.adapt(minimum=0, maximum=args.workers or n_runs)
         else:

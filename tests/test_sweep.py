@@ -147,9 +147,10 @@ def test_the_cli_refuses_a_different_sweep_in_one_line(tmp_path):
 
 
 def test_without_dask_the_sweep_says_how_to_install_it(tmp_path):
+    argv = ["sweep.py", "--out", str(tmp_path / "sweep"), "--axis", "seed", "0"]
     code = ("import runpy, sys\n"
             "sys.modules['distributed'] = None  # import distributed raises ImportError\n"
-            f"sys.argv = ['sweep.py', '--out', {str(tmp_path / 'sweep')!r}, '--axis', 'seed', '0']\n"
+            f"sys.argv = {argv!r}\n"
             f"runpy.run_path({str(REPO / 'scripts/sweep.py')!r}, run_name='__main__')\n")
     assert_one_line_error(run("-c", code, check=False), "pip install -e '.[cluster]'")
 
@@ -314,7 +315,8 @@ def test_a_batch_queue_job_starts_one_single_threaded_worker(kind):
 
     cluster = jobqueue_cluster(kind, run_threads=2, queue="cpu", account="lab",
                                walltime="02:00:00", memory="8GB",
-                               prologue=["source /shared/nptwofold/.venv/bin/activate"])
+                               prologue=["source /shared/nptwofold/.venv/bin/activate"],
+                               dashboard_address=":0")
     try:
         script = cluster.job_script()
         assert "source /shared/nptwofold/.venv/bin/activate" in script
