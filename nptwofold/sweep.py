@@ -292,14 +292,12 @@ def train_run(run_dir, argv, workdir, run_threads):
         return 0.0
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    if (run_dir / "last.h5").exists():
-        flags = ["--resume"]  # a single-phase run: its checkpoint holds its config
-    elif any(run_dir.glob("*/last.h5")):
-        flags = [*argv, "--resume"]  # the twofold preset: the flags make its phases
-    else:
-        flags = argv
-    _run_script("train_cifar.py", [*flags, "--threads", str(run_threads), "--no-progress",
-                                   "--out", str(run_dir)], run_dir / TRAIN_LOG, workdir)
+    # one run, or a phase of the twofold preset, saved: train_cifar.py checks that the flags
+    # are the saved run's, skips finished phases and continues the current one
+    resume = (run_dir / "last.h5").exists() or any(run_dir.glob("*/last.h5"))
+    _run_script("train_cifar.py", [*argv, *(["--resume"] if resume else []), "--threads",
+                                   str(run_threads), "--no-progress", "--out", str(run_dir)],
+                run_dir / TRAIN_LOG, workdir)
     seconds = time.time() - started
     write_json(run_dir / DONE, dict(argv=argv, finished=datetime.datetime.now().isoformat(),
                                     host=socket.gethostname(), last_seconds=seconds))
