@@ -95,6 +95,14 @@ def test_the_results_grid_file_and_its_json_twin(tmp_path):
         load_sweep_file(tmp_path / "bad.json")
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.toml")), ids=lambda p: p.name)
+def test_every_committed_sweep_file_gives_runs_the_trainer_accepts(path):
+    pytest.importorskip("tomllib")
+    sweep = load_sweep_file(path)
+    assert sweep.runs()
+    check_run_flags(sweep)
+
+
 def test_run_flags_are_checked_by_the_trainers_parser():
     check_run_flags(Sweep(dict(seed=[0, 1]), TINY))
     with pytest.raises(NptwofoldError, match="run seed-0: train_cifar.py refuses its flags: "
