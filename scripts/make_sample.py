@@ -13,7 +13,7 @@ from nptwofold.options import ScriptParser  # noqa: E402  (checks the dependenci
 import numpy as np  # noqa: E402
 from nptwofold.data import NUM_CLASSES, SAMPLE_ARCHIVE, load_cifar10  # noqa: E402
 from nptwofold.errors import NptwofoldError  # noqa: E402
-from nptwofold.files import check_output_file  # noqa: E402
+from nptwofold.files import atomic_write, check_output_file  # noqa: E402
 
 TRAIN_PER_CLASS = 150
 TEST_PER_CLASS = 50
@@ -43,11 +43,17 @@ def main():
         "test_batch.bin": first_per_class(data.test_images, data.test_labels, TEST_PER_CLASS),
         "batches.meta.txt": ("\n".join(CLASS_NAMES) + "\n").encode(),
     }
-    with tarfile.open(args.out, "w:xz", preset=9) as archive:
-        for name, payload in members.items():
-            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
-            info.size = len(payload)  # mtime stays 0, so the archive is reproducible
-            archive.addfile(info, io.BytesIO(payload))
+    def write_archive(tmp):
+        with tarfile.open(tmp, "w:xz", preset=9) as archive:
+            for name, payload in members.items():
+                info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+                info.size = len(payload)  # mtime stays 0, so the archive is reproducible
+                archive.addfile(info, io.BytesIO(payload))
+
+    try:
+        atomic_write(args.out, write_archive)
+    except NptwofoldError as exc:
+        sys.exit(f"error: {exc}")
     print(f"wrote {Path(args.out).absolute()} ({Path(args.out).stat().st_size} bytes)")
 
 

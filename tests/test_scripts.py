@@ -170,3 +170,12 @@ def test_script_parser_shows_defaults_and_refuses_a_flag_without_help():
     parser.add_argument("--depth", type=int, default=3)
     with pytest.raises(TypeError, match="--depth has no help"):
         parser.parse_args([])
+
+
+def test_make_sample_rebuilds_the_committed_sample_byte_for_byte(tmp_path):
+    # the sample holds exactly the images per class that make_sample takes, so it is its own
+    # source; no temporary file is left beside the output
+    out = tmp_path / "sample.tar.xz"
+    run(REPO / "scripts/make_sample.py", REPO / "datasets/cifar10-sample.tar.xz", "--out", out)
+    assert out.read_bytes() == (REPO / "datasets/cifar10-sample.tar.xz").read_bytes()
+    assert [path.name for path in tmp_path.iterdir()] == ["sample.tar.xz"]
