@@ -20,6 +20,8 @@ from .errors import NptwofoldError
 from .cim.adc import ADC_RANGES, adc_steps, check_adc_bits, conversion_energy_pj, needs_ranges
 from .cim.device import (CELL_BITS, CELL_STATES, MAX_ACTIVATION_BITS, N_CELL_STATES,
                          outputs_per_tile)
+from .cim.variation import (IDEAL_CONDUCTANCE, check_conductances, check_sigmas,
+                            check_stuck_rates, describe_device)
 from .kernels.quant import ENCODINGS
 from .kernels.quant import check_bits
 from .options import (Bound, above, add_flags, at_least, between, check_fields, flag_name,
@@ -87,9 +89,27 @@ class HardwareConfig:
                                         "[assumption]", above(0), flag=False)
     skip_zero_tiles: bool = option(False, "no conversion for a row tile whose inputs are all 0 "
                                    "for that bit", flag=False)
+    # the device model (cim/variation.py); the defaults are the ideal array
+    cell_conductance: list[float] = option(
+        list(IDEAL_CONDUCTANCE), "conductance of a cell in state 00, 01, 10, 11 in units of one "
+        "state step (the ADC's unit), increasing; the first is the high-resistance state's "
+        "G_off, whose nominal current the periphery subtracts per driven row", at_least(0),
+        flag=False, check=check_conductances)
+    conductance_sigma: list[float] = option(
+        [0.0], "device-to-device spread: sigma of the lognormal factor (mean 1) of a cell's "
+        "conductance, one for every state or one per state; drawn once per simulated chip",
+        at_least(0), flag=False, check=check_sigmas)
+    read_noise: float = option(0.0, "cycle-to-cycle read noise: sigma of a read's Gaussian "
+                               "error relative to the cell's conductance, drawn per read",
+                               at_least(0), flag=False)
+    stuck_low_rate: float = option(0.0, "share of cells stuck in state 00 (drawn per chip)",
+                                   between(0, 1), flag=False)
+    stuck_high_rate: float = option(0.0, "share of cells stuck in state 11 (drawn per chip)",
+                                    between(0, 1), flag=False)
 
     def __post_init__(self):
         check_fields(self)
+        check_stuck_rates(self.stuck_low_rate, self.stuck_high_rate)
 
     def outputs_per_tile(self, weight_bits=None):
         """Output channels of b-bit weights (default: this array's) one column tile holds in
@@ -220,4 +240,4 @@ def describe(hardware):
             f"{hardware.activation_bits}-bit inputs, {hardware.crossbar_rows}x"
             f"{hardware.crossbar_cols} crossbars, "
             + (f"{hardware.adc_bits}-bit {hardware.adc_range} ADC" if hardware.adc_bits
-               else "ideal ADC"))
+               else "ideal ADC") + describe_device(hardware))

@@ -58,6 +58,7 @@ from ..build import checkpoint_hardware, load_model
 from ..errors import NptwofoldError
 from ..hardware import HardwareConfig
 from ..kernels.augment import to_float
+from ..kernels.cim_bitserial import combine
 from ..kernels.cim_events import (EnergyCounts, activation_ones, count_events,
                                   count_events_of_row_ones)
 from ..kernels.cim_packed import PackedCrossbar
@@ -73,6 +74,7 @@ from .calibration import histogram_key, input_maxima
 from .device import CELL_STATES, N_CELL_STATES
 from .ledger import EnergyLedger, layer_energy_report
 from .mapping import layer_matrix, lfsr_steps_per_position, map_layer, matrix_rows
+from .variation import Chip, is_ideal_device
 
 STEM = "conv1"           # the layer fed by the image, pixel / 255 in [0, 1]
 
@@ -204,6 +206,7 @@ class CimNetwork:
         self._by_module = {id(layer.module): layer for layer in self.layers.values()}
         for layer in self.layers.values():
             layer.map(self.hardware)
+        self.chip = None
         self.reset_energy()
 
     @classmethod
@@ -231,7 +234,15 @@ class CimNetwork:
             rows = layer.levels.size // out_channels
             layer.mask = lfsr_keep_mask(rows, out_channels, sparsity, seed + index, group)
             layer.map(self.hardware)
+        self.chip = None
         self.reset_energy()
+
+    def draw_chip(self, seed):
+        """The CIM runs from now on are on one chip of the hardware's device model, drawn from
+        `seed` (`cim.variation`); with the ideal device every chip is the nominal array, and
+        the runs stay on the exact integer path."""
+        self.chip = None if is_ideal_device(self.hardware) else Chip(
+            {name: layer.crossbar for name, layer in self.layers.items()}, self.hardware, seed)
 
     def layer_of(self, module):
         """The MappedLayer of a mapped WeightLayer (found by identity)."""
@@ -419,12 +430,18 @@ class CimNetwork:
         bit without building the batch's patches."""
         bits, hardware = self.activation_bits, self.hardware
         adc = hardware.adc_for(layer.crossbar, layer.full_scale(hardware.adc_percentile))
-        if (layer.is_conv and trace is None and not hardware.skip_zero_tiles
+        if self.chip is not None:
+            inputs = layer.input_levels(x, bits)
+            y = combine(layer.crossbar, self.chip.layers[layer.name].codes(
+                inputs, bits, adc, self.chip.images_read, len(x)), adc)
+            counts = None
+        elif (layer.is_conv and trace is None and not hardware.skip_zero_tiles
                 and adc.is_ideal(layer.crossbar, layer.packed.largest_sums)):
             return self._integer_conv_output(layer, x, count)
-        inputs = layer.input_levels(x, bits)
-        y, counts = layer.packed.matmul(inputs, bits, adc, hardware.skip_zero_tiles,
-                                        validate=False, count=count)
+        else:
+            inputs = layer.input_levels(x, bits)
+            y, counts = layer.packed.matmul(inputs, bits, adc, hardware.skip_zero_tiles,
+                                            validate=False, count=count)
         if count:
             self._count(layer, inputs, counts)
         if trace is not None:
@@ -434,12 +451,15 @@ class CimNetwork:
     def cim_logits(self, images, trace=None):
         """Logits with every mapped layer's matmul on the array (bit-serial, through the ADC).
 
-        Adds the batch's energy events to the ledger. `trace`, if a dict, receives per layer
-        (integer inputs (P, R), outputs (P, C)) of this batch.
+        On a chip (`draw_chip`), the array is that chip's. Adds the batch's energy events to
+        the ledger. `trace`, if a dict, receives per layer (integer inputs (P, R), outputs
+        (P, C)) of this batch.
         """
         logits = self._run(images, lambda module, x: self.array_output(
             self._by_module[id(module)], x, trace=trace))
         self.ledger.n_images += len(images)
+        if self.chip is not None:
+            self.chip.images_read += len(images)
         return logits
 
     def _count(self, layer, inputs, counts=None):
