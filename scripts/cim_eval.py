@@ -7,13 +7,19 @@ run on the same images (its energy counted from its own activations).
     python scripts/cim_eval.py CKPT [--baseline CKPT] [--data PATH|sample|cifar10] [--images N]
         [--adc-bits N [N ...]] [--weight-encoding E [E ...]] [--adc-range fixed|calibrated]
         [--hw-config FILE] [--hw KEY=VALUE ...] [--calib-images N] [--calibration FILE]
-        [--json OUT] [--csv OUT] [--plot OUT.png] [--threads N]
+        [--chips N] [--chip-seed S] [--json OUT] [--csv OUT] [--plot OUT.png] [--threads N]
 
 The array is the one the checkpoint was trained for (its stored hardware config: encoding,
 weight and activation bits, ADC, ...); a flag changes it, and the report says so. The
 activation clips and ADC partial-sum histograms are calibrated on training images and cached in
 a calibration file beside the checkpoint (CKPT.cim.h5, or --calibration FILE), never in the
 checkpoint; a calibration computed from other weights, images or settings is redone.
+
+With a device model that is not ideal (conductance spread, read noise, stuck-at cells: `--hw
+conductance_sigma=[0.1]` etc., docs/cim-model.md), every CIM run is repeated on `--chips N`
+simulated chips, chip i drawn from the seed (S, i); the table gives the mean accuracy over the
+chips, and the lines below it the standard deviation, the worst chip and each pass's time. The
+energy does not depend on the chip (it is the mean of the chips' runs).
 
 In the table, "= fq" is the share of test images on which the CIM run predicts the same class
 as the fake-quant run (quantized weights and inputs, exact integer matmul): 100 % means the ADC
@@ -45,6 +51,11 @@ def parse_args(argv):
                        help="ADC widths to run, 0 = ideal (default: the checkpoint's)")
     array.add_argument("--weight-encoding", nargs="+", choices=ENCODINGS,
                        help="weight encodings to run (default: the checkpoint's)")
+    parser.add_argument("--chips", type=int, default=1, metavar="N",
+                        help="simulated chips per CIM run, each drawn from the device model "
+                        "(needs a device that varies; default 1)")
+    parser.add_argument("--chip-seed", type=int, default=0, metavar="S",
+                        help="seed of the chips: chip i is drawn from (S, i) (default 0)")
     parser.add_argument("--threads", type=int, default=2,
                         help="threads of the CIM kernels (default 2; results do not depend on it)")
     parser.add_argument("--json", metavar="OUT", help="write the full report as JSON")
@@ -55,6 +66,10 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be >= 1")
+    if args.chips < 1:
+        parser.error("--chips must be >= 1")
+    if args.chip_seed < 0:
+        parser.error("--chip-seed must be >= 0")
     return args
 
 
@@ -95,9 +110,15 @@ def evaluate_on_array(args):
     from nptwofold.cim.tools import (calibration_cache, dataset_of, hardware_line,
                                      open_checkpoint, options_of)
     from nptwofold.cim.network import CimNetwork
+    from nptwofold.cim.variation import is_ideal_device
+    from nptwofold.errors import NptwofoldError
 
     options = options_of(args)
     model, method, content, hardware, notes = open_checkpoint(args.checkpoint, args, SWEPT)
+    if args.chips > 1 and is_ideal_device(hardware):
+        raise NptwofoldError(f"--chips {args.chips}: the device model is ideal, so every chip "
+                             "is the nominal array; set a spread, read noise or stuck-at rate "
+                             "with --hw (docs/cim-model.md)")
     variants, list_notes = hardware_variants(args, hardware)
     notes += list_notes
     network = CimNetwork(model, method, variants[0])
@@ -130,22 +151,31 @@ def evaluate_on_array(args):
     runs = []
     for variant in networks:
         label = f"CIM {variant.hardware.weight_encoding}, {adc_label(variant.hardware.to_dict())}"
-        predictions, elapsed = run(label, variant.cim_logits)
-        runs.append((variant, predictions, elapsed))
+        chips = []
+        for chip in range(args.chips):
+            variant.draw_chip((args.chip_seed, chip))
+            chips.append(run(label + (f", chip {chip}" if args.chips > 1 else ""),
+                             variant.cim_logits))
+        runs.append((variant, chips))
 
     baseline = None
     if args.baseline:
         baseline = baseline_energy(args.baseline, hardware, dataset, images, options)
     results = []
-    for variant, predictions, elapsed in runs:
+    for variant, chips in runs:
         energy = variant.energy_report(baseline)
         used = variant.hardware
+        accuracies = [float(np.mean(predictions == labels)) for predictions, _ in chips]
         results.append(dict(
             encoding=used.weight_encoding, adc_bits=used.adc_bits,
             adc_range=used.adc_range, hardware=used.to_dict(),
-            accuracy=float(np.mean(predictions == labels)),
-            fake_quant_agreement=float(np.mean(predictions == fake_predictions)),
-            seconds=elapsed,
+            accuracy=float(np.mean(accuracies)),
+            accuracy_sd=float(np.std(accuracies, ddof=1)) if len(chips) > 1 else 0.0,
+            accuracy_worst=min(accuracies), chip_accuracies=accuracies,
+            chip_seconds=[elapsed for _, elapsed in chips],
+            fake_quant_agreement=float(np.mean([predictions == fake_predictions
+                                                for predictions, _ in chips])),
+            seconds=sum(elapsed for _, elapsed in chips),
             layers=[{**summary, **row} for summary, row in zip(variant.layer_summary(),
                                                                energy["layers"])],
             total=energy["total"]))
@@ -155,6 +185,7 @@ def evaluate_on_array(args):
                   "the same weights on every row, same encoding, no LFSR"),
         calibration_images=len(cache.images), calibration="; ".join(cache.notes),
         array=hardware_line(hardware, notes), hardware=hardware.to_dict(),
+        chips=args.chips, chip_seed=args.chip_seed,
         hardware_notes=notes,
         accuracy=dict(float=float(np.mean(float_predictions == labels)),
                       fake_quant=float(np.mean(fake_predictions == labels))),
@@ -211,6 +242,15 @@ def format_table(result):
             f"{total['adc_pj'] / NANOJOULE:>8.1f}{total['lfsr_pj'] / NANOJOULE:>7.1f}"
             f"{total['total_pj'] / NANOJOULE:>9.1f}{total['baseline_total_pj'] / NANOJOULE:>9.1f}"
             f"{total['baseline_ratio']:>7.2f}{run['seconds']:>9.1f}")
+    if result["chips"] > 1:
+        lines.append(f"{result['chips']} chips per run, chip i drawn from the seed "
+                     f"({result['chip_seed']}, i):")
+        for run in result["runs"]:
+            lines.append(
+                f"  {run['encoding']}, {adc_label(run)}: accuracy mean {run['accuracy']:.4f}, "
+                f"sd {run['accuracy_sd']:.4f}, worst {run['accuracy_worst']:.4f}; per chip "
+                + " ".join(f"{accuracy:.4f}" for accuracy in run["chip_accuracies"])
+                + "; seconds per pass " + " ".join(f"{s:.1f}" for s in run["chip_seconds"]))
     first = result["runs"][0]
     lines += [f"per layer, {first['encoding']}, {adc_label(first)} ADC:",
               f"{'layer':<16}{'kept/rows':>10}{'rows/tile':>10}{'xbars':>6}{'cells':>9}"

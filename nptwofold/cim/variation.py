@@ -188,11 +188,12 @@ def _row_sets(crossbar):
 
 
 class Chip:
-    """One simulated chip of a mapped network: a `ChipCrossbar` per layer, drawn from (seed,
-    layer index); `images_read` numbers the images its runs have read, for the read noise."""
+    """One simulated chip of a mapped network: a `ChipCrossbar` per layer, drawn from (*seed,
+    layer index), `seed` an int or a tuple of ints; `images_read` numbers the images its runs
+    have read, for the read noise."""
 
     def __init__(self, crossbars, hardware, seed):
-        self.seed = seed
-        self.layers = {name: ChipCrossbar(crossbar, hardware, (seed, index))
+        self.seed = tuple(seed) if isinstance(seed, tuple) else (seed,)
+        self.layers = {name: ChipCrossbar(crossbar, hardware, (*self.seed, index))
                        for index, (name, crossbar) in enumerate(crossbars.items())}
         self.images_read = 0
