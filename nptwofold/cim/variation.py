@@ -29,7 +29,7 @@ steps and clips it to 0..top.
 import numpy as np
 
 from ..errors import NptwofoldError
-from ..kernels.cim_analog import read_partial_sums
+from ..kernels.cim_analog import analog_kernel
 from ..threads import CHUNK_IMAGES, run_parallel
 from .adc import IDEAL_TOP_CODE
 from .device import CELL_STATES, MAX_CELL_STATE, N_CELL_STATES
@@ -146,18 +146,18 @@ class ChipCrossbar:
         run_parallel(run_chunk, len(chunks))
         return codes
 
-    def _noise(self, rngs, shape):
-        """Standard normal draws, the positions' axis (-2) image by image."""
-        *lead, positions, columns = shape
-        per_image = positions // len(rngs)
-        return np.concatenate([rng.standard_normal((*lead, per_image, columns), np.float32)
-                               for rng in rngs], axis=-2)
+    @staticmethod
+    def _noise(rngs, shape):
+        """Standard normal draws of `shape`, the positions' axis (0) image by image."""
+        per_image = shape[0] // len(rngs)
+        return np.concatenate([rng.standard_normal((per_image, *shape[1:]), np.float32)
+                               for rng in rngs])
 
     def _chunk(self, x, activation_bits, adc, ideal, rngs, codes):
         noisy = self.read_noise > 0
         for rows, columns, excess, squared in self.groups:
-            inputs = x[:, rows]
             if ideal:  # linear: sum_j 2^j S_j = x @ (G - G_off); noise variance sum_j 4^j ...
+                inputs = x[:, rows]
                 sums = inputs.astype(np.float64) @ excess
                 if noisy:
                     weights = sum(((inputs >> j) & 1).astype(np.float64) * 4.0 ** j
@@ -166,17 +166,10 @@ class ChipCrossbar:
                         rngs, sums.shape)
                 codes[:, columns] += sums
                 continue
-            shifts = np.arange(activation_bits).reshape(-1, 1, 1)
-            planes = ((inputs[None] >> shifts) & 1).astype(np.float32)
-            flat = planes.reshape(-1, rows.size)
-            sums = (flat @ excess).reshape(activation_bits, -1, columns.size)
-            if noisy:
-                variances = (flat @ squared).reshape(sums.shape)
-                noise = self._noise(rngs, sums.shape)
-            else:
-                variances = noise = np.zeros((0, 0, 0), np.float32)
-            read_partial_sums(sums, variances, noise, self.read_noise, columns, adc.step,
-                              adc.top, codes)
+            noise = (self._noise(rngs, (len(x), activation_bits, columns.size)) if noisy
+                     else np.zeros((0, 0, 0), np.float32))
+            analog_kernel(activation_bits)(x, rows, excess, squared, noise, self.read_noise,
+                                           columns, adc.step, adc.top, codes)
 
 
 def _row_sets(crossbar):
