@@ -233,10 +233,45 @@ def test_bad_device_settings_raise(overrides, message):
         HardwareConfig.from_json(json.loads(json.dumps(overrides)))
 
 
-def test_cim_eval_refuses_a_bad_device_in_one_line(tmp_path):
+def test_cim_eval_runs_several_chips_and_refuses_bad_devices(tmp_path):
     checkpoint = tmp_path / "float.h5"
     save_checkpoint(checkpoint, ResNet20(np.random.default_rng(1)),
                     config=dataclasses.asdict(TrainConfig(data="sample")))
-    result = run(REPO / "scripts/cim_eval.py", checkpoint, "--hw", "conductance_sigma=[-0.1]",
-                 check=False)
-    assert_one_line_error(result, "conductance_sigma must be >= 0")
+    out = run(REPO / "scripts/cim_eval.py", checkpoint, "--data", "sample", "--images", 3,
+              "--calib-images", 3, "--chips", 3, "--hw", "conductance_sigma=[0.3]",
+              "--json", tmp_path / "r.json", "--no-progress").stdout
+    result = json.loads((tmp_path / "r.json").read_text())
+    (only,) = result["runs"]
+    assert len(only["chip_accuracies"]) == len(only["chip_seconds"]) == 3
+    assert only["accuracy"] == pytest.approx(np.mean(only["chip_accuracies"]))
+    assert only["accuracy_worst"] == min(only["chip_accuracies"])
+    assert "3 chips per run" in out and "device: sigma 30 %" in out
+    for args, message in ((("--hw", "conductance_sigma=[-0.1]"), "conductance_sigma must be >= 0"),
+                          (("--chips", "2"), "the device model is ideal")):
+        assert_one_line_error(run(REPO / "scripts/cim_eval.py", checkpoint, "--data", "sample",
+                                  *args, check=False), message)
+
+
+def test_robustness_script_writes_a_point_per_knob_and_value(tmp_path):
+    checkpoint = tmp_path / "float.h5"
+    save_checkpoint(checkpoint, ResNet20(np.random.default_rng(1)),
+                    config=dataclasses.asdict(TrainConfig(data="sample")))
+    out = tmp_path / "study"
+    run(REPO / "scripts/robustness.py", checkpoint, "--data", "sample", "--images", 3,
+        "--calib-images", 3, "--chips", 2, "--sigmas", 0, 0.2, "--stuck-rates", 0, 0.05,
+        "--weight-encoding", "twos_complement", "sign_magnitude", "--adc-bits", 5,
+        "--out", out, "--no-progress")
+    rows = json.loads((out / "robustness.json").read_text())
+    assert [(row["encoding"], row["knob"], row["value"], row["chips"]) for row in rows] == [
+        (encoding, knob, value, 2 if value else 1) for encoding in ("twos_complement",
+                                                                    "sign_magnitude")
+        for knob, values in (("sigma", (0, 0.2)), ("stuck", (0, 0.05))) for value in values]
+    for row in rows:
+        assert row["images"] == 3 and row["accuracy_worst"] <= row["accuracy_mean"]
+    assert (out / "robustness.csv").read_text().count("\n") == len(rows) + 1
+    for flag, values, message in (("--sigmas", ("-0.1",), "conductance_sigma must be >= 0"),
+                                  ("--stuck-rates", ("1.5",), "stuck_low_rate + "
+                                                              "stuck_high_rate must be <= 1")):
+        failed = run(REPO / "scripts/robustness.py", checkpoint, "--data", "sample", flag,
+                     *values, "--out", out, check=False)
+        assert_one_line_error(failed, message)

@@ -1,0 +1,209 @@
+"""Accuracy on the simulated array against device non-idealities: for each checkpoint and
+weight encoding, the CIM accuracy against the device-to-device conductance spread (lognormal
+sigma, every state) and against the stuck-at rate (half the stuck cells at 00, half at 11),
+each over several simulated chips (docs/cim-model.md, "Device model").
+
+    python scripts/robustness.py CKPT [CKPT ...] [--weight-encoding E [E ...]]
+        [--sigmas 0 0.025 0.05 0.1 0.2] [--stuck-rates 0 0.001 0.005 0.01 0.02]
+        [--chips 5] [--images 2000] [--chip-seed S] [--adc-bits N] [--hw KEY=VALUE ...]
+        [--data PATH] [--calib-images N] [--out DIR] [--threads N]
+
+The array is each checkpoint's stored one, changed by the flags (the ADC, and device settings
+such as read_noise or cell_conductance, which then apply at every point). Chip i of every point
+is drawn from the seed (S, i); the nominal point (sigma 0, stuck-at rate 0) is run once, since
+every chip of the ideal device is the same. Each checkpoint's calibration file (CKPT.cim.h5) is
+read or written as by cim_eval.py. Writes DIR/robustness.csv, DIR/robustness.json and, with
+matplotlib, DIR/robustness.png: the mean accuracy with its standard deviation over the chips
+as error bars.
+"""
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nptwofold.options import ScriptParser, threads_flag  # noqa: E402
+from nptwofold.threads import configure_threads  # noqa: E402  (must precede numpy)
+
+SWEPT = ("weight_encoding",)
+
+
+def parse_args(argv):
+    from nptwofold.cim.tools import add_cim_flags
+    from nptwofold.kernels.quant import ENCODINGS
+
+    parser = ScriptParser(__doc__)
+    parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="nptwofold checkpoints")
+    parser.add_argument("--sigmas", type=float, nargs="+", default=[0, 0.025, 0.05, 0.1, 0.2],
+                        help="lognormal sigmas of the conductance spread")
+    parser.add_argument("--stuck-rates", type=float, nargs="+",
+                        default=[0, 0.001, 0.005, 0.01, 0.02],
+                        help="shares of stuck cells, half at 00 and half at 11")
+    parser.add_argument("--chips", type=int, default=5, help="simulated chips per point")
+    parser.add_argument("--chip-seed", type=int, default=0, help="chip i is drawn from (S, i)")
+    parser.add_argument("--images", type=int, default=2000, help="first N test images")
+    array = add_cim_flags(parser, hardware_skip=SWEPT, skip=("images", "calibration"))
+    array.add_argument("--weight-encoding", nargs="+", choices=ENCODINGS,
+                       help="weight encodings to run (default: each checkpoint's)")
+    parser.add_argument("--out", default="results/robustness", help="output folder")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="threads of the CIM kernels (results do not depend on it)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    for name in ("chips", "images", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.chip_seed < 0:
+        parser.error("--chip-seed must be >= 0")
+    return args
+
+
+def device_points(hardware, sigmas, stuck_rates):
+    """[(knob, value, HardwareConfig)] of every point; a bad value raises (NptwofoldError)
+    here, before any work."""
+    points = [("sigma", sigma, dataclasses.replace(hardware, conductance_sigma=[sigma]))
+              for sigma in sigmas]
+    points += [("stuck", rate, dataclasses.replace(hardware, stuck_low_rate=rate / 2,
+                                                   stuck_high_rate=rate / 2))
+               for rate in stuck_rates]
+    return points
+
+
+def accuracy_on_chips(network, images, labels, chips, seed, batch_size, bar):
+    """[(accuracy, seconds)] of `network` on each of `chips` chips."""
+    import numpy as np
+
+    results = []
+    for chip in range(chips):
+        network.draw_chip((seed, chip))
+        started = time.perf_counter()
+        predictions = []
+        for start in range(0, len(images), batch_size):
+            predictions.append(network.cim_logits(images[start:start + batch_size]).argmax(1))
+            bar.update(min(batch_size, len(images) - start))
+        results.append((float(np.mean(np.concatenate(predictions) == labels)),
+                        time.perf_counter() - started))
+    return results
+
+
+def study(args):
+    import numpy as np
+    from tqdm import tqdm
+
+    from nptwofold.cim.network import CimNetwork
+    from nptwofold.cim.tools import calibration_cache, dataset_of, open_checkpoint, options_of
+
+    options = options_of(args)
+    rows = []
+    for path in args.checkpoints:
+        model, method, content, hardware, notes = open_checkpoint(path, args, SWEPT)
+        encodings = args.weight_encoding or [hardware.weight_encoding]
+        variants = [dataclasses.replace(hardware, weight_encoding=e) for e in encodings]
+        points = [device_points(variant, args.sigmas, args.stuck_rates) for variant in variants]
+        dataset = dataset_of(options, content)
+        images, labels = (dataset.test_images[:args.images], dataset.test_labels[:args.images])
+        network = CimNetwork(model, method, variants[0])
+        cache = calibration_cache(path, options, dataset, log=tqdm.write, content=content)
+        cache.prepare(network)
+        networks = []
+        for variant in variants:  # each encoding's ADC ranges, counted once and cached
+            networks.append(network.with_hardware(variant))
+            cache.ensure_adc(networks[-1])
+            network.adc_histograms = {**networks[-1].adc_histograms, **network.adc_histograms}
+        cache.save(network)
+        for variant_network, variant_points in zip(networks, points):
+            encoding = variant_network.hardware.weight_encoding
+            nominal = None
+            for knob, value, device in variant_points:
+                if value == 0 and nominal is not None:  # the nominal array, already run
+                    rows.append({**nominal, "knob": knob})
+                    tqdm.write(format_row(rows[-1]))
+                    continue
+                chips = 1 if value == 0 else args.chips
+                with tqdm(total=len(images) * chips, unit="img", leave=False,
+                          desc=f"{Path(path).name} {encoding} {knob} {value:g}",
+                          disable=args.no_progress) as bar:
+                    results = accuracy_on_chips(variant_network.with_hardware(device), images,
+                                                labels, chips, args.chip_seed,
+                                                options.eval_batch_size, bar)
+                accuracies = [accuracy for accuracy, _ in results]
+                row = dict(checkpoint=str(path), encoding=encoding, knob=knob, value=value,
+                           chips=len(results), images=len(images),
+                           accuracy_mean=float(np.mean(accuracies)),
+                           accuracy_sd=float(np.std(accuracies, ddof=1))
+                           if len(results) > 1 else 0.0,
+                           accuracy_worst=min(accuracies),
+                           seconds_per_chip=float(np.mean([s for _, s in results])))
+                rows.append(row)
+                if value == 0:
+                    nominal = row
+                tqdm.write(format_row(row))
+    return rows
+
+
+def format_row(row):
+    return (f"{Path(row['checkpoint']).name:<24}{row['encoding']:<17}{row['knob']:<7}"
+            f"{row['value']:>7.3f}{row['chips']:>6}{row['accuracy_mean']:>9.4f}"
+            f"{row['accuracy_sd']:>8.4f}{row['accuracy_worst']:>8.4f}"
+            f"{row['seconds_per_chip']:>9.1f}")
+
+
+HEADER = (f"{'checkpoint':<24}{'encoding':<17}{'knob':<7}{'value':>7}{'chips':>6}"
+          f"{'accuracy':>9}{'sd':>8}{'worst':>8}{'s/chip':>9}")
+
+
+def plot(rows, path):
+    """Mean accuracy (error bars: sd over chips) against sigma and against the stuck-at rate,
+    one line per checkpoint and encoding."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nptwofold.files import atomic_write
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for axis, knob, xlabel in ((axes[0], "sigma", "conductance spread, lognormal sigma (%)"),
+                               (axes[1], "stuck", "stuck-at cells (%)")):
+        for key in dict.fromkeys((row["checkpoint"], row["encoding"]) for row in rows):
+            series = [row for row in rows if (row["checkpoint"], row["encoding"]) == key
+                      and row["knob"] == knob]
+            axis.errorbar([100 * row["value"] for row in series],
+                          [100 * row["accuracy_mean"] for row in series],
+                          [100 * row["accuracy_sd"] for row in series], marker="o", capsize=3,
+                          label=f"{Path(key[0]).name}, {key[1]}")
+        axis.set(xlabel=xlabel, ylabel="test accuracy (%)")
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+    plt.close(figure)
+
+
+def main(argv=None):
+    threads = threads_flag(argv)
+    configure_threads(threads, numba_threads=threads)
+    args = parse_args(argv)
+
+    from nptwofold.errors import NptwofoldError
+    from nptwofold.files import write_csv, write_json
+
+    out = Path(args.out)
+    try:
+        if out.exists() and not out.is_dir():
+            raise NptwofoldError(f"--out {out} is a file, not a folder")
+        print(HEADER)
+        rows = study(args)
+        write_csv(out / "robustness.csv", rows)
+        write_json(out / "robustness.json", rows)
+        try:
+            plot(rows, out / "robustness.png")
+        except ImportError:
+            print("plot skipped: matplotlib is not installed (pip install -e '.[plot]')")
+        print(f"wrote {out / 'robustness.csv'} and {out / 'robustness.json'}")
+    except NptwofoldError as exc:
+        sys.exit(f"error: {exc}")
+    except OSError as error:
+        sys.exit(f"error: cannot write to {out}: {error.strerror or error}")
+
+
+if __name__ == "__main__":
+    main()
