@@ -94,8 +94,9 @@ class ChipCrossbar:
     their drawn conductances, and the bit-serial array output computed with them.
 
     The crossbars are grouped by the rows they store (every column tile of a dense layer
-    stores the same rows), so each group's partial sums of an input bit are one matmul of the
-    bit plane with the group's (rows, columns) matrix of G - G_off.
+    stores the same rows): a group is one row tile of column tiles that store the same rows, with
+    its (rows, columns) matrices of G - G_off and G^2, so an input bit's partial sums are the sum
+    of the matrix rows it drives (`kernels.cim_analog`).
     """
 
     def __init__(self, crossbar, hardware, seed):
