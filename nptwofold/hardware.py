@@ -3,8 +3,8 @@
 `HardwareConfig` is the one carrier of the array's facts: the weight encoding, the weight and
 activation bits, the crossbar size, the ADC, the energy table (the poster's numbers and the
 assumed ones) and the device model (conductances, their spread, read noise and stuck-at cells,
-`cim.variation`; ideal by default). It is declared with `options.option` like the training options, nested in the
-training config (`TrainConfig.hardware`), stored in every checkpoint, and the default of every
+`cim.variation`; ideal by default). It is declared with `options.option` like the training
+options, nested in the training config (`TrainConfig.hardware`), stored in every checkpoint, and the default of every
 tool that maps a model (`scripts/cim_eval.py`, `scripts/adc_finetune.py`,
 `scripts/cim_mask_groups.py`) and of the energy regularizer. The five knobs a study varies have
 flags of their own (`--weight-encoding`, `--weight-bits`, `--activation-bits`, `--adc-bits`,

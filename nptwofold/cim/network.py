@@ -239,8 +239,8 @@ class CimNetwork:
 
     def draw_chip(self, seed):
         """The CIM runs from now on are on one chip of the hardware's device model, drawn from
-        `seed` (an int or a tuple of ints, `cim.variation.Chip`); with the ideal device every chip is the nominal array, and
-        the runs stay on the exact integer path."""
+        `seed` (an int or a tuple of ints, `cim.variation.Chip`); with the ideal device every
+        chip is the nominal array, and the runs stay on the exact integer path."""
         self.chip = None if is_ideal_device(self.hardware) else Chip(
             {name: layer.crossbar for name, layer in self.layers.items()}, self.hardware, seed)
 
