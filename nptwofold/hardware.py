@@ -4,11 +4,12 @@
 activation bits, the crossbar size, the ADC, the energy table (the poster's numbers and the
 assumed ones) and the device model (conductances, their spread, read noise and stuck-at cells,
 `cim.variation`; ideal by default). It is declared with `options.option` like the training
-options, nested in the training config (`TrainConfig.hardware`), stored in every checkpoint, and the default of every
-tool that maps a model (`scripts/cim_eval.py`, `scripts/adc_finetune.py`,
-`scripts/cim_mask_groups.py`) and of the energy regularizer. The five knobs a study varies have
-flags of their own (`--weight-encoding`, `--weight-bits`, `--activation-bits`, `--adc-bits`,
-`--adc-range`); the constants are set with `--hw KEY=VALUE` or `--hw-config FILE`.
+options, nested in the training config (`TrainConfig.hardware`), stored in every checkpoint,
+and the default of every tool that maps a model (`scripts/cim_eval.py`,
+`scripts/adc_finetune.py`, `scripts/cim_mask_groups.py`) and of the energy regularizer. The
+five knobs a study varies have flags of their own (`--weight-encoding`, `--weight-bits`,
+`--activation-bits`, `--adc-bits`, `--adc-range`); the constants and the device model are set
+with `--hw KEY=VALUE` or `--hw-config FILE`.
 `resolve_hardware` applies them to a checkpoint's stored config and says what it used.
 
 docs/cim-model.md explains each assumption.
