@@ -40,7 +40,8 @@ def parse_args(argv):
                         default=[0, 0.001, 0.005, 0.01, 0.02],
                         help="shares of stuck cells, half at 00 and half at 11")
     parser.add_argument("--chips", type=int, default=5, help="simulated chips per point")
-    parser.add_argument("--chip-seed", type=int, default=0, help="chip i is drawn from (S, i)")
+    parser.add_argument("--chip-seed", type=int, default=0, metavar="S",
+                        help="chip i is drawn from (S, i) (default 0)")
     parser.add_argument("--images", type=int, default=2000, help="first N test images")
     array = add_cim_flags(parser, hardware_skip=SWEPT, skip=("images", "calibration"))
     array.add_argument("--weight-encoding", nargs="+", choices=ENCODINGS,
