@@ -185,21 +185,23 @@ def main(argv=None):
     args = parse_args(argv)
 
     from nptwofold.errors import NptwofoldError
-    from nptwofold.files import write_csv, write_json
+    from nptwofold.files import check_output_file, write_csv, write_json
 
     out = Path(args.out)
+    paths = {kind: out / f"robustness.{kind}" for kind in ("csv", "json", "png")}
     try:
-        if out.exists() and not out.is_dir():
-            raise NptwofoldError(f"--out {out} is a file, not a folder")
+        for path in paths.values():
+            check_output_file(path)
         print(HEADER)
         rows = study(args)
-        write_csv(out / "robustness.csv", rows)
-        write_json(out / "robustness.json", rows)
+        write_csv(paths["csv"], rows)
+        write_json(paths["json"], rows)
+        print(f"wrote {paths['csv'].absolute()} and {paths['json'].absolute()}")
         try:
-            plot(rows, out / "robustness.png")
+            plot(rows, paths["png"])
+            print(f"wrote {paths['png'].absolute()}")
         except ImportError:
             print("plot skipped: matplotlib is not installed (pip install -e '.[plot]')")
-        print(f"wrote {out / 'robustness.csv'} and {out / 'robustness.json'}")
     except NptwofoldError as exc:
         sys.exit(f"error: {exc}")
     except OSError as error:
