@@ -45,6 +45,10 @@ CIM_LOG = "cim_eval.log"
 CIM_REPORT = "cim_eval.json"
 CIM_KEY = "cim_eval.key.json"  # what CIM_REPORT was computed from: its flags and the run's DONE
 TABLE = "results"           # results.md, results.csv, results.json
+CHIPS = "chips"             # chips.md, .csv, .json: each run's row on the chip it would be built as
+REFERENCE = "reference"     # OUT/reference/: the reference chip's cim_eval report
+# cim_eval flags the reference chip shares with the runs, so that both count the same images
+SAME_IMAGES = ("data", "images", "calib_images")
 FORMAT = "nptwofold-sweep"
 INSTALL_HINT = "the sweep runs on Dask: pip install -e '.[cluster]' (dask, distributed, " \
                "dask-jobqueue)"
@@ -136,15 +140,51 @@ def _value_text(value):
     return FOLDER_CHARACTERS.sub("~", str(value)).strip(".") or "~"
 
 
+def _checked_chip(chip, cim_eval):
+    """The chip table: `adc_tolerance` (points; each run's chip takes the narrowest ADC width
+    cim_eval evaluated whose accuracy is within it of the ideal ADC's), `reference` (a
+    checkpoint: the chip every energy is compared with) and `reference_flags` (its cim_eval
+    flags, one encoding and one ADC width)."""
+    if not isinstance(chip, dict):
+        raise NptwofoldError(f"chip must be a table (got {chip!r})")
+    chip = {_flag_key(name, "chip", {}): value for name, value in chip.items()}
+    unknown = set(chip) - {"adc_tolerance", "reference", "reference_flags"}
+    if unknown:
+        raise NptwofoldError("chip: unknown key(s) " + ", ".join(sorted(unknown))
+                             + " (known: adc-tolerance, reference, reference-flags)")
+    if "adc_tolerance" in chip:
+        tolerance = chip["adc_tolerance"]
+        if (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                or not math.isfinite(tolerance) or tolerance < 0):
+            raise NptwofoldError(f"chip: adc-tolerance must be a number of points >= 0 (got "
+                                 f"{tolerance!r})")
+        widths = cim_eval.get("adc_bits")
+        if not (isinstance(widths, list) and 0 in widths and len(widths) > 1):
+            raise NptwofoldError("chip: adc-tolerance needs cim_eval adc-bits listing the "
+                                 "ideal ADC (0) and the widths to choose from, e.g. "
+                                 "[0, 4, 5, 6, 7, 8]")
+    if "reference" in chip and not isinstance(chip["reference"], str):
+        raise NptwofoldError(f"chip: reference must be a checkpoint path (got "
+                             f"{chip['reference']!r})")
+    if "reference_flags" in chip:
+        if "reference" not in chip:
+            raise NptwofoldError("chip: reference-flags need a reference checkpoint")
+        chip["reference_flags"] = _checked_flags(chip["reference_flags"],
+                                                 "chip: reference-flags", CIM_RESERVED)
+    return chip
+
+
 @dataclasses.dataclass
 class Sweep:
     """The grid: `axes` {flag: [values]} (product, first axis outermost), `flags` given to every
-    run, `cim_eval` flags of the collection. Flag names use underscores. An axis of variants
+    run, `cim_eval` flags of the collection, `chip` how each run's chip is chosen and the
+    reference chip (`_checked_chip`). Flag names use underscores. An axis of variants
     has any name and tables as values, each a `name` and the flags it sets (Reg_Bit off: beta
     0; on: beta 20 with a precision budget), for runs that differ in several flags at once."""
     axes: dict
     flags: dict = dataclasses.field(default_factory=dict)
     cim_eval: dict = dataclasses.field(default_factory=dict)
+    chip: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.axes, dict) or not self.axes:
@@ -177,6 +217,7 @@ class Sweep:
             raise NptwofoldError("set by two axes, or an axis and a shared flag: "
                                  + ", ".join(map(flag_name, sorted(both))))
         self.cim_eval = _checked_flags(self.cim_eval, "cim_eval", CIM_RESERVED)
+        self.chip = _checked_chip(self.chip, self.cim_eval)
 
     def runs(self):
         """{folder name: (axis values {axis: value or variant name}, train_cifar flags)}, in
@@ -205,8 +246,8 @@ class Sweep:
 
 
 def load_sweep_file(path):
-    """A Sweep from a TOML (Python >= 3.11) or JSON file with tables `axes`, `flags` and
-    `cim_eval`."""
+    """A Sweep from a TOML (Python >= 3.11) or JSON file with tables `axes`, `flags`,
+    `cim_eval` and `chip`."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -230,13 +271,14 @@ def load_sweep_file(path):
     else:
         raise NptwofoldError(f"sweep file {path} must end in .toml or .json")
     if not isinstance(content, dict):
-        raise NptwofoldError(f"{path} must hold tables axes, flags and cim_eval")
-    unknown = set(content) - {"axes", "flags", "cim_eval"}
+        raise NptwofoldError(f"{path} must hold tables axes, flags, cim_eval and chip")
+    unknown = set(content) - {"axes", "flags", "cim_eval", "chip"}
     if unknown:
         raise NptwofoldError(f"{path}: unknown table(s) {', '.join(sorted(unknown))} (known: "
-                             "axes, flags, cim_eval)")
+                             "axes, flags, cim_eval, chip)")
     try:
-        return Sweep(content.get("axes"), content.get("flags", {}), content.get("cim_eval", {}))
+        return Sweep(content.get("axes"), content.get("flags", {}), content.get("cim_eval", {}),
+                     content.get("chip", {}))
     except NptwofoldError as exc:
         raise NptwofoldError(f"{path}: {exc}") from None
 
@@ -329,14 +371,70 @@ def evaluate_run(run_dir, point, cim_argv, workdir, run_threads):
     folder and reused while the run and the flags are unchanged."""
     run_dir = Path(run_dir)
     final = final_folder(run_dir)
-    key = dict(cim_eval=cim_argv, trained=_read_json(run_dir / DONE))
-    if not ((run_dir / CIM_REPORT).exists() and (run_dir / CIM_KEY).exists()
-            and _read_json(run_dir / CIM_KEY) == key):
-        _run_script("cim_eval.py", [str(final / "last.h5"), *cim_argv, "--threads",
-                                    str(run_threads), "--no-progress", "--json",
-                                    str(run_dir / CIM_REPORT)], run_dir / CIM_LOG, workdir)
-        write_json(run_dir / CIM_KEY, key)
-    return run_rows(run_dir, point, final, _read_json(run_dir / CIM_REPORT))
+    report = cached_cim_eval(final / "last.h5", cim_argv, run_dir,
+                             dict(cim_eval=cim_argv, trained=_read_json(run_dir / DONE)),
+                             workdir, run_threads)
+    return run_rows(run_dir, point, final, report)
+
+
+def evaluate_reference(out, sweep, workdir, run_threads):
+    """The reference chip's `cim_eval.py --json` report, on the runs' images, kept in
+    OUT/reference/ and reused while the checkpoint and the flags are unchanged."""
+    folder = Path(out) / REFERENCE
+    folder.mkdir(exist_ok=True)
+    checkpoint = Path(workdir, sweep.chip["reference"])
+    try:
+        written = checkpoint.stat()
+    except OSError as exc:
+        raise NptwofoldError(f"reference chip {checkpoint}: {exc.strerror}") from None
+    argv = to_argv({**{key: value for key, value in sweep.cim_eval.items()
+                       if key in SAME_IMAGES}, **sweep.chip.get("reference_flags", {})})
+    report = cached_cim_eval(checkpoint, argv, folder, dict(
+        cim_eval=argv, checkpoint=str(checkpoint), size=written.st_size,
+        modified_ns=written.st_mtime_ns), workdir, run_threads)
+    if len(report["runs"]) != 1:
+        raise NptwofoldError("chip: reference-flags must give one encoding and one ADC width "
+                             f"(cim_eval ran {len(report['runs'])} variants)")
+    return report
+
+
+def cached_cim_eval(checkpoint, argv, folder, key, workdir, run_threads):
+    """`cim_eval.py CHECKPOINT ARGV --json`'s report, kept in `folder` and reused while `key`
+    (what it was computed from) is unchanged."""
+    folder = Path(folder)
+    if not ((folder / CIM_REPORT).exists() and (folder / CIM_KEY).exists()
+            and _read_json(folder / CIM_KEY) == key):
+        _run_script("cim_eval.py", [str(checkpoint), *argv, "--threads", str(run_threads),
+                                    "--no-progress", "--json", str(folder / CIM_REPORT)],
+                    folder / CIM_LOG, workdir)
+        write_json(folder / CIM_KEY, key)
+    return _read_json(folder / CIM_REPORT)
+
+
+def chip_rows(rows, chip, reference=None):
+    """Each run's row per encoding on the chip it would be built as: the narrowest ADC width
+    whose accuracy is within chip["adc_tolerance"] points of the ideal ADC's (the ideal row
+    when no width is, or without a tolerance). With the `reference` chip's report, each gets its total energy's ratio
+    to the reference chip's and its accuracy lost against the reference model's float
+    accuracy, in points."""
+    tolerance = chip.get("adc_tolerance")
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["run"], row["encoding"]), []).append(row)
+    picked = []
+    for group in groups.values():
+        ideal = [row for row in group if row["adc_bits"] == 0]
+        finite = sorted((row for row in group if row["adc_bits"]), key=lambda r: r["adc_bits"])
+        within = [row for row in finite if tolerance is not None and ideal
+                  and row["cim_acc"] >= ideal[0]["cim_acc"] - tolerance / 100]
+        picked.append(dict((within or ideal or finite[-1:])[0]))
+    if reference is not None:
+        reference_nj = reference["runs"][0]["total"]["total_pj"] / 1e3
+        for row in picked:
+            row.update(acc_lost_pt=100 * (reference["accuracy"]["float"] - row["cim_acc"]),
+                       reference_nj=reference_nj, reference_ratio=reference_nj
+                       / row["energy_nj"])
+    return picked
 
 
 def run_rows(run_dir, point, final, cim_report):
@@ -359,7 +457,8 @@ def run_rows(run_dir, point, final, cim_report):
             row, encoding=variant["encoding"],
             adc=f"{variant['adc_bits']}-bit {variant['adc_range']}" if variant["adc_bits"]
             else "ideal",
-            cim_acc=variant["accuracy"], energy_nj=energy["total_pj"] / 1e3,
+            adc_bits=variant["adc_bits"], cim_acc=variant["accuracy"],
+            energy_nj=energy["total_pj"] / 1e3,
             cells_nj=energy["cells_pj"] / 1e3, adc_nj=energy["adc_pj"] / 1e3,
             lfsr_nj=energy["lfsr_pj"] / 1e3, baseline_nj=energy["baseline_total_pj"] / 1e3,
             energy_ratio=energy["baseline_ratio"], cim_images=cim_report["n_images"]))
@@ -399,7 +498,8 @@ def open_sweep_folder(out, sweep, check_flags=False):
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             raise NptwofoldError(f"{manifest} is not a sweep manifest (format {FORMAT})")
         if sweep is None:
-            return Sweep(saved["axes"], saved["flags"], saved.get("cim_eval", {}))
+            return Sweep(saved["axes"], saved["flags"], saved.get("cim_eval", {}),
+                         saved.get("chip", {}))
         stored = dict(axes=saved["axes"], flags=saved["flags"])
         if stored != sweep.grid():
             differ = [flag_name(name) for part in ("axes", "flags")
@@ -418,6 +518,7 @@ def open_sweep_folder(out, sweep, check_flags=False):
     if check_flags:
         check_run_flags(sweep)
     write_json(manifest, dict(format=FORMAT, version=1, **sweep.grid(), cim_eval=sweep.cim_eval,
+                              chip=sweep.chip,
                               runs=list(sweep.runs())))
     return sweep
 
@@ -550,6 +651,11 @@ def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_thread
         if client.dashboard_link:
             print_line(f"dashboard: {client.dashboard_link}")
         failures, rows, training, collecting = {}, {}, {}, {}
+        reference = None
+        if sweep.chip.get("reference"):
+            reference = client.submit(evaluate_reference, str(out), sweep, workdir, run_threads,
+                                      key=f"reference-{time.time_ns()}", retries=retries,
+                                      pure=False)
 
         def collect(name):
             point = runs[name][0]
@@ -603,10 +709,25 @@ def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_thread
                 running = min(sum(future.key in processing for future in training), slots)
                 progress.update(done, running, failed, slots)
         ordered = [row for name in runs if name in rows for row in rows[name]]
+        reference_report = None
+        if reference is not None:
+            distributed.wait([reference])
+            if reference.status == "finished":
+                reference_report = reference.result()
+            else:
+                failures[REFERENCE] = _failure(reference, out / REFERENCE)
+                print_line(f"reference chip failed: {failures[REFERENCE]} (log: "
+                           f"{out / REFERENCE / CIM_LOG})")
         if ordered:
-            write_tables(out, ordered, sweep)
+            write_tables(out, TABLE, ordered, sweep)
             print_line(f"table: {out / TABLE}.md (.csv, .json)")
-            plots = draw_plots(out, ordered, sweep)
+            plotted, variant_keys = ordered, ("encoding", "adc")
+            if sweep.chip:
+                plotted, variant_keys = chip_rows(ordered, sweep.chip, reference_report), \
+                    ("encoding",)
+                write_tables(out, CHIPS, plotted, sweep)
+                print_line(f"chips: {out / CHIPS}.md (.csv, .json)")
+            plots = draw_plots(out, plotted, sweep, variant_keys)
             if plots is None:
                 print_line("matplotlib is not installed: plots skipped (pip install "
                            "matplotlib)")
@@ -621,20 +742,22 @@ def _cell(value):
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def write_tables(out, rows, sweep):
+def write_tables(out, name, rows, sweep):
     columns = list(dict.fromkeys(key for row in rows for key in row))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(column, "")) for column in columns) + " |"
               for row in rows]
     text = "\n".join(lines) + "\n"
-    atomic_write(out / f"{TABLE}.md", lambda tmp: Path(tmp).write_text(text))
-    write_csv(out / f"{TABLE}.csv", rows)
-    write_json(out / f"{TABLE}.json", dict(**sweep.grid(), cim_eval=sweep.cim_eval, rows=rows))
+    atomic_write(out / f"{name}.md", lambda tmp: Path(tmp).write_text(text))
+    write_csv(out / f"{name}.csv", rows)
+    write_json(out / f"{name}.json", dict(**sweep.grid(), cim_eval=sweep.cim_eval,
+                                          chip=sweep.chip, rows=rows))
 
 
-def draw_plots(out, rows, sweep):
+def draw_plots(out, rows, sweep, variant_keys=("encoding", "adc")):
     """Accuracy and energy against the first numeric axis, one line per value of the other
-    axes and array variant, and accuracy against energy; None without matplotlib."""
+    axes and of the row keys `variant_keys`, and accuracy against energy; None without
+    matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -644,7 +767,7 @@ def draw_plots(out, rows, sweep):
 
     numeric = [axis for axis, values in sweep.axes.items() if all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)]
-    others = [axis for axis in sweep.axes if axis not in numeric[:1]] + ["encoding", "adc"]
+    others = [axis for axis in sweep.axes if axis not in numeric[:1]] + list(variant_keys)
     series = {}
     for row in rows:
         label = ", ".join(f"{row[key]}" for key in others if key in row)

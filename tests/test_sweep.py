@@ -17,7 +17,7 @@ import pytest
 from helpers import REPO, assert_one_line_error, run
 from nptwofold.errors import NptwofoldError
 from nptwofold.sweep import (CLUSTERS, DONE, MANIFEST, ORPHAN_GUARD, TRAIN_LOG, Sweep,
-                             check_run_flags, load_sweep_file, open_sweep_folder, parse_value,
+                             check_run_flags, chip_rows, load_sweep_file, open_sweep_folder, parse_value,
                              run_sweep, sweep_lock, train_run)
 
 TINY = dict(preset="quick", epochs=2, warmup_epochs=0)  # about 10 s of training per run
@@ -341,3 +341,51 @@ def test_a_batch_queue_job_starts_one_single_threaded_worker(kind):
         assert options["nthreads"] == 1 and options["nanny"]
     finally:
         cluster.close()
+
+
+def chip_test_rows():
+    """Rows of two runs as run_rows makes them: ideal and finite ADC widths, two encodings."""
+    rows = []
+    for run, accuracies in (("a", {0: 0.90, 4: 0.80, 5: 0.896, 6: 0.899, 8: 0.90}),
+                            ("b", {0: 0.70, 4: 0.60, 5: 0.61, 8: 0.692})):
+        for encoding in ("sign_magnitude", "twos_complement"):
+            for bits, accuracy in accuracies.items():
+                if encoding == "twos_complement":
+                    accuracy -= 0.1 * (bits not in (0, 8))  # only 8 bits keeps it
+                rows.append(dict(run=run, encoding=encoding, adc_bits=bits, cim_acc=accuracy,
+                                 energy_nj=100.0 + bits))
+    return rows
+
+
+def test_each_run_gets_the_narrowest_adc_within_the_tolerance():
+    picked = {(row["run"], row["encoding"]): row["adc_bits"]
+              for row in chip_rows(chip_test_rows(), dict(adc_tolerance=0.5))}
+    # run a: 5 bits is 0.4 points below ideal; b: no width within 0.5 points but 8 bits
+    # (0.692 against 0.70 is 0.8 points), so its chip keeps the ideal ADC's row
+    assert picked == {("a", "sign_magnitude"): 5, ("a", "twos_complement"): 8,
+                      ("b", "sign_magnitude"): 0, ("b", "twos_complement"): 0}
+    wider = {(row["run"], row["encoding"]): row["adc_bits"]
+             for row in chip_rows(chip_test_rows(), dict(adc_tolerance=1.0))}
+    assert wider[("b", "sign_magnitude")] == 8 and wider[("a", "sign_magnitude")] == 5
+    assert {row["adc_bits"] for row in chip_rows(chip_test_rows(), {})} == {0}
+
+
+def test_chips_compare_with_the_reference_chip():
+    reference = dict(accuracy=dict(float=0.91), runs=[dict(total=dict(total_pj=420e3))])
+    for row in chip_rows(chip_test_rows(), dict(adc_tolerance=0.5), reference):
+        assert row["reference_ratio"] == pytest.approx(420.0 / row["energy_nj"])
+        assert row["acc_lost_pt"] == pytest.approx(100 * (0.91 - row["cim_acc"]))
+
+
+@pytest.mark.parametrize("chip,cim_eval,fragment", [
+    (dict(adc_tolerance=0.5), {}, "needs cim_eval adc-bits listing the ideal ADC (0)"),
+    (dict(adc_tolerance=0.5), dict(adc_bits=[4, 5]), "listing the ideal ADC (0)"),
+    (dict(adc_tolerance=-1), dict(adc_bits=[0, 5]), "adc-tolerance must be a number of points"),
+    (dict(reference_flags=dict(adc_bits=8)), {}, "reference-flags need a reference"),
+    (dict(reference="x.h5", reference_flags=dict(json="r.json")), {}, "--json cannot be set"),
+    (dict(margin=1), {}, "unknown key(s) margin"),
+])
+def test_bad_chip_tables_are_one_line(chip, cim_eval, fragment):
+    with pytest.raises(NptwofoldError) as error:
+        Sweep(dict(seed=[0]), TINY, cim_eval, chip)
+    assert fragment in str(error.value)
