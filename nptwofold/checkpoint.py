@@ -11,6 +11,10 @@ Layout (documented in docs/checkpoint-format.md):
                      `cim.calibration`): attrs activation_bits, weight_bits,
                      calibration_images; /cim/<layer> attr activation_clip and datasets
                      adc_histogram.<encoding>.<rows>x<cols> (partial-sum counts per ADC channel)
+A compact checkpoint (`save_compact`, format "nptwofold-compact-checkpoint") holds only the
+model: /model without the mapped layers' bit planes and scales, and /twofold/<layer> with just
+the integer `levels` and the attributes; no /optimizer or /train. Loading expands it into the
+content of a full checkpoint (the bit planes made from the levels), so every tool reads both.
 Files are written to a temporary name and renamed, so a crash never leaves half a checkpoint.
 Loading first refuses a file that reaches outside itself (links, external or virtual storage)
 or declares a dataset larger than a checkpoint holds, before reading any data; then it checks
@@ -30,12 +34,18 @@ from . import __version__
 from .config import TrainConfig, upgraded
 from .errors import NptwofoldError
 from .files import atomic_write
-from .kernels.quant import ENCODINGS
+from .kernels.quant import ENCODINGS, decompose, level_dtype, max_level
 from .model import STAGE_CHANNELS
 from .options import above, at_least, between
 
 FORMAT = "nptwofold-checkpoint"
 FORMAT_VERSION = 1
+COMPACT_FORMAT = "nptwofold-compact-checkpoint"
+COMPACT_FORMAT_VERSION = 1
+COMPACT_HDF5_FORMAT = ("v110", "latest")  # h5py libver: readable by HDF5 1.10 and later
+# a compact checkpoint compresses its arrays from this size on (a smaller one's chunk index
+# outweighs what gzip saves)
+COMPRESS_FROM_ELEMENTS = 256
 
 
 def save_checkpoint(path, model, optimizer=None, train_state=None, config=None,
@@ -43,18 +53,7 @@ def save_checkpoint(path, model, optimizer=None, train_state=None, config=None,
     """`extra_groups` maps a group name to a function that fills that group (e.g. /twofold)."""
     def write(tmp):
         with h5py.File(tmp, "w", track_order=True) as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["nptwofold_version"] = __version__
-            f.attrs["created_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-            f.attrs["config"] = json.dumps(config or {}, sort_keys=True)
-            group = f.create_group("model", track_order=True)
-            for name, value in model.state_arrays():
-                dataset = group.create_dataset(name, data=value)
-                if value.ndim == 4:
-                    dataset.attrs["layout"] = "OIHW"
-                elif value.ndim == 2:
-                    dataset.attrs["layout"] = "(out, in)"
+            _write_model(f, config, model.state_arrays())
             if optimizer is not None:
                 group = f.create_group("optimizer", track_order=True)
                 group.attrs.update(momentum=optimizer.momentum, nesterov=optimizer.nesterov,
@@ -68,6 +67,55 @@ def save_checkpoint(path, model, optimizer=None, train_state=None, config=None,
             for name, fill in (extra_groups or {}).items():
                 fill(f.create_group(name, track_order=True))
     atomic_write(path, write)
+
+
+def save_compact(path, model, config, twofold=None):
+    """Writes the compact checkpoint of `model` (with its `Twofold` state, if any): every
+    model array but the mapped layers' bit planes and scales, which /twofold holds as integer
+    levels (`Twofold.compact_layers`, which refuses a model that is not finished)."""
+    layers = None if twofold is None else twofold.compact_layers()
+    skipped = {f"{name}.{key}" for name in layers or {} for key in ("weight_bits", "weight_scale")}
+
+    def write(tmp):
+        # the HDF5 1.10 object format: its headers and single-chunk indexes are a third of
+        # the size of the oldest format's, which the full checkpoints keep
+        with h5py.File(tmp, "w", libver=COMPACT_HDF5_FORMAT) as f:
+            _write_model(f, config, [(name, value) for name, value in model.state_arrays()
+                                     if name not in skipped], compact=True)
+            if layers is not None:
+                group = f.create_group("twofold")
+                for name, (levels, attrs) in layers.items():
+                    layer = group.create_group(name)
+                    layer.create_dataset("levels", data=levels, **_compressed(levels))
+                    layer.attrs.update(attrs)
+    atomic_write(path, write)
+
+
+def _compressed(value):
+    """h5py dataset options for `value` in a compact checkpoint: one chunk per array (smaller
+    chunks leave padded edge chunks, which cost more than gzip saves), byte-shuffled so that
+    the floats' sign and exponent bytes compress together."""
+    if value.size < COMPRESS_FROM_ELEMENTS:
+        return {}
+    return dict(chunks=value.shape, compression="gzip", compression_opts=9, shuffle=True)
+
+
+def _write_model(f, config, arrays, compact=False):
+    """The root attributes and /model (`arrays`: (name, array) pairs) of a checkpoint, or of
+    a compact one (its arrays compressed, in name order)."""
+    f.attrs["format"] = COMPACT_FORMAT if compact else FORMAT
+    f.attrs["format_version"] = COMPACT_FORMAT_VERSION if compact else FORMAT_VERSION
+    f.attrs["nptwofold_version"] = __version__
+    f.attrs["created_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    f.attrs["config"] = json.dumps(config or {}, sort_keys=True)
+    group = f.create_group("model", track_order=not compact)
+    for name, value in arrays:
+        dataset = group.create_dataset(name, data=value,
+                                       **(_compressed(value) if compact else {}))
+        if value.ndim == 4:
+            dataset.attrs["layout"] = "OIHW"
+        elif value.ndim == 2:
+            dataset.attrs["layout"] = "(out, in)"
 
 
 def store_group(path, name, fill):
@@ -130,18 +178,23 @@ class _Invalid(Exception):
 
 def load_checkpoint(path):
     """Reads a whole checkpoint into {"config", "model", "optimizer", "train", "twofold",
-    "cim"} dictionaries, checking every dataset and attribute it reads: its type, dtype,
-    range and finiteness (docs/reliability.md). Shapes and names are checked against the
-    model when the arrays are restored."""
+    "cim", "compact"} dictionaries, checking every dataset and attribute it reads: its type,
+    dtype, range and finiteness (docs/reliability.md). Shapes and names are checked against
+    the model when the arrays are restored. A compact checkpoint ("compact" True) reads as the
+    full one it was made from, without optimizer, training state and /twofold's derived
+    arrays (`_compact_twofold`)."""
     path = check_checkpoint_file(path)
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != FORMAT:
+            file_format = f.attrs.get("format")
+            if file_format not in (FORMAT, COMPACT_FORMAT):
                 raise NptwofoldError(f"{path} is an HDF5 file but not an nptwofold checkpoint")
+            compact = file_format == COMPACT_FORMAT
+            readable = COMPACT_FORMAT_VERSION if compact else FORMAT_VERSION
             version = _attr(f, "format_version", "int", at_least(1))
-            if version > FORMAT_VERSION:
-                raise NptwofoldError(f"{path} has checkpoint format {version}; this nptwofold "
-                                     f"reads up to {FORMAT_VERSION}")
+            if version > readable:
+                raise NptwofoldError(f"{path} has {file_format} format {version}; this "
+                                     f"nptwofold reads up to {readable}")
             # in the current layout: older checkpoints kept the array's facts elsewhere
             config = upgraded(_attr(f, "config", "json", dict))
             try:
@@ -150,7 +203,12 @@ def load_checkpoint(path):
                 raise _Invalid(f"/@config: {exc}") from None
             check_self_contained(f, path)
             content = dict(config=config, model=_arrays(_group(f, "model")),
-                           optimizer=None, train=None, twofold=None, cim=None)
+                           optimizer=None, train=None, twofold=None, cim=None, compact=compact)
+            if compact:
+                if "twofold" in f:
+                    content["twofold"] = _compact_twofold(_group(f, "twofold"),
+                                                          content["model"])
+                return content
             if "optimizer" in f:
                 content["optimizer"] = _arrays(_group(f, "optimizer"))
             if "train" in f:
@@ -191,6 +249,43 @@ def load_checkpoint(path):
         raise NptwofoldError(f"cannot read checkpoint {path}: truncated or corrupt "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     return content
+
+
+def _compact_twofold(group, model):
+    """The /twofold entries (attrs and levels) of a compact checkpoint, each layer's levels
+    checked against its bit width, encoding and dropped planes; adds to the `model` arrays the
+    bit planes and scale they stand for. `Twofold.load_h5` checks the rest (the masks, and
+    that every cut weight is at level 0)."""
+    entries = {}
+    for name, layer in _subgroups(group):
+        attrs = {key: _attr(layer, key, *kind) for key, kind in TWOFOLD_ATTRS.items()}
+        where, bits, encoding = layer.name, attrs["bits"], attrs["encoding"]
+        levels = _dataset(layer, "levels", "i")
+        try:
+            highest, dtype = max_level(bits), level_dtype(bits)
+        except NptwofoldError as exc:
+            raise _Invalid(f"{where}/@bits: {exc}") from None
+        if levels.dtype != dtype:
+            raise _Invalid(f"{where}/levels is {levels.dtype}; {bits}-bit levels are {dtype}")
+        if levels.size and not -highest <= levels.min() <= levels.max() <= highest:
+            raise _Invalid(f"{where}/levels holds levels outside -{highest}..{highest}, the "
+                           f"range of {bits}-bit weights")
+        if not attrs["dropped_planes"] <= bits - 2:
+            raise _Invalid(f"{where}/@dropped_planes {attrs['dropped_planes']} is more than "
+                           f"b - 2 = {bits - 2}")
+        if (levels % 2 ** attrs["dropped_planes"]).any():
+            raise _Invalid(f"{where}/levels holds levels that are not multiples of 2^"
+                           f"{attrs['dropped_planes']} (@dropped_planes)")
+        if np.float32(attrs["scale"]) != attrs["scale"]:
+            raise _Invalid(f"{where}/@scale {attrs['scale']} is not a float32 value")
+        for key in ("weight_bits", "weight_scale"):
+            if f"{name}.{key}" in model:
+                raise _Invalid(f"/model/{name}.{key}: a compact checkpoint holds the mapped "
+                               "layers in /twofold only")
+        model[f"{name}.weight_bits"] = decompose(levels, bits, encoding).astype(np.float32)
+        model[f"{name}.weight_scale"] = np.array([attrs["scale"]], np.float32)
+        entries[name] = dict(attrs=attrs, levels=levels)
+    return entries
 
 
 def check_self_contained(f, path):

@@ -155,6 +155,9 @@ class Trainer:
         """Continues the run `path` holds; `epochs` trains a float run to that many epochs in
         all instead of its own number (`extended_config`)."""
         content = load_checkpoint(path)
+        if content["compact"]:
+            raise NptwofoldError(f"{path} is a compact checkpoint, with no optimizer or training "
+                                 "state, so it cannot be resumed; fine-tune from it with --init")
         if content["train"] is None:
             raise NptwofoldError(f"{path} holds no training state, so it cannot be resumed")
         config = TrainConfig.from_dict(content["config"])

@@ -1,5 +1,6 @@
 """What a twofold model reports and stores: the per-layer sparsity table (`layer_report`) and
-the /twofold group of a checkpoint (`write_h5`, `load_h5`; docs/checkpoint-format.md).
+the /twofold group of a checkpoint (`write_h5`, `load_h5`) and what a compact checkpoint
+holds of it (`compact_layers`; docs/checkpoint-format.md).
 """
 import numpy as np
 
@@ -79,28 +80,58 @@ class LayerReport:
     def write_h5(self, group):
         """The integer weights, exact bit planes, scale, keep-mask and LFSR parameters per layer."""
         b, encoding = self.bits, self.encoding
-        for name, layer in self.layers.items():
+        for name in self.layers:
             levels = self.levels(name)
-            scale = float(layer.buffers["weight_scale"][0])
-            mask = self.masks[name]
             sub = group.create_group(name)
             sub.create_dataset("levels", data=levels)
             sub.create_dataset("bit_planes", data=decompose(levels, b, encoding))
             sub.create_dataset("cells", data=weight_cells(levels, b, encoding))
-            sub.create_dataset("weight", data=(scale * levels / max_level(b)).astype(np.float32))
+            sub.create_dataset("weight", data=self._stored_weight(name, levels))
             sub.create_dataset("keep_mask", data=self.keep_mask(name))
-            sub.attrs.update(bits=b, scale=scale, lfsr_width=mask.width, lfsr_taps=list(mask.taps),
-                             lfsr_seed=mask.seed, kept=mask.kept, group=mask.group,
-                             rows=mask.mask.shape[0], cols=mask.mask.shape[1],
-                             lfsr_steps=mask.steps, dropped_planes=layer.dropped_planes,
-                             encoding=encoding)
+            sub.attrs.update(self._stored_attrs(name))
+
+    def compact_layers(self):
+        """{layer: (levels, /twofold attributes)}, what a compact checkpoint stores (its loader
+        rebuilds the planes and the mask from them). Refuses a model that is not finished,
+        whose planes the levels would not give back exactly: one with cut weights off level 0
+        (not hard-pruned) or with bits not exactly 0 or 1 (not re-binarized)."""
+        stored = {}
+        for name, layer in self.layers.items():
+            levels = self.levels(name)
+            if levels[self.keep_mask(name) == 0].any():
+                raise NptwofoldError(f"{name} has cut weights off level 0: the model is not "
+                                     "hard-pruned (a compact checkpoint holds a finished "
+                                     "model, e.g. a run's post/last.h5)")
+            if not np.array_equal(layer.params["weight_bits"],
+                                  decompose(levels, self.bits, self.encoding)):
+                raise NptwofoldError(f"{name}.weight_bits are not exactly the 0/1 planes of its "
+                                     "levels: the model is not re-binarized (a compact "
+                                     "checkpoint holds a finished model, e.g. a run's "
+                                     "post/last.h5)")
+            stored[name] = levels, self._stored_attrs(name)
+        return stored
+
+    def _stored_weight(self, name, levels):
+        scale = float(self.layers[name].buffers["weight_scale"][0])
+        return (scale * levels / max_level(self.bits)).astype(np.float32)
+
+    def _stored_attrs(self, name):
+        """The attributes of /twofold/<layer>: bits, scale, LFSR, shape and dropped planes."""
+        mask = self.masks[name]
+        return dict(bits=self.bits, scale=float(self.layers[name].buffers["weight_scale"][0]),
+                    lfsr_width=mask.width, lfsr_taps=list(mask.taps), lfsr_seed=mask.seed,
+                    kept=mask.kept, group=mask.group, rows=mask.mask.shape[0],
+                    cols=mask.mask.shape[1], lfsr_steps=mask.steps,
+                    dropped_planes=self.layers[name].dropped_planes, encoding=self.encoding)
 
     def load_h5(self, stored, path):
         """Takes each layer's dropped planes from a stored /twofold group (read and type-checked
         by `load_checkpoint`), after the model's weight_bits were restored. Everything stored
         must agree exactly: the keep-mask with the one its LFSR parameters generate and with
         this run's config, the levels with weight_bits, the bit planes and the weight with the
-        levels."""
+        levels. A compact checkpoint's entry holds only the levels and attributes (its planes
+        are made from the levels): its mask is the regenerated one, and every weight it cuts
+        must be at level 0, since a compact file holds a finished model."""
         if set(stored) != set(self.layers):
             raise NptwofoldError(f"{path}: /twofold layers {sorted(stored)[:3]}... do not "
                                  "match the model's mapped layers")
@@ -122,7 +153,7 @@ class LayerReport:
                                      f"{attrs['cols']}, the layer is "
                                      f"{layer_matrix_shape(shape)}")
             for key in ("levels", "weight", "keep_mask"):
-                if entry[key].shape != shape:
+                if key in entry and entry[key].shape != shape:
                     raise NptwofoldError(f"{where}/{key} has shape {entry[key].shape}, the layer "
                                          f"needs {shape}")
             try:
@@ -131,8 +162,9 @@ class LayerReport:
                     attrs["group"], attrs["lfsr_width"], attrs["lfsr_taps"])
             except NptwofoldError as exc:
                 raise NptwofoldError(f"{where}: bad LFSR parameters: {exc}") from None
+            keep = weight_mask(regenerated.mask, shape)
             if attrs["lfsr_steps"] != regenerated.steps or not np.array_equal(
-                    weight_mask(regenerated.mask, shape), entry["keep_mask"]):
+                    keep, entry.get("keep_mask", keep)):
                 raise NptwofoldError(f"{where}: the stored keep-mask (or @lfsr_steps) differs "
                                      "from the one its LFSR parameters generate")
             if not np.array_equal(regenerated.mask, self.masks[name].mask):
@@ -141,12 +173,18 @@ class LayerReport:
             layer.dropped_planes = attrs["dropped_planes"]
             levels = self.levels(name)
             scale = float(layer.buffers["weight_scale"][0])
+            if "keep_mask" not in entry and levels[keep == 0].any():
+                raise NptwofoldError(f"{where}/levels: a weight the keep-mask cuts has a "
+                                     "non-zero level (a compact checkpoint holds a hard-pruned "
+                                     "model)")
+            # cells: absent in checkpoints older than the encoded planes; bit_planes, cells
+            # and weight: absent in compact ones
             expected = dict(levels=levels, bit_planes=decompose(levels, b, encoding),
-                            weight=(scale * levels / max_level(b)).astype(np.float32))
-            if "cells" in entry:  # absent in checkpoints older than the encoded planes
-                expected["cells"] = weight_cells(levels, b, encoding)
+                            weight=self._stored_weight(name, levels),
+                            cells=weight_cells(levels, b, encoding))
             for key, value in expected.items():
-                if entry[key].dtype != value.dtype or not np.array_equal(entry[key], value):
+                if key in entry and (entry[key].dtype != value.dtype
+                                     or not np.array_equal(entry[key], value)):
                     raise NptwofoldError(f"{where}/{key} does not agree with the model's "
                                          "weight_bits (it must be exactly what they give)")
             if attrs["scale"] != scale:
