@@ -77,8 +77,8 @@ def save_compact(path, model, config, twofold=None):
     skipped = {f"{name}.{key}" for name in layers or {} for key in ("weight_bits", "weight_scale")}
 
     def write(tmp):
-        # the HDF5 1.10 object format: its headers and single-chunk indexes are a third of
-        # the size of the oldest format's, which the full checkpoints keep
+        # the HDF5 1.10 object format: its headers and single-chunk indexes take about half
+        # the room of the oldest format's, which the full checkpoints keep
         with h5py.File(tmp, "w", libver=COMPACT_HDF5_FORMAT) as f:
             _write_model(f, config, [(name, value) for name, value in model.state_arrays()
                                      if name not in skipped], compact=True)
@@ -276,7 +276,7 @@ def _compact_twofold(group, model):
         if (levels % 2 ** attrs["dropped_planes"]).any():
             raise _Invalid(f"{where}/levels holds levels that are not multiples of 2^"
                            f"{attrs['dropped_planes']} (@dropped_planes)")
-        if np.float32(attrs["scale"]) != attrs["scale"]:
+        if float(np.float32(attrs["scale"])) != attrs["scale"]:
             raise _Invalid(f"{where}/@scale {attrs['scale']} is not a float32 value")
         for key in ("weight_bits", "weight_scale"):
             if f"{name}.{key}" in model:

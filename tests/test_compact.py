@@ -193,7 +193,10 @@ def replace_levels(layer, dtype):
     (replace_levels("fc", np.int16), "/twofold/fc/levels is int16; 8-bit levels are int8"),
     (lambda f: f["model"].create_dataset("fc.weight_bits", data=np.zeros((8, 10, 64), "f4")),
      "/model/fc.weight_bits: a compact checkpoint holds the mapped layers in /twofold only"),
-])
+    (lambda f: f["twofold/fc"].attrs.modify("scale", 0.1),
+     "/twofold/fc/@scale 0.1 is not a float32 value"),
+], ids=["level_outside_range", "mask_of_another_seed", "lfsr_steps", "int16_levels",
+        "float_planes", "scale_not_float32"])
 def test_a_bad_compact_file_is_refused(exported, tmp_path, edit, message):
     path = edited(exported["sign_magnitude"][1], tmp_path, edit)
     with pytest.raises(NptwofoldError, match=message.replace("(", r"\(").replace(")", r"\)")):
