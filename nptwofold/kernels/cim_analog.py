@@ -17,6 +17,16 @@ import numba
 import numpy as np
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def sum_driven_rows(out, matrix, driven, n_driven):
+    """out[:] = the sum of matrix[driven[d]] over d < n_driven, added in that order."""
+    out[:] = 0
+    for d in range(n_driven):
+        row = matrix[driven[d]]
+        for k in range(out.size):
+            out[k] += row[k]
+
+
 @functools.cache
 def analog_kernel(activation_bits):
     """The reading kernel for `activation_bits`-bit inputs, compiled once per width."""
@@ -46,18 +56,10 @@ def analog_kernel(activation_bits):
                     driven[n_driven] = i
                     n_driven += (inputs[i] >> j) & 1
                 bit_sums = sums[j]
-                bit_sums[:] = 0
-                for d in range(n_driven):
-                    row = excess[driven[d]]
-                    for k in range(n_columns):
-                        bit_sums[k] += row[k]
+                sum_driven_rows(bit_sums, excess, driven, n_driven)
                 if noisy:
                     bit_variances = variances[j]
-                    bit_variances[:] = 0
-                    for d in range(n_driven):
-                        row = squared[driven[d]]
-                        for k in range(n_columns):
-                            bit_variances[k] += row[k]
+                    sum_driven_rows(bit_variances, squared, driven, n_driven)
                     for k in range(n_columns):
                         bit_sums[k] = np.float32(bit_sums[k] + read_noise * np.sqrt(
                             np.float64(bit_variances[k])) * noise[p, j, k])
