@@ -12,6 +12,7 @@ prices them, and the checkpoint stores them for scripts/cim_eval.py.
 """
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -114,7 +115,8 @@ def phase_configs(args, out_dir):
         if name == "post" and pipeline.finetune_beta_bit is not None:
             settings["twofold"] = {**twofold, "beta_bit": pipeline.finetune_beta_bit}
         phases.append((out_dir / name, TrainConfig.from_preset(preset, **settings)))
-        init = str(out_dir / name / "last.h5")
+        # relative, as --init is given: a checkpoint's config holds no path of this machine
+        init = os.path.relpath(out_dir / name / "last.h5")
     return phases
 
 

@@ -90,3 +90,10 @@ def test_unknown_method_is_one_line(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode != 0 and "magic" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_phase_stores_the_previous_phase_as_a_relative_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    phases = dict(pipeline_phases(tmp_path / "runs/tf", "--init", "base.h5"))
+    assert phases[tmp_path / "runs/tf/twofold"].init == "base.h5"
+    assert phases[tmp_path / "runs/tf/post"].init == "runs/tf/twofold/last.h5"
