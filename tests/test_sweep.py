@@ -346,13 +346,13 @@ def test_a_batch_queue_job_starts_one_single_threaded_worker(kind):
 def chip_test_rows():
     """Rows of two runs as run_rows makes them: ideal and finite ADC widths, two encodings."""
     rows = []
-    for run, accuracies in (("a", {0: 0.90, 4: 0.80, 5: 0.896, 6: 0.899, 8: 0.90}),
-                            ("b", {0: 0.70, 4: 0.60, 5: 0.61, 8: 0.692})):
+    for run_name, accuracies in (("a", {0: 0.90, 4: 0.80, 5: 0.896, 6: 0.899, 8: 0.90}),
+                                 ("b", {0: 0.70, 4: 0.60, 5: 0.61, 8: 0.692})):
         for encoding in ("sign_magnitude", "twos_complement"):
             for bits, accuracy in accuracies.items():
                 if encoding == "twos_complement":
                     accuracy -= 0.1 * (bits not in (0, 8))  # only 8 bits keeps it
-                rows.append(dict(run=run, encoding=encoding, adc_bits=bits, cim_acc=accuracy,
+                rows.append(dict(run=run_name, encoding=encoding, adc_bits=bits, cim_acc=accuracy,
                                  energy_nj=100.0 + bits))
     return rows
 

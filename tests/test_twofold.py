@@ -16,7 +16,7 @@ from nptwofold.model import ResNet20
 from nptwofold.build import build_model, load_model
 from nptwofold.config import TrainConfig
 from nptwofold.train import Trainer
-from nptwofold.twofold import Twofold, TwofoldConfig, plane_check_loss
+from nptwofold.twofold import TwofoldConfig, plane_check_loss
 
 from helpers import state_of, twofold_of
 
