@@ -727,7 +727,7 @@ def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_thread
                     ("encoding",)
                 write_tables(out, CHIPS, plotted, sweep)
                 print_line(f"chips: {out / CHIPS}.md (.csv, .json)")
-            plots = draw_plots(out, plotted, sweep, variant_keys)
+            plots = draw_plots(out, plotted, sweep, variant_keys, reference_report)
             if plots is None:
                 print_line("matplotlib is not installed: plots skipped (pip install "
                            "matplotlib)")
@@ -754,16 +754,34 @@ def write_tables(out, name, rows, sweep):
                                           chip=sweep.chip, rows=rows))
 
 
-def draw_plots(out, rows, sweep, variant_keys=("encoding", "adc")):
-    """Accuracy and energy against the first numeric axis, one line per value of the other
-    axes and of the row keys `variant_keys`, and accuracy against energy; None without
-    matplotlib."""
+def pareto_front(points):
+    """The (energy, accuracy) points no other point beats in both (less energy and at least
+    the accuracy, or the same energy and more accuracy), by rising energy."""
+    front = []
+    for energy, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or accuracy > front[-1][1]:
+            front.append((energy, accuracy))
+    return front
+
+
+def draw_plots(out, rows, sweep, variant_keys=("encoding", "adc"), reference=None):
+    """`<axis>.png`: accuracy and energy per image against the first numeric axis, one line
+    per value of the other axes and of the row keys `variant_keys`; `accuracy_vs_energy.png`:
+    every row, with the Pareto front. The reference chip's report, when given, is drawn as a
+    line (energy) and a point. None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError:
         return None
+
+    def plain_log_ticks(axis):
+        # energies span more than a decade but rarely two: label 1, 2 and 5 of each decade
+        axis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+        axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        axis.set_minor_formatter(ticker.NullFormatter())
 
     numeric = [axis for axis, values in sweep.axes.items() if all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)]
@@ -772,24 +790,51 @@ def draw_plots(out, rows, sweep, variant_keys=("encoding", "adc")):
     for row in rows:
         label = ", ".join(f"{row[key]}" for key in others if key in row)
         series.setdefault(label, []).append(row)
+    reference_point = None
+    if reference is not None:
+        reference_point = (reference["runs"][0]["total"]["total_pj"] / 1e3,
+                           reference["runs"][0]["accuracy"])
     written = []
-    plots = [("accuracy_vs_energy.png", "energy_nj", "energy per image (nJ)")]
-    if numeric:
-        plots += [(f"accuracy_vs_{numeric[0]}.png", numeric[0], numeric[0]),
-                  (f"energy_vs_{numeric[0]}.png", numeric[0], numeric[0])]
-    for file, x_key, x_label in plots:
-        y_key = "energy_nj" if file.startswith("energy") else "test_acc"
-        figure, axis = plt.subplots(figsize=(6, 4))
-        for label, points in series.items():
-            points = sorted(points, key=lambda row: row[x_key])
-            axis.plot([row[x_key] for row in points], [row[y_key] for row in points],
-                      "o-" if x_key != "energy_nj" else "o", label=label)
-        axis.set(xlabel=x_label, ylabel="energy per image (nJ)" if y_key == "energy_nj"
-                 else "test accuracy")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+
+    def save(figure, file):
         figure.tight_layout()
         atomic_write(out / file, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
         plt.close(figure)
         written.append(file)
+
+    if numeric:
+        x_key = numeric[0]
+        figure, (accuracy_axis, energy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+        for label, points in series.items():
+            points = sorted(points, key=lambda row: row[x_key])
+            xs = [row[x_key] for row in points]
+            accuracy_axis.plot(xs, [row["cim_acc"] for row in points], "o-", label=label)
+            energy_axis.plot(xs, [row["energy_nj"] for row in points], "o-", label=label)
+        if reference_point:
+            energy_axis.axhline(reference_point[0], color="gray", linestyle="--",
+                                label="reference chip")
+        accuracy_axis.set(xlabel=x_key, ylabel="test accuracy on the array")
+        energy_axis.set(xlabel=x_key, ylabel="energy per image (nJ)", yscale="log")
+        plain_log_ticks(energy_axis.yaxis)
+        for axis in (accuracy_axis, energy_axis):
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+        save(figure, f"{x_key}.png")
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label, points in series.items():
+        axis.plot([row["energy_nj"] for row in points], [row["cim_acc"] for row in points],
+                  "o", label=label)
+    everything = [(row["energy_nj"], row["cim_acc"]) for row in rows]
+    if reference_point:
+        axis.plot(*reference_point, "k*", markersize=10, label="reference chip")
+        everything.append(reference_point)
+    front = pareto_front(everything)
+    axis.plot([p[0] for p in front], [p[1] for p in front], "k-", alpha=0.4, linewidth=1,
+              label="Pareto front")
+    axis.set(xlabel="energy per image (nJ)", ylabel="test accuracy on the array", xscale="log")
+    plain_log_ticks(axis.xaxis)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    save(figure, "accuracy_vs_energy.png")
     return written

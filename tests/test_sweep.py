@@ -17,8 +17,9 @@ import pytest
 from helpers import REPO, assert_one_line_error, run
 from nptwofold.errors import NptwofoldError
 from nptwofold.sweep import (CLUSTERS, DONE, MANIFEST, ORPHAN_GUARD, TRAIN_LOG, Sweep,
-                             check_run_flags, chip_rows, load_sweep_file, open_sweep_folder, parse_value,
-                             run_sweep, sweep_lock, train_run)
+                             check_run_flags, chip_rows, draw_plots, load_sweep_file,
+                             open_sweep_folder, pareto_front, parse_value, run_sweep, sweep_lock,
+                             train_run)
 
 TINY = dict(preset="quick", epochs=2, warmup_epochs=0)  # about 10 s of training per run
 
@@ -375,6 +376,26 @@ def test_chips_compare_with_the_reference_chip():
     for row in chip_rows(chip_test_rows(), dict(adc_tolerance=0.5), reference):
         assert row["reference_ratio"] == pytest.approx(420.0 / row["energy_nj"])
         assert row["acc_lost_pt"] == pytest.approx(100 * (0.91 - row["cim_acc"]))
+
+
+def test_the_pareto_front_keeps_the_points_nothing_beats():
+    points = [(5.0, 0.80), (1.0, 0.70), (2.0, 0.70), (3.0, 0.85), (1.0, 0.60), (4.0, 0.84)]
+    # a brute-force check of the definition beside the expected front
+    beaten = {p for p in points for q in points if q != p and q[0] <= p[0] and q[1] >= p[1]
+              and (q[0] < p[0] or q[1] > p[1])}
+    assert pareto_front(points) == sorted(set(points) - beaten) == [(1.0, 0.70), (3.0, 0.85)]
+
+
+def test_the_plots_are_written_per_axis_and_against_energy(tmp_path):
+    pytest.importorskip("matplotlib")
+    sweep = Sweep(dict(sparsity=[0.0, 0.5], method=["a", "b"]), TINY)
+    rows = [dict(sparsity=p, method=m, encoding="sign_magnitude", cim_acc=0.9 - p / 10,
+                 energy_nj=100 * (1 - p) + (m == "b")) for p in (0.0, 0.5) for m in "ab"]
+    reference = dict(runs=[dict(accuracy=0.91, total=dict(total_pj=420e3))])
+    written = draw_plots(tmp_path, rows, sweep, ("encoding",), reference)
+    assert written == ["sparsity.png", "accuracy_vs_energy.png"]
+    for file in written:
+        assert (tmp_path / file).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("chip,cim_eval,fragment", [
