@@ -42,6 +42,20 @@ def test_inspect_lists_the_checkpoint(quick_run):
     assert "/optimizer/" in listing and "preset = quick" in listing
 
 
+def test_plot_curves_reads_the_log_and_refuses_what_is_not_one(quick_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = run(REPO / "scripts/plot_curves.py", quick_run, "--out", tmp_path / "c.png").stdout
+    history = json.loads((quick_run / "log.json").read_text())
+    assert f"last test accuracy {history[-1]['test_acc']:.4f}" in out
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    for bad, fragment in ((tmp_path / "none", "not found"),
+                          (tmp_path / "other.csv", "is not a training log")):
+        result = run(REPO / "scripts/plot_curves.py", bad, "--out", tmp_path / "d.png",
+                     check=False)
+        assert_one_line_error(result, fragment)
+
+
 def test_resume_of_a_finished_run_and_refusal_to_overwrite(quick_run):
     again = run(REPO / "scripts/train_cifar.py", "--out", quick_run, "--no-progress", check=False)
     assert_one_line_error(again, "already holds a run")
