@@ -5,11 +5,14 @@ each over several simulated chips (docs/cim-model.md, "Device model").
 
     python scripts/robustness.py CKPT [CKPT ...] [--weight-encoding E [E ...]]
         [--sigmas 0 0.025 0.05 0.1 0.2] [--stuck-rates 0 0.001 0.005 0.01 0.02]
-        [--chips 5] [--images 2000] [--chip-seed S] [--adc-bits N] [--hw KEY=VALUE ...]
+        [--chips 5] [--images 2000] [--chip-seed S] [--adc-bits N]
+        [--encoding-adc E=N ...] [--hw KEY=VALUE ...]
         [--data PATH] [--calib-images N] [--out DIR] [--threads N]
 
 The array is each checkpoint's stored one, changed by the flags (the ADC, and device settings
-such as read_noise or cell_conductance, which then apply at every point). Chip i of every point
+such as read_noise or cell_conductance, which then apply at every point). `--encoding-adc`
+puts each encoding on its own chip, e.g. `twos_complement=8 sign_magnitude=5`: the ADC width
+each needs. Chip i of every point
 is drawn from the seed (S, i); the nominal point (sigma 0, stuck-at rate 0) is run once, since
 every chip of the ideal device is the same. Each checkpoint's calibration file (CKPT.cim.h5) is
 read or written as by cim_eval.py. Writes DIR/robustness.csv, DIR/robustness.json and, with
@@ -46,6 +49,8 @@ def parse_args(argv):
     array = add_cim_flags(parser, hardware_skip=SWEPT, skip=("images", "calibration"))
     array.add_argument("--weight-encoding", nargs="+", choices=ENCODINGS,
                        help="weight encodings to run (default: each checkpoint's)")
+    array.add_argument("--encoding-adc", nargs="+", default=[], metavar="E=N",
+                       help="ADC width per weight encoding, over --adc-bits (default: none)")
     parser.add_argument("--out", default="results/robustness", help="output folder")
     parser.add_argument("--threads", type=int, default=2,
                         help="threads of the CIM kernels (results do not depend on it)")
@@ -56,7 +61,26 @@ def parse_args(argv):
             parser.error(f"--{name} must be >= 1")
     if args.chip_seed < 0:
         parser.error("--chip-seed must be >= 0")
+    args.encoding_adc = encoding_adc(parser, args.encoding_adc, ENCODINGS)
     return args
+
+
+def encoding_adc(parser, pairs, encodings):
+    """{encoding: ADC bits} of the --encoding-adc pairs."""
+    from nptwofold.cim.adc import check_adc_bits
+    from nptwofold.errors import NptwofoldError
+
+    widths = {}
+    for pair in pairs:
+        encoding, _, bits = pair.partition("=")
+        if encoding not in encodings or not bits.isdigit():
+            parser.error(f"--encoding-adc takes ENCODING=BITS with ENCODING one of "
+                         f"{', '.join(encodings)}, got {pair!r}")
+        try:
+            widths[encoding] = check_adc_bits(int(bits))
+        except NptwofoldError as exc:
+            parser.error(f"--encoding-adc {pair}: {exc}")
+    return widths
 
 
 def device_points(hardware, sigmas, stuck_rates):
@@ -99,7 +123,9 @@ def study(args):
     for path in args.checkpoints:
         model, method, content, hardware, notes = open_checkpoint(path, args, SWEPT)
         encodings = args.weight_encoding or [hardware.weight_encoding]
-        variants = [dataclasses.replace(hardware, weight_encoding=e) for e in encodings]
+        variants = [dataclasses.replace(hardware, weight_encoding=e,
+                                        adc_bits=args.encoding_adc.get(e, hardware.adc_bits))
+                    for e in encodings]
         points = [device_points(variant, args.sigmas, args.stuck_rates) for variant in variants]
         dataset = dataset_of(options, content)
         images, labels = (dataset.test_images[:args.images], dataset.test_labels[:args.images])
@@ -128,7 +154,8 @@ def study(args):
                                                 labels, chips, args.chip_seed,
                                                 options.eval_batch_size, bar)
                 accuracies = [accuracy for accuracy, _ in results]
-                row = dict(checkpoint=str(path), encoding=encoding, knob=knob, value=value,
+                row = dict(checkpoint=str(path), encoding=encoding,
+                           adc_bits=variant_network.hardware.adc_bits, knob=knob, value=value,
                            chips=len(results), images=len(images),
                            accuracy_mean=float(np.mean(accuracies)),
                            accuracy_sd=float(np.std(accuracies, ddof=1))
@@ -143,13 +170,14 @@ def study(args):
 
 
 def format_row(row):
-    return (f"{Path(row['checkpoint']).name:<24}{row['encoding']:<17}{row['knob']:<7}"
+    return (f"{Path(row['checkpoint']).name:<24}{row['encoding']:<17}{row['adc_bits']:>4}  "
+            f"{row['knob']:<7}"
             f"{row['value']:>7.3f}{row['chips']:>6}{row['accuracy_mean']:>9.4f}"
             f"{row['accuracy_sd']:>8.4f}{row['accuracy_worst']:>8.4f}"
             f"{row['seconds_per_chip']:>9.1f}")
 
 
-HEADER = (f"{'checkpoint':<24}{'encoding':<17}{'knob':<7}{'value':>7}{'chips':>6}"
+HEADER = (f"{'checkpoint':<24}{'encoding':<17}{'adc':>4}  {'knob':<7}{'value':>7}{'chips':>6}"
           f"{'accuracy':>9}{'sd':>8}{'worst':>8}{'s/chip':>9}")
 
 
@@ -165,13 +193,15 @@ def plot(rows, path):
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for axis, knob, xlabel in ((axes[0], "sigma", "conductance spread, lognormal sigma (%)"),
                                (axes[1], "stuck", "stuck-at cells (%)")):
-        for key in dict.fromkeys((row["checkpoint"], row["encoding"]) for row in rows):
-            series = [row for row in rows if (row["checkpoint"], row["encoding"]) == key
-                      and row["knob"] == knob]
+        for key in dict.fromkeys((row["checkpoint"], row["encoding"], row["adc_bits"])
+                                 for row in rows):
+            series = [row for row in rows if (row["checkpoint"], row["encoding"],
+                                              row["adc_bits"]) == key and row["knob"] == knob]
             axis.errorbar([100 * row["value"] for row in series],
                           [100 * row["accuracy_mean"] for row in series],
                           [100 * row["accuracy_sd"] for row in series], marker="o", capsize=3,
-                          label=f"{Path(key[0]).name}, {key[1]}")
+                          label=f"{Path(key[0]).name}, {key[1]}, "
+                          f"{f'{key[2]}-bit ADC' if key[2] else 'ideal ADC'}")
         axis.set(xlabel=xlabel, ylabel="test accuracy (%)")
     axes[0].legend(fontsize=7)
     figure.tight_layout()

@@ -261,18 +261,20 @@ def test_robustness_script_writes_a_point_per_knob_and_value(tmp_path):
     run(REPO / "scripts/robustness.py", checkpoint, "--data", "sample", "--images", 3,
         "--calib-images", 3, "--chips", 2, "--sigmas", 0, 0.2, "--stuck-rates", 0, 0.05,
         "--weight-encoding", "twos_complement", "sign_magnitude", "--adc-bits", 5,
-        "--out", out, "--no-progress")
+        "--encoding-adc", "twos_complement=8", "--out", out, "--no-progress")
     rows = json.loads((out / "robustness.json").read_text())
-    assert [(row["encoding"], row["knob"], row["value"], row["chips"]) for row in rows] == [
-        (encoding, knob, value, 2 if value else 1) for encoding in ("twos_complement",
-                                                                    "sign_magnitude")
+    assert [(row["encoding"], row["adc_bits"], row["knob"], row["value"], row["chips"])
+            for row in rows] == [
+        (encoding, bits, knob, value, 2 if value else 1)
+        for encoding, bits in (("twos_complement", 8), ("sign_magnitude", 5))
         for knob, values in (("sigma", (0, 0.2)), ("stuck", (0, 0.05))) for value in values]
     for row in rows:
         assert row["images"] == 3 and row["accuracy_worst"] <= row["accuracy_mean"]
     assert (out / "robustness.csv").read_text().count("\n") == len(rows) + 1
     for flag, values, message in (("--sigmas", ("-0.1",), "conductance_sigma must be >= 0"),
                                   ("--stuck-rates", ("1.5",), "stuck_low_rate + "
-                                                              "stuck_high_rate must be <= 1")):
+                                                              "stuck_high_rate must be <= 1"),
+                                  ("--encoding-adc", ("sign_magnitude=x",), "ENCODING=BITS")):
         failed = run(REPO / "scripts/robustness.py", checkpoint, "--data", "sample", flag,
                      *values, "--out", out, check=False)
         assert_one_line_error(failed, message)
