@@ -124,7 +124,7 @@ def the_sweep(args):
         for name, *texts in given:
             table[name.replace("-", "_")] = ([parse_value(text) for text in texts]
                                              if table is axes else value_of(texts))
-    return Sweep(axes, flags, cim_eval)
+    return Sweep(axes, flags, cim_eval, dict(sweep.chip) if sweep else {})
 
 
 def client_opener(args, opened):

@@ -1,6 +1,7 @@
 """Sweeps (nptwofold.sweep, scripts/sweep.py): the grid and its folders, the sweep folder's
 manifest and lock, the orphan guard, a failing run, and on Dask a grid that survives a killed
 worker with the same weights, and the job script of a batch queue."""
+import importlib.util
 import json
 import os
 import shlex
@@ -94,6 +95,20 @@ def test_the_results_grid_file_and_its_json_twin(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(dict(axes=dict(seed=[0]), flag={})))
     with pytest.raises(NptwofoldError, match="unknown table"):
         load_sweep_file(tmp_path / "bad.json")
+
+
+def test_the_command_line_keeps_every_table_of_the_file_and_adds_its_flags():
+    pytest.importorskip("tomllib")
+    spec = importlib.util.spec_from_file_location("sweep_script", REPO / "scripts/sweep.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    path = REPO / "sweeps/results.toml"
+    args = script.parse_args([str(path), "--out", "unused", "--flag", "seed", "1",
+                              "--eval", "images", "100"])
+    given, stored = script.the_sweep(args), load_sweep_file(path)
+    assert stored.chip and given.chip == stored.chip and given.axes == stored.axes
+    assert given.flags == dict(stored.flags, seed=1)
+    assert given.cim_eval == dict(stored.cim_eval, images=100)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.toml")), ids=lambda p: p.name)
