@@ -31,9 +31,9 @@ PRESETS = {
 TWOFOLD_PHASES = (
     ("baseline", "short", {}),
     # one epoch: Reg_Bit keeps shrinking a layer as long as it runs (README, Reg_Bit probe)
-    ("twofold", "short", dict(epochs=1, lr=0.01, warmup_epochs=0)),
-    # the fine-tune trains the kept bits again, so it needs a real learning rate
-    ("post", "short", dict(epochs=1, lr=0.01, warmup_epochs=0, post_training=True)),
+    # their epochs and peak learning rate are PipelineConfig's
+    ("twofold", "short", dict(warmup_epochs=0)),
+    ("post", "short", dict(warmup_epochs=0, post_training=True)),
 )
 
 
@@ -221,6 +221,9 @@ class PipelineConfig:
     twofold_epochs: int = option(1, "twofold preset: epochs of the twofold phase", at_least(1))
     finetune_epochs: int = option(1, "twofold preset: epochs of the post-training fine-tune "
                                   "(0 = prune and re-binarize only)", at_least(0))
+    # the fine-tune trains the kept bits again, so it needs a real learning rate
+    twofold_lr: float = option(0.01, "twofold preset: peak learning rate of the twofold phase "
+                               "and of the fine-tune (each a cosine, no warm-up)", above(0))
     finetune_beta_bit: float | None = option(
         None, "twofold preset: Reg_Bit strength of the fine-tune (none = --beta-bit; 0 lets it "
         "recover accuracy, as BSQ fine-tunes)", at_least(0))

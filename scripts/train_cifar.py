@@ -26,6 +26,7 @@ from nptwofold.options import (ScriptParser, add_flags, flag_name, given_values,
 PIPELINE_TRAIN_FLAGS = ("data", "seed", "init")
 # the flag behind a config field of a twofold-preset phase, where it is not the field's own
 PHASE_FLAGS = {("twofold", "epochs"): "twofold_epochs", ("post", "epochs"): "finetune_epochs",
+               ("twofold", "lr"): "twofold_lr", ("post", "lr"): "twofold_lr",
                ("post", "beta_bit"): "beta_bit/--finetune-beta-bit"}
 
 
@@ -112,6 +113,7 @@ def phase_configs(args, out_dir):
         if name != "baseline":
             settings["twofold"] = twofold  # {} = twofold with every default
             settings["epochs"] = phase_epochs[name]
+            settings["lr"] = pipeline.twofold_lr
         if name == "post" and pipeline.finetune_beta_bit is not None:
             settings["twofold"] = {**twofold, "beta_bit": pipeline.finetune_beta_bit}
         phases.append((out_dir / name, TrainConfig.from_preset(preset, **settings)))

@@ -377,6 +377,14 @@ def pipeline_phases(out, *flags):
         ["--preset", "twofold", "--out", str(out), *map(str, flags)]), Path(out))
 
 
+def test_the_twofold_learning_rate_reaches_both_phases_and_not_the_baseline(tmp_path):
+    phases = pipeline_phases(tmp_path, "--data", "sample", "--twofold-lr", "0.03")
+    assert [(folder.name, config.lr) for folder, config in phases] == [
+        ("baseline", 0.1), ("twofold", 0.03), ("post", 0.03)]
+    assert [config.lr for _, config in pipeline_phases(tmp_path, "--data", "sample")][1:] == [
+        0.01, 0.01]
+
+
 @pytest.fixture(scope="module")
 def finished_pipeline(finished_run, tiny_dataset, tmp_path_factory):
     """A finished twofold pipeline from --init FINISHED_RUN (no baseline phase), trained on the
@@ -397,6 +405,8 @@ def finished_pipeline(finished_run, tiny_dataset, tmp_path_factory):
      "post was run with --finetune-epochs 0 (given: 1)"),
     (["--weight-bits", "2", "--finetune-epochs", "0", "--twofold-epochs", "2"],
      "twofold was run with --twofold-epochs 1 (given: 2)"),
+    (["--weight-bits", "2", "--finetune-epochs", "0", "--twofold-lr", "0.05"],
+     "twofold was run with --twofold-lr 0.01 (given: 0.05)"),
 ])
 def test_a_pipeline_resume_with_other_flags_is_refused_naming_them(finished_pipeline, flags,
                                                                    fragment):
