@@ -15,11 +15,18 @@ puts each encoding on its own chip, e.g. `twos_complement=8 sign_magnitude=5`: t
 each needs. Chip i of every point
 is drawn from the seed (S, i); the nominal point (sigma 0, stuck-at rate 0) is run once, since
 every chip of the ideal device is the same. Each checkpoint's calibration file (CKPT.cim.h5) is
-read or written as by cim_eval.py. Writes DIR/robustness.csv, DIR/robustness.json and, with
-matplotlib, DIR/robustness.png: the mean accuracy with its standard deviation over the chips
-as error bars.
+read or written as by cim_eval.py. Writes DIR/robustness.csv, DIR/robustness.json (after every
+point) and, with matplotlib, DIR/robustness.png: the mean accuracy with its standard deviation
+over the chips as error bars.
+
+A study resumes and grows: a point already in DIR/robustness.json with the same settings (the
+model's weights, the array, the images and the chips, by digest) is not run again, and the
+rows of other checkpoints stay, so a stopped study continues where it stopped and a second
+command adds its models to the same table and plot.
 """
 import dataclasses
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -111,15 +118,50 @@ def accuracy_on_chips(network, images, labels, chips, seed, batch_size, bar):
     return results
 
 
-def study(args):
+def settings_digest(weights, images, calibration_images, hardware, chips, chip_seed):
+    """What a point's accuracy depends on, as one SHA-256 (the digests of the model's arrays
+    and of the images, the array with its device, the chips)."""
+    settings = dict(weights=weights, images=images, calibration_images=calibration_images,
+                    hardware=dataclasses.asdict(hardware), chips=chips, chip_seed=chip_seed)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+ROW_KEYS = ("checkpoint", "encoding", "adc_bits", "knob", "value", "chips", "images",
+            "accuracy_mean", "accuracy_sd", "accuracy_worst", "seconds_per_chip", "settings")
+
+
+def read_rows(path):
+    """The rows of an earlier study in `path`, [] if there is none."""
+    from nptwofold.errors import NptwofoldError
+
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+        if not isinstance(rows, list) or not all(
+                isinstance(row, dict) and set(ROW_KEYS) <= set(row) for row in rows):
+            raise ValueError
+    except ValueError:
+        raise NptwofoldError(f"{path} is not a robustness study of this script (or is "
+                             "corrupt); choose another --out") from None
+    return rows
+
+
+def study(args, rows, record):
+    """Runs every point not in `rows` (an earlier study's, extended in place); `record()` is
+    called after each new point."""
     import numpy as np
     from tqdm import tqdm
 
+    from nptwofold.cim.calibration import images_digest, weights_digest
     from nptwofold.cim.network import CimNetwork
     from nptwofold.cim.tools import calibration_cache, dataset_of, open_checkpoint, options_of
+    from nptwofold.errors import NptwofoldError
+
+    def series_point(row):
+        return row["checkpoint"], row["encoding"], row["adc_bits"], row["knob"], row["value"]
 
     options = options_of(args)
-    rows = []
     for path in args.checkpoints:
         model, method, content, hardware, notes = open_checkpoint(path, args, SWEPT)
         encodings = args.weight_encoding or [hardware.weight_encoding]
@@ -138,15 +180,29 @@ def study(args):
             cache.ensure_adc(networks[-1])
             network.adc_histograms = {**networks[-1].adc_histograms, **network.adc_histograms}
         cache.save(network)
+        digests = (weights_digest(network), images_digest(images), images_digest(cache.images))
         for variant_network, variant_points in zip(networks, points):
             encoding = variant_network.hardware.weight_encoding
             nominal = None
             for knob, value, device in variant_points:
-                if value == 0 and nominal is not None:  # the nominal array, already run
-                    rows.append({**nominal, "knob": knob})
-                    tqdm.write(format_row(rows[-1]))
-                    continue
                 chips = 1 if value == 0 else args.chips
+                settings = settings_digest(*digests, device, chips, args.chip_seed)
+                point = (str(path), encoding, device.adc_bits, knob, value)
+                earlier = [row for row in rows if series_point(row) == point]
+                if earlier and earlier[0]["settings"] == settings:
+                    tqdm.write(format_row(earlier[0]) + "  (earlier run)")
+                    nominal = earlier[0] if value == 0 else nominal
+                    continue
+                if earlier:
+                    raise NptwofoldError(
+                        f"the study in --out ran {Path(path).name}, {encoding}, {knob} "
+                        f"{value:g} with other settings (weights, images, array or chips); "
+                        "choose another --out")
+                if value == 0 and nominal is not None:  # the nominal array, already run
+                    rows.append({**nominal, "knob": knob, "settings": settings})
+                    tqdm.write(format_row(rows[-1]))
+                    record()
+                    continue
                 with tqdm(total=len(images) * chips, unit="img", leave=False,
                           desc=f"{Path(path).name} {encoding} {knob} {value:g}",
                           disable=args.no_progress) as bar:
@@ -161,12 +217,13 @@ def study(args):
                            accuracy_sd=float(np.std(accuracies, ddof=1))
                            if len(results) > 1 else 0.0,
                            accuracy_worst=min(accuracies),
-                           seconds_per_chip=float(np.mean([s for _, s in results])))
+                           seconds_per_chip=float(np.mean([s for _, s in results])),
+                           settings=settings)
                 rows.append(row)
+                record()
                 if value == 0:
                     nominal = row
                 tqdm.write(format_row(row))
-    return rows
 
 
 def format_row(row):
@@ -222,10 +279,15 @@ def main(argv=None):
     try:
         for path in paths.values():
             check_output_file(path)
+        rows = read_rows(paths["json"])
+
+        def record():  # after every point, so a stopped study keeps what it ran
+            write_csv(paths["csv"], rows)
+            write_json(paths["json"], rows)
+
         print(HEADER)
-        rows = study(args)
-        write_csv(paths["csv"], rows)
-        write_json(paths["json"], rows)
+        study(args, rows, record)
+        record()
         print(f"wrote {paths['csv'].absolute()} and {paths['json'].absolute()}")
         try:
             plot(rows, paths["png"])

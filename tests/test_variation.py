@@ -278,3 +278,30 @@ def test_robustness_script_writes_a_point_per_knob_and_value(tmp_path):
         failed = run(REPO / "scripts/robustness.py", checkpoint, "--data", "sample", flag,
                      *values, "--out", out, check=False)
         assert_one_line_error(failed, message)
+
+
+def test_a_robustness_study_resumes_and_refuses_other_settings(tmp_path):
+    checkpoint = tmp_path / "float.h5"
+    save_checkpoint(checkpoint, ResNet20(np.random.default_rng(2)),
+                    config=dataclasses.asdict(TrainConfig(data="sample")))
+    out = tmp_path / "study"
+    study = (REPO / "scripts/robustness.py", checkpoint, "--data", "sample", "--images", 3,
+             "--calib-images", 3, "--chips", 2, "--sigmas", 0, 0.3, "--stuck-rates", 0, 0.05,
+             "--adc-bits", 5, "--out", out, "--no-progress")
+    run(*study)
+    full = json.loads((out / "robustness.json").read_text())
+    # a study stopped after its first two points: the rest is run, the two are kept
+    (out / "robustness.json").write_text(json.dumps(full[:2]))
+    resumed = run(*study).stdout
+    assert resumed.count("(earlier run)") == 2
+    again = json.loads((out / "robustness.json").read_text())
+    assert again[:2] == full[:2] and len(again) == len(full)
+
+    def without_time(row):
+        return {key: value for key, value in row.items() if key != "seconds_per_chip"}
+    assert list(map(without_time, again)) == list(map(without_time, full))
+    assert run(*study).stdout.count("(earlier run)") == len(full)
+    other = run(*study[:5], 4, *study[6:], check=False)  # --images 4
+    assert_one_line_error(other, "float.h5, twos_complement, sigma 0 with other settings")
+    (out / "robustness.json").write_text("{}")
+    assert_one_line_error(run(*study, check=False), "is not a robustness study")
