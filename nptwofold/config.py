@@ -30,7 +30,6 @@ PRESETS = {
 # run of its own in OUT/<phase>, started from the previous phase's last.h5.
 TWOFOLD_PHASES = (
     ("baseline", "short", {}),
-    # one epoch: Reg_Bit keeps shrinking a layer as long as it runs (README, Reg_Bit probe)
     # their epochs and peak learning rate are PipelineConfig's
     ("twofold", "short", dict(warmup_epochs=0)),
     ("post", "short", dict(warmup_epochs=0, post_training=True)),
@@ -218,6 +217,8 @@ class PipelineConfig:
     method: str | None = option(None, "twofold preset: one method's settings (listed above "
                                 "the flags); a flag given beside it overrides its value",
                                 choices=tuple(METHODS))
+    # one epoch by default: Reg_Bit keeps shrinking a layer as long as it runs (README,
+    # Reg_Bit probe)
     twofold_epochs: int = option(1, "twofold preset: epochs of the twofold phase", at_least(1))
     finetune_epochs: int = option(1, "twofold preset: epochs of the post-training fine-tune "
                                   "(0 = prune and re-binarize only)", at_least(0))
