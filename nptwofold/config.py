@@ -105,6 +105,16 @@ class TrainConfig:
     eval_batch_size: int = option(128, "evaluation batch size",
                                   between(1, MAX_EVAL_BATCH_SIZE))
     init: str | None = option(None, "start from this checkpoint's model")
+    # a pruned network relearns much of its function; the dense model's outputs carry more
+    # per image than the labels (results/README.md: +6.9 points after one fine-tune epoch)
+    teacher: str | None = option(None, "distil from this checkpoint's model (e.g. the dense "
+                                 "baseline): its logits on each training batch are soft "
+                                 "targets beside the labels")
+    distill_temperature: float = option(4.0, "with --teacher: softmax temperature T of the "
+                                        "soft targets", above(0))
+    distill_weight: float = option(0.9, "with --teacher: weight of the soft-target term "
+                                   "(T^2 KL); the labels' cross-entropy gets 1 - this",
+                                   between(0, 1))
     # None = a float run; a TwofoldConfig (stored as a JSON object, {} = all defaults) = train
     # under bit representation
     twofold: TwofoldConfig | None = option(None, "Twofold Sparsity settings", flag=False)
@@ -148,6 +158,9 @@ class TrainConfig:
         if self.post_training and self.twofold is None:
             raise NptwofoldError("--post-training needs a twofold config: give the Twofold "
                                  "flags (e.g. --sparsity) of the --init checkpoint's run")
+        if self.teacher is None and (self.distill_temperature, self.distill_weight) != (
+                TrainConfig.distill_temperature, TrainConfig.distill_weight):
+            raise NptwofoldError("--distill-temperature and --distill-weight need --teacher")
         # post-training may run 0 fine-tune epochs: it then only prunes and re-binarizes
         if self.epochs < 1 and not self.post_training:
             raise NptwofoldError(f"--epochs must be >= 1 (got {self.epochs}); 0 is only for "

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .build import build_model, restore_state
+from .build import build_model, load_model, restore_state
 from .checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from .config import TrainConfig, dataset_name
 from .errors import NptwofoldError
@@ -28,7 +28,7 @@ from .files import (RunLock, atomic_write, check_output_dir, stale_temporaries, 
                     write_json)
 from .kernels.augment import CROP_PAD, crop_flip_to_float
 from .optim import SGD
-from .steps import evaluate, train_step
+from .steps import Teacher, evaluate, train_step
 from .twofold import start_post_training
 
 EPOCH_STREAM = 1  # random stream (seed, 1, epoch) draws an epoch's order and augmentation
@@ -126,6 +126,10 @@ class Trainer:
         self.pace_start = None  # (time, steps to go) after `run`'s first step, for the ETA
         init_content = load_checkpoint(config.init) if config.init and not resuming else None
         self.model, self.method = build_model(config, init_content)
+        self.teacher = None
+        if config.teacher:
+            self.teacher = Teacher(load_model(config.teacher)[0], config.distill_temperature,
+                                   config.distill_weight)
         if self.method is not None:
             self.method.activity_images = self.data.train_images
             self.method.check_labels = self.data.train_labels
@@ -276,7 +280,8 @@ class Trainer:
             inputs = crop_flip_to_float(images[index], offsets[0, batch], offsets[1, batch], flips[batch])
             lr = learning_rate(config, state["global_step"], self.steps_per_epoch)
             loss, correct, regularizers = train_step(
-                self.model, self.optimizer, inputs, labels[index], lr, self.method)
+                self.model, self.optimizer, inputs, labels[index], lr, self.method,
+                self.teacher)
             self._check_finite(loss, bar)
             state["epoch_reg_net"] += regularizers.get("reg_net", 0.0)
             state["epoch_reg_bit"] += regularizers.get("reg_bit", 0.0)

@@ -23,7 +23,7 @@ from nptwofold.options import (ScriptParser, add_flags, flag_name, given_values,
                                shown_value, threads_flag)
 
 # the twofold preset sets its phases' schedules: of the training flags it takes only these
-PIPELINE_TRAIN_FLAGS = ("data", "seed", "init")
+PIPELINE_TRAIN_FLAGS = ("data", "seed", "init", "teacher", "distill_temperature", "distill_weight")
 # the flag behind a config field of a twofold-preset phase, where it is not the field's own
 PHASE_FLAGS = {("twofold", "epochs"): "twofold_epochs", ("post", "epochs"): "finetune_epochs",
                ("twofold", "lr"): "twofold_lr", ("post", "lr"): "twofold_lr",
@@ -186,7 +186,7 @@ def extension_note(trainer, planned):
 def config_differences(saved, wanted):
     """{field: (saved value, wanted value)} where `wanted` (a TrainConfig dict, or some of its
     fields) differs from the `saved` one: Twofold and hardware fields by their own name, --init
-    by the file it names, --data by the dataset it holds."""
+    and --teacher by the file they name, --data by the dataset it holds."""
     from nptwofold.config import dataset_name
 
     differences = {}
@@ -204,7 +204,7 @@ def config_differences(saved, wanted):
         elif name == "twofold" and (old is None) != (value is None):
             differences.update({key: ("none (a float run)", item) for key, item in
                                 (value or {}).items()} or {name: ("on", "off")})
-        elif name == "init" and None not in (old, value):
+        elif name in ("init", "teacher") and None not in (old, value):
             if Path(old).resolve() != Path(value).resolve():
                 differences[name] = (old, value)
         elif old != value:

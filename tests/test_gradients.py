@@ -12,7 +12,7 @@ coordinate whose +eps and -eps passes switch any unit is skipped (and at most a 
 import numpy as np
 import pytest
 
-from nptwofold.kernels.loss import softmax_cross_entropy
+from nptwofold.kernels.loss import distillation_loss, softmax_cross_entropy
 from nptwofold.layers import BatchNorm, Conv3x3, GlobalAvgPool, Linear, ShortcutA
 from nptwofold.model import BasicBlock, ResNet20
 
@@ -194,6 +194,20 @@ def test_softmax_cross_entropy(scale):
     assert dlogits.dtype == np.float64
     numeric = central_differences(lambda: softmax_cross_entropy(logits, labels)[0], logits,
                                   all_indices(logits.shape))
+    assert_gradient_matches(dlogits, numeric, "dL/dlogits")
+
+
+@pytest.mark.parametrize("temperature, weight", [(1.0, 0.5), (4.0, 0.9), (10.0, 1.0)])
+def test_distillation_loss(temperature, weight):
+    rng = np.random.default_rng(110)
+    logits, teacher_logits = 3 * rng.standard_normal((5, 10)), 6 * rng.standard_normal((5, 10))
+    labels = rng.integers(0, 10, 5)
+
+    def loss():
+        return distillation_loss(logits, teacher_logits, labels, temperature, weight)[0]
+
+    _, dlogits, _ = distillation_loss(logits, teacher_logits, labels, temperature, weight)
+    numeric = central_differences(loss, logits, all_indices(logits.shape))
     assert_gradient_matches(dlogits, numeric, "dL/dlogits")
 
 

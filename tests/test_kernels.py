@@ -20,7 +20,7 @@ from nptwofold.kernels.elementwise import (add, add_relu_forward, global_avg_poo
                                            global_avg_pool_forward, relu_backward, relu_forward,
                                            shortcut_a_backward, shortcut_a_forward)
 from nptwofold.kernels.linear import linear_backward, linear_forward
-from nptwofold.kernels.loss import softmax_cross_entropy
+from nptwofold.kernels.loss import distillation_loss, softmax_cross_entropy
 from nptwofold.kernels.optim import sgd_momentum_update
 from nptwofold.layers import BatchNorm, ShortcutA
 
@@ -145,6 +145,25 @@ def reference_softmax_cross_entropy(logits, labels):
         dlogits[n, labels[n]] -= 1.0
         correct += int(np.argmax(row) == labels[n])
     return loss / n_rows, dlogits / n_rows, correct
+
+
+def reference_distillation_loss(logits, teacher_logits, labels, temperature, weight):
+    """Hinton's loss written out with scipy-free NumPy, one row at a time."""
+    def softmax(row):
+        e = np.exp(row - row.max())
+        return e / e.sum()
+
+    logits, teacher_logits = logits.astype(np.float64), teacher_logits.astype(np.float64)
+    n_rows = len(logits)
+    hard_loss, dhard, correct = reference_softmax_cross_entropy(logits, labels)
+    soft_loss, dsoft = 0.0, np.zeros_like(logits)
+    for n in range(n_rows):
+        student = softmax(logits[n] / temperature)
+        teacher = softmax(teacher_logits[n] / temperature)
+        soft_loss += temperature ** 2 * np.sum(teacher * np.log(teacher / student))
+        dsoft[n] = temperature * (student - teacher)
+    return ((1 - weight) * hard_loss + weight * soft_loss / n_rows,
+            (1 - weight) * dhard + weight * dsoft / n_rows, correct)
 
 
 def reference_sgd(param, grads, lrs, momentum, weight_decay, nesterov):
@@ -650,6 +669,34 @@ def test_softmax_cross_entropy_large_logits(dtype):
     assert_close(dlogits, ref_dlogits, dtype)
     # row 2 ties everywhere: argmax picks the first maximum (class 0), so it is a miss
     assert correct == 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature, weight", [(1.0, 0.5), (4.0, 0.9), (4.0, 1.0), (20.0, 0.3)])
+def test_distillation_loss(temperature, weight, dtype):
+    rng = np.random.default_rng(43)
+    logits = random(rng, (16, 10), dtype, scale=5.0)
+    teacher_logits = random(rng, (16, 10), dtype, scale=8.0)
+    labels = rng.integers(0, 10, 16)
+    loss, dlogits, correct = distillation_loss(logits, teacher_logits, labels, temperature,
+                                               weight)
+    ref_loss, ref_dlogits, ref_correct = reference_distillation_loss(
+        logits, teacher_logits, labels, temperature, weight)
+    assert dlogits.dtype == dtype and correct == ref_correct
+    assert loss == pytest.approx(ref_loss, rel=RTOL[dtype], abs=RTOL[dtype])
+    assert_close(dlogits, ref_dlogits, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_distillation_loss_without_teacher_weight_is_cross_entropy(dtype):
+    rng = np.random.default_rng(44)
+    logits, teacher_logits = random(rng, (8, 10), dtype, 30.0), random(rng, (8, 10), dtype)
+    labels = rng.integers(0, 10, 8)
+    plain = softmax_cross_entropy(logits, labels)
+    distilled = distillation_loss(logits, teacher_logits, labels, 4.0, 0.0)
+    assert distilled[0] == pytest.approx(plain[0], rel=RTOL[dtype])
+    assert_close(distilled[1], plain[1], dtype)
+    assert distilled[2] == plain[2]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

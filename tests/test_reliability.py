@@ -385,6 +385,13 @@ def test_the_twofold_learning_rate_reaches_both_phases_and_not_the_baseline(tmp_
         0.01, 0.01]
 
 
+def test_the_teacher_reaches_every_phase(tmp_path):
+    phases = pipeline_phases(tmp_path, "--data", "sample", "--teacher", "dense.h5",
+                             "--distill-weight", "0.5")
+    assert [(folder.name, config.teacher, config.distill_weight) for folder, config in phases] == [
+        ("baseline", "dense.h5", 0.5), ("twofold", "dense.h5", 0.5), ("post", "dense.h5", 0.5)]
+
+
 @pytest.fixture(scope="module")
 def finished_pipeline(finished_run, tiny_dataset, tmp_path_factory):
     """A finished twofold pipeline from --init FINISHED_RUN (no baseline phase), trained on the

@@ -9,7 +9,9 @@ from nptwofold.errors import NptwofoldError
 from nptwofold.config import TrainConfig
 from nptwofold.train import Trainer, epoch_plan, learning_rate
 
-from helpers import state_of
+from helpers import REPO, state_of
+
+TEACHER = str(REPO / "results/long-seed0/model.h5")  # the committed dense baseline
 
 
 def tiny_config(**overrides):
@@ -17,8 +19,9 @@ def tiny_config(**overrides):
                                                "seed": 3, **overrides})
 
 
-def test_resume_mid_epoch_gives_identical_weights(tiny_dataset, tmp_path):
-    config = tiny_config()
+@pytest.mark.parametrize("teacher", [None, TEACHER])
+def test_resume_mid_epoch_gives_identical_weights(tiny_dataset, tmp_path, teacher):
+    config = tiny_config(teacher=teacher)
     straight = Trainer(config, tiny_dataset, tmp_path / "a", progress=False)
     straight.run()
     assert straight.state["global_step"] == 6  # 2 epochs x ceil(40 / 16)
@@ -49,6 +52,44 @@ def test_same_seed_same_run_other_seed_other_run(tiny_dataset):
     weights = [state_of(trainer.model)["fc.weight"] for trainer in runs]
     assert np.array_equal(weights[0], weights[1])
     assert not np.array_equal(weights[0], weights[2])
+
+
+def test_distillation_pulls_the_model_towards_its_teacher(tiny_dataset):
+    """Trained on the soft targets alone, a model ends closer to its teacher (KL divergence
+    of the softened outputs on the training images) than one trained on the labels."""
+    from nptwofold.build import load_model
+    from nptwofold.kernels.loss import distillation_loss
+    from nptwofold.steps import predict
+
+    images, labels = tiny_dataset.train_images, tiny_dataset.train_labels
+    teacher_logits = predict(load_model(TEACHER)[0], images)
+    divergence = {}
+    for name, flags in (("distilled", dict(teacher=TEACHER, distill_weight=1.0)), ("plain", {})):
+        trainer = Trainer(tiny_config(epochs=20, warmup_epochs=0, lr=0.02, **flags),
+                          tiny_dataset, progress=False)
+        trainer.run()
+        divergence[name] = distillation_loss(predict(trainer.model, images), teacher_logits,
+                                             labels, 4.0, 1.0)[0]
+    assert divergence["distilled"] < 0.8 * divergence["plain"]
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_the_distillation_weight_selects_labels_or_teacher(tiny_dataset, weight):
+    """Weight 0 trains exactly as without a teacher; weight 1 ignores the labels (scrambled
+    labels give the same weights)."""
+    def weights(dataset, **flags):
+        trainer = Trainer(tiny_config(epochs=2, **flags), dataset, progress=False)
+        trainer.run()
+        return state_of(trainer.model)
+
+    distilled = weights(tiny_dataset, teacher=TEACHER, distill_weight=weight)
+    if weight == 0.0:
+        other = weights(tiny_dataset)
+    else:
+        scrambled = tiny_dataset._replace(train_labels=(tiny_dataset.train_labels + 3) % 10)
+        other = weights(scrambled, teacher=TEACHER, distill_weight=weight)
+    for name in distilled:
+        assert np.array_equal(distilled[name], other[name]), name
 
 
 def test_epoch_plan_is_a_permutation_with_valid_augmentation():
@@ -108,6 +149,9 @@ def test_logs_and_checkpoints_are_written_each_epoch(tiny_dataset, tmp_path):
                     "must be shorter than training"),
     ({"epochs": 2, "warmup_epochs": 2}, "--warmup-epochs 2 must be shorter than --epochs 2"),
     ({"post_training": True}, "--post-training needs a twofold config"),
+    ({"teacher": "t.h5", "distill_weight": 1.5}, "--distill-weight must be in [0, 1] (got 1.5)"),
+    ({"teacher": "t.h5", "distill_temperature": 0}, "--distill-temperature must be > 0"),
+    ({"distill_weight": 0.5}, "--distill-temperature and --distill-weight need --teacher"),
 ])
 def test_bad_config_values_are_clear_errors(override, message):
     with pytest.raises(NptwofoldError) as error:
