@@ -6,7 +6,8 @@ import numpy as np
 @numba.njit(cache=True)
 def _log_softmax_row(row, temperature, out):
     """out = log softmax(row / temperature), shifted by the row's max so exp() cannot
-    overflow; returns the argmax of the row."""
+    overflow; returns the argmax of the row. (`softmax_cross_entropy` keeps its own loop: its
+    order of float operations is the one the committed runs were trained with.)"""
     n_classes = row.shape[0]
     best = 0
     for k in range(1, n_classes):
@@ -27,15 +28,22 @@ def softmax_cross_entropy(logits, labels):
     """Returns (mean loss, gradient of the mean loss to the logits, count of correct argmax)."""
     n_rows, n_classes = logits.shape
     dlogits = np.empty_like(logits)
-    log_p = np.empty(n_classes)
     total_loss = 0.0
     correct = 0
     for n in range(n_rows):
-        best = _log_softmax_row(logits[n], 1.0, log_p)
+        top = logits[n, 0]
+        best = 0
+        for k in range(1, n_classes):
+            if logits[n, k] > top:
+                top = logits[n, k]
+                best = k
         correct += best == labels[n]
-        total_loss -= log_p[labels[n]]
+        norm = 0.0  # shifting by the max keeps exp() from overflowing
         for k in range(n_classes):
-            dlogits[n, k] = np.exp(log_p[k]) / n_rows
+            norm += np.exp(logits[n, k] - top)
+        total_loss += np.log(norm) + top - logits[n, labels[n]]
+        for k in range(n_classes):
+            dlogits[n, k] = np.exp(logits[n, k] - top) / norm / n_rows
         dlogits[n, labels[n]] -= 1.0 / n_rows
     return total_loss / n_rows, dlogits, correct
 
