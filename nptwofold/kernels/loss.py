@@ -6,21 +6,18 @@ import numpy as np
 @numba.njit(cache=True)
 def _log_softmax_row(row, temperature, out):
     """out = log softmax(row / temperature), shifted by the row's max so exp() cannot
-    overflow; returns the argmax of the row. (`softmax_cross_entropy` keeps its own loop: its
-    order of float operations is the one the committed runs were trained with.)"""
+    overflow."""
     n_classes = row.shape[0]
-    best = 0
+    top = row[0]
     for k in range(1, n_classes):
-        if row[k] > row[best]:
-            best = k
-    top = row[best] / temperature
+        top = max(top, row[k])
+    top /= temperature
     norm = 0.0
     for k in range(n_classes):
         norm += np.exp(row[k] / temperature - top)
     log_norm = np.log(norm) + top
     for k in range(n_classes):
         out[k] = row[k] / temperature - log_norm
-    return best
 
 
 @numba.njit(cache=True)
@@ -54,23 +51,18 @@ def distillation_loss(logits, teacher_logits, labels, temperature, weight):
     (1 - weight) CE(labels, softmax(z)) + weight T^2 KL(softmax(t / T) || softmax(z / T)),
     z the logits, t the teacher's, T the temperature (T^2 keeps the soft term's gradient on
     the scale of the hard one's as T changes). Returns (mean loss, its gradient to the
-    logits, count of correct argmax); weight 0 is `softmax_cross_entropy`."""
+    logits, count of correct argmax); with weight 0 exactly `softmax_cross_entropy`'s."""
     n_rows, n_classes = logits.shape
-    dlogits = np.empty_like(logits)
-    log_p, log_soft, log_teacher = np.empty(n_classes), np.empty(n_classes), np.empty(n_classes)
-    total_loss = 0.0
-    correct = 0
+    hard_loss, dlogits, correct = softmax_cross_entropy(logits, labels)
+    log_student, log_teacher = np.empty(n_classes), np.empty(n_classes)
+    soft_loss = 0.0
     for n in range(n_rows):
-        best = _log_softmax_row(logits[n], 1.0, log_p)
-        _log_softmax_row(logits[n], temperature, log_soft)
+        _log_softmax_row(logits[n], temperature, log_student)
         _log_softmax_row(teacher_logits[n], temperature, log_teacher)
-        correct += best == labels[n]
-        kl = 0.0
         for k in range(n_classes):
             teacher_p = np.exp(log_teacher[k])
-            kl += teacher_p * (log_teacher[k] - log_soft[k])
-            dlogits[n, k] = ((1.0 - weight) * np.exp(log_p[k])
-                             + weight * temperature * (np.exp(log_soft[k]) - teacher_p)) / n_rows
-        dlogits[n, labels[n]] -= (1.0 - weight) / n_rows
-        total_loss += (1.0 - weight) * -log_p[labels[n]] + weight * temperature ** 2 * kl
-    return total_loss / n_rows, dlogits, correct
+            soft_loss += teacher_p * (log_teacher[k] - log_student[k])
+            dlogits[n, k] = ((1.0 - weight) * dlogits[n, k] + weight * temperature
+                             * (np.exp(log_student[k]) - teacher_p) / n_rows)
+    return ((1.0 - weight) * hard_loss + weight * temperature ** 2 * soft_loss / n_rows,
+            dlogits, correct)
