@@ -23,7 +23,8 @@ from nptwofold.options import (ScriptParser, add_flags, flag_name, given_values,
                                shown_value, threads_flag)
 
 # the twofold preset sets its phases' schedules: of the training flags it takes only these
-PIPELINE_TRAIN_FLAGS = ("data", "seed", "init", "teacher", "distill_temperature", "distill_weight")
+PIPELINE_TRAIN_FLAGS = ("data", "seed", "init", "teacher", "distill_temperature",
+                        "distill_weight")
 # the flag behind a config field of a twofold-preset phase, where it is not the field's own
 PHASE_FLAGS = {("twofold", "epochs"): "twofold_epochs", ("post", "epochs"): "finetune_epochs",
                ("twofold", "lr"): "twofold_lr", ("post", "lr"): "twofold_lr",
