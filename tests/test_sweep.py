@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, assert_one_line_error, run
+from nptwofold import sweep as sweep_module
 from nptwofold.errors import NptwofoldError
 from nptwofold.sweep import (CLUSTERS, DONE, MANIFEST, ORPHAN_GUARD, TRAIN_LOG, Sweep,
                              check_run_flags, chip_rows, draw_plots, load_sweep_file,
@@ -211,6 +212,19 @@ def _alive(pid):
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_scripts_run_without_the_nannys_malloc_setting(tmp_path, monkeypatch):
+    """Dask's nanny gives its workers MALLOC_TRIM_THRESHOLD_; the trainer must not inherit
+    it (it makes every large array a fresh mmap), the rest of the environment it must."""
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    monkeypatch.setenv("NPTWOFOLD_PROBE", "kept")
+    monkeypatch.setattr(sweep_module, "SCRIPTS", tmp_path)
+    (tmp_path / "show_env.py").write_text(
+        "import os\nprint(os.environ.get('MALLOC_TRIM_THRESHOLD_'), "
+        "os.environ.get('NPTWOFOLD_PROBE'))\n")
+    sweep_module._run_script("show_env.py", [], tmp_path / "log", tmp_path)
+    assert (tmp_path / "log").read_text().splitlines()[-1] == "None kept"
 
 
 def test_a_failing_run_raises_its_last_log_line(tmp_path):
