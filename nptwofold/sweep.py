@@ -5,9 +5,10 @@ A sweep is axes (a flag and its values; the grid is their product) and shared fl
 is one task that runs train_cifar.py in its own folder, named from its axis values, with
 `--resume` once the folder holds a checkpoint: a task whose worker is lost is started again by
 Dask on another worker and continues from the run's last epoch, so its final weights are the
-ones an uninterrupted run writes. Collection is a task per finished run too (`cim_eval.py`
-on its final checkpoint, then one row per array variant); the tables and plots are written on
-the client once every row is in.
+ones an uninterrupted run writes. The same task then collects the run (`cim_eval.py` on its
+final checkpoint, one row per array variant), and the client rewrites the tables and plots
+after every collected run, so a sweep that spans days shows its finished runs while the
+others train.
 
 The folder of a sweep holds its manifest (sweep.json: the grid), a lock held for the sweep's
 life, the run folders and the tables. The Dask cluster is the caller's: `local_cluster`,
@@ -355,6 +356,13 @@ def train_run(run_dir, argv, workdir, run_threads):
     return seconds
 
 
+def run_and_collect(run_dir, point, argv, cim_argv, workdir, run_threads):
+    """One run's task: `train_run`, then `evaluate_run` on the same worker, so the run's rows
+    arrive as soon as it is trained. Returns (seconds trained, rows)."""
+    seconds = train_run(run_dir, argv, workdir, run_threads)
+    return seconds, evaluate_run(run_dir, point, cim_argv, workdir, run_threads)
+
+
 def final_folder(run_dir):
     """The folder of a run's last phase: the run itself, or the twofold preset's last phase."""
     from .config import TWOFOLD_PHASES
@@ -644,8 +652,8 @@ def _failure(future, run_dir):
 
 def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_threads=1,
               progress_every=60, print_line=print):
-    """Trains the runs not finished yet, then collects every finished one; writes the tables
-    and plots. `sweep` None takes the sweep recorded in `out` (for collect_only);
+    """Trains the runs not finished yet and collects each one once trained (`cim_eval.py`),
+    rewriting the tables and plots as rows come in. `sweep` None takes the sweep recorded in `out` (for collect_only);
     open_client(number of runs) gives the Dask client, called once the folder and the flags
     passed their checks. Returns (rows, {run: failure line})."""
     out = Path(out).resolve()
@@ -659,90 +667,90 @@ def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_thread
         cim_argv = to_argv(sweep.cim_eval)
         if client.dashboard_link:
             print_line(f"dashboard: {client.dashboard_link}")
-        failures, rows, training, collecting = {}, {}, {}, {}
-        reference = None
-        if sweep.chip.get("reference"):
-            reference = client.submit(evaluate_reference, str(out), sweep, workdir, run_threads,
-                                      key=f"reference-{time.time_ns()}", retries=retries,
-                                      pure=False)
+        failures, rows, tasks = {}, {}, {}
+        reference_report, reference_pending = None, bool(sweep.chip.get("reference"))
+        if reference_pending:
+            tasks[client.submit(evaluate_reference, str(out), sweep, workdir, run_threads,
+                                key=f"reference-{time.time_ns()}", retries=retries,
+                                pure=False)] = REFERENCE
 
-        def collect(name):
-            point = runs[name][0]
-            collecting[client.submit(evaluate_run, str(out / name), point, cim_argv, workdir,
-                                     run_threads, key=f"collect-{name}-{time.time_ns()}",
-                                     retries=retries, pure=False)] = name
+        def write_outputs():
+            """The tables and plots of the rows collected so far (the chips once the
+            reference chip is known); returns the rows and what was written."""
+            ordered = [row for name in runs if name in rows for row in rows[name]]
+            if not ordered:
+                return ordered, []
+            write_tables(out, TABLE, ordered, sweep)
+            written = [f"table: {out / TABLE}.md (.csv, .json)"]
+            plotted, variant_keys = ordered, ("encoding", "adc")
+            if sweep.chip and not reference_pending:
+                plotted, variant_keys = chip_rows(ordered, sweep.chip, reference_report), \
+                    ("encoding",)
+                write_tables(out, CHIPS, plotted, sweep)
+                written.append(f"chips: {out / CHIPS}.md (.csv, .json)")
+            plots = draw_plots(out, plotted, sweep, variant_keys, reference_report)
+            if plots is None:
+                written.append("matplotlib is not installed: plots skipped (pip install "
+                               "matplotlib)")
+            elif plots:
+                written.append(f"plots: {', '.join(plots)}")
+            return ordered, written
 
-        if collect_only:
-            for name in runs:
-                if (out / name / DONE).exists():
-                    collect(name)
-                else:
-                    print_line(f"{name}: not finished, left out of the table")
-        else:
-            for name, (_, argv) in runs.items():
-                training[client.submit(train_run, str(out / name), argv, workdir, run_threads,
-                                       key=f"train-{name}-{time.time_ns()}", retries=retries,
-                                       pure=False)] = name
-        progress = Progress(len(training), print_line, progress_every)
+        for name, (point, argv) in runs.items():
+            if not collect_only:
+                tasks[client.submit(run_and_collect, str(out / name), point, argv, cim_argv,
+                                    workdir, run_threads, key=f"run-{name}-{time.time_ns()}",
+                                    retries=retries, pure=False)] = name
+            elif (out / name / DONE).exists():
+                tasks[client.submit(evaluate_run, str(out / name), point, cim_argv, workdir,
+                                    run_threads, key=f"collect-{name}-{time.time_ns()}",
+                                    retries=retries, pure=False)] = name
+            else:
+                print_line(f"{name}: not finished, left out of the table")
+        progress = Progress(0 if collect_only else len(runs), print_line, progress_every)
         done = failed = 0
-        while training or collecting:
+        while tasks:
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):  # distinct before 3.11
-                distributed.wait([*training, *collecting], timeout=1,
-                                 return_when="FIRST_COMPLETED")
-            for future in [f for f in training if f.status in ENDED]:
-                name = training.pop(future)
-                if future.status == "finished":
-                    done += 1
-                    seconds = future.result()
-                    if seconds:
-                        progress.durations.append(seconds)
-                    collect(name)
-                else:
-                    failed += 1
-                    failures[name] = _failure(future, out / name)
-                    print_line(f"failed {name}: {failures[name]} (log: "
-                               f"{out / name / TRAIN_LOG})")
-            for future in [f for f in collecting if f.status in ENDED]:
-                name = collecting.pop(future)
-                if future.status == "finished":
+                distributed.wait(list(tasks), timeout=1, return_when="FIRST_COMPLETED")
+            ended = [future for future in tasks if future.status in ENDED]
+            for future in ended:
+                name = tasks.pop(future)
+                folder = out / name
+                if name == REFERENCE:
+                    reference_pending = False
+                if future.status != "finished":
+                    failures[name] = _failure(future, folder)
+                    if name == REFERENCE:
+                        print_line(f"reference chip failed: {failures[name]} (log: "
+                                   f"{folder / CIM_LOG})")
+                    else:
+                        failed += 1
+                        print_line(f"failed {name}: {failures[name]} (logs: "
+                                   f"{folder / TRAIN_LOG}, {CIM_LOG})")
+                elif name == REFERENCE:
+                    reference_report = future.result()
+                elif collect_only:
                     rows[name] = future.result()
                     print_line(f"collected {name}")
                 else:
-                    failures[name] = _failure(future, out / name)
-                    print_line(f"collection of {name} failed: {failures[name]} (log: "
-                               f"{out / name / CIM_LOG})")
+                    seconds, rows[name] = future.result()
+                    done += 1
+                    if seconds:
+                        progress.durations.append(seconds)
+                    print_line(f"trained and collected {name}")
+            if ended and tasks:
+                write_outputs()
             if progress.total:
                 processing = {key for keys in client.processing().values() for key in keys}
                 slots = sum(client.nthreads().values())
                 # a worker may hold more tasks than it has threads, queued
-                running = min(sum(future.key in processing for future in training), slots)
+                running = min(sum(future.key in processing for future, name in tasks.items()
+                                  if name != REFERENCE), slots)
                 progress.update(done, running, failed, slots)
-        ordered = [row for name in runs if name in rows for row in rows[name]]
-        reference_report = None
-        if reference is not None:
-            distributed.wait([reference])
-            if reference.status == "finished":
-                reference_report = reference.result()
-            else:
-                failures[REFERENCE] = _failure(reference, out / REFERENCE)
-                print_line(f"reference chip failed: {failures[REFERENCE]} (log: "
-                           f"{out / REFERENCE / CIM_LOG})")
-        if ordered:
-            write_tables(out, TABLE, ordered, sweep)
-            print_line(f"table: {out / TABLE}.md (.csv, .json)")
-            plotted, variant_keys = ordered, ("encoding", "adc")
-            if sweep.chip:
-                plotted, variant_keys = chip_rows(ordered, sweep.chip, reference_report), \
-                    ("encoding",)
-                write_tables(out, CHIPS, plotted, sweep)
-                print_line(f"chips: {out / CHIPS}.md (.csv, .json)")
-            plots = draw_plots(out, plotted, sweep, variant_keys, reference_report)
-            if plots is None:
-                print_line("matplotlib is not installed: plots skipped (pip install "
-                           "matplotlib)")
-            elif plots:
-                print_line(f"plots: {', '.join(plots)}")
-        elif not failures:
+        ordered, written = write_outputs()
+        for line in written:
+            print_line(line)
+        if not ordered and not failures:
             raise NptwofoldError(f"no finished runs in {out}")
         return ordered, failures
 

@@ -13,9 +13,9 @@ differ in several flags are an axis of variants, tables with a name: `bitreg = [
 beta-bit = 0}, {name = "on", beta-bit = 20, plane-drop-tolerance = 0.02}]`, on the command
 line `--axis bitreg '{"name": "off", "beta-bit": 0}' '{"name": "on", ...}'`. Each run is
 `train_cifar.py FLAGS --resume --out DIR/<axis>-<value>_...` in its own folder, so a stopped
-or lost run continues from its last epoch and finished runs are skipped. When the runs are in,
-cim_eval.py runs on every finished run, and DIR/results.md (.csv, .json) and, with matplotlib,
-plots are written; --collect-only redoes just that. The exit status is 1 if a run failed after
+or lost run continues from its last epoch and finished runs are skipped. cim_eval.py runs on
+each run once it is trained, and DIR/results.md (.csv, .json) and, with matplotlib, plots are
+rewritten with every run collected; --collect-only redoes just that. The exit status is 1 if a run failed after
 its retries.
 
 Where the runs go: by default a local Dask cluster with one worker per --run-threads cores of

@@ -282,7 +282,7 @@ def kill_a_worker_mid_run(client, out, killed):
             if (out / name / DONE).exists():
                 continue
             for address, keys in client.processing().items():
-                if any(key.startswith(f"train-{name}-") for key in keys):
+                if any(key.startswith(f"run-{name}-") for key in keys):
                     pid = client.run(os.getpid, workers=[address])[address]
                     killed.update(run=name, trainers=[
                         child.pid for child in psutil.Process(pid).children(recursive=True)])
@@ -296,17 +296,25 @@ def test_a_grid_survives_a_killed_worker_with_the_same_weights(dask_client, tmp_
     """2 x 2 quick runs on 2 worker processes; one worker is killed during a run's second
     epoch. The run continues from its first epoch on a new worker, the trainer of the killed
     worker does not live on, and every final checkpoint equals the one of the same grid run
-    without the kill. Then the collection writes one row per run."""
+    without the kill. Each run is collected once trained, so the table holds rows before the
+    last run is done; in the end, one row per run."""
     sweep = Sweep(dict(seed=[0, 1], lr=[0.1, 0.05]), TINY,
                   dict(images=20, calib_images=16))
-    killed, lines = {}, []
+    killed, lines, table_written = {}, [], []
+
+    def print_line(line):
+        lines.append(line)
+        table_written.append((tmp_path / "killed" / "results.md").exists())
+
     killer = threading.Thread(target=kill_a_worker_mid_run,
                               args=(dask_client, tmp_path / "killed", killed))
     killer.start()
     rows, failures = run_sweep(sweep, tmp_path / "killed", lambda n_runs: dask_client,
-                               progress_every=5, print_line=lines.append)
+                               progress_every=5, print_line=print_line)
     killer.join()
     assert killed and not failures, (killed, failures, lines)
+    last = max(i for i, line in enumerate(lines) if line.startswith("trained and collected"))
+    assert table_written[last], lines
     assert not any(_alive(pid) for pid in killed["trainers"])
     log = (tmp_path / "killed" / killed["run"] / TRAIN_LOG).read_text()
     assert "resuming" in log and "at epoch 2" in log, log
