@@ -47,6 +47,11 @@ CIM_REPORT = "cim_eval.json"
 CIM_KEY = "cim_eval.key.json"  # what CIM_REPORT was computed from: its flags and the run's DONE
 TABLE = "results"           # results.md, results.csv, results.json
 CHIPS = "chips"             # chips.md, .csv, .json: each run's row on the chip it would be built as
+# chips.md is the headline table, these columns after the axes (.csv and .json keep them all):
+# accuracy in training and on the chip, points lost against the reference model, share of
+# cell reads in state 00, energy per image and its ratio to the reference chip's
+CHIP_COLUMNS = ("encoding", "adc", "test_acc", "cim_acc", "acc_lost_pt", "cell_reads_00",
+                "cells_nj", "adc_nj", "lfsr_nj", "energy_nj", "reference_ratio")
 REFERENCE = "reference"     # OUT/reference/: the reference chip's cim_eval report
 # cim_eval flags the reference chip shares with the runs, so that both count the same images
 SAME_IMAGES = ("data", "images", "calib_images")
@@ -478,7 +483,8 @@ def run_rows(run_dir, point, final, cim_report):
             energy_nj=energy["total_pj"] / 1e3,
             cells_nj=energy["cells_pj"] / 1e3, adc_nj=energy["adc_pj"] / 1e3,
             lfsr_nj=energy["lfsr_pj"] / 1e3, baseline_nj=energy["baseline_total_pj"] / 1e3,
-            energy_ratio=energy["baseline_ratio"], cim_images=cim_report["n_images"]))
+            cell_reads_00=energy["cells_00"], energy_ratio=energy["baseline_ratio"],
+            cim_images=cim_report["n_images"]))
     return rows
 
 
@@ -686,7 +692,7 @@ def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_thread
             if sweep.chip and not reference_pending:
                 plotted, variant_keys = chip_rows(ordered, sweep.chip, reference_report), \
                     ("encoding",)
-                write_tables(out, CHIPS, plotted, sweep)
+                write_tables(out, CHIPS, plotted, sweep, [*sweep.axes, *CHIP_COLUMNS])
                 written.append(f"chips: {out / CHIPS}.md (.csv, .json)")
             plots = draw_plots(out, plotted, sweep, variant_keys, reference_report)
             if plots is None:
@@ -756,11 +762,16 @@ def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_thread
 
 
 def _cell(value):
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
-def write_tables(out, name, rows, sweep):
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+def write_tables(out, name, rows, sweep, shown=None):
+    """OUT/NAME.csv and .json with every column of `rows`, and OUT/NAME.md with the
+    columns `shown` (all by default)."""
+    columns = [column for column in shown or dict.fromkeys(key for row in rows for key in row)
+               if any(column in row for row in rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(column, "")) for column in columns) + " |"
               for row in rows]

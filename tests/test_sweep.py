@@ -1,6 +1,7 @@
 """Sweeps (nptwofold.sweep, scripts/sweep.py): the grid and its folders, the sweep folder's
 manifest and lock, the orphan guard, a failing run, and on Dask a grid that survives a killed
 worker with the same weights, and the job script of a batch queue."""
+import csv
 import importlib.util
 import json
 import os
@@ -21,7 +22,7 @@ from nptwofold.errors import NptwofoldError
 from nptwofold.sweep import (CLUSTERS, DONE, MANIFEST, ORPHAN_GUARD, TRAIN_LOG, Sweep,
                              check_run_flags, chip_rows, draw_plots, load_sweep_file,
                              open_sweep_folder, pareto_front, parse_value, run_sweep, sweep_lock,
-                             train_run)
+                             train_run, write_tables)
 
 TINY = dict(preset="quick", epochs=2, warmup_epochs=0)  # about 10 s of training per run
 
@@ -413,6 +414,21 @@ def test_chips_compare_with_the_reference_chip():
     for row in chip_rows(chip_test_rows(), dict(adc_tolerance=0.5), reference):
         assert row["reference_ratio"] == pytest.approx(420.0 / row["energy_nj"])
         assert row["acc_lost_pt"] == pytest.approx(100 * (0.91 - row["cim_acc"]))
+
+
+def test_the_chips_table_shows_the_headline_columns_and_keeps_every_one(tmp_path):
+    sweep = Sweep(dict(sparsity=[0.5], method=["a"]), TINY)
+    row = dict(run="r", sparsity=0.5, method="a", encoding="sign_magnitude", cim_acc=0.8523,
+               energy_nj=61234.56, cells_nj=58000.0, hidden=1.5, acc_lost_pt=3.96)
+    write_tables(tmp_path, "chips", [row], sweep, ["sparsity", "method", "encoding", "adc",
+                                                   "cim_acc", "acc_lost_pt", "energy_nj"])
+    header, _, line = (tmp_path / "chips.md").read_text().splitlines()
+    # a column no row holds (adc) is left out; 1,000 and more print as whole numbers
+    assert header == "| sparsity | method | encoding | cim_acc | acc_lost_pt | energy_nj |"
+    assert line == "| 0.5 | a | sign_magnitude | 0.8523 | 3.96 | 61235 |"
+    with open(tmp_path / "chips.csv") as f:
+        assert next(csv.DictReader(f)) == {key: str(value) for key, value in row.items()}
+    assert json.loads((tmp_path / "chips.json").read_text())["rows"] == [row]
 
 
 def test_the_pareto_front_keeps_the_points_nothing_beats():
