@@ -659,9 +659,9 @@ def _failure(future, run_dir):
 def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_threads=1,
               progress_every=60, print_line=print):
     """Trains the runs not finished yet and collects each one once trained (`cim_eval.py`),
-    rewriting the tables and plots as rows come in. `sweep` None takes the sweep recorded in `out` (for collect_only);
-    open_client(number of runs) gives the Dask client, called once the folder and the flags
-    passed their checks. Returns (rows, {run: failure line})."""
+    rewriting the tables and plots as rows come in. `sweep` None takes the sweep recorded in
+    `out` (for collect_only); open_client(number of runs) gives the Dask client, called once
+    the folder and the flags passed their checks. Returns (rows, {run: failure line})."""
     out = Path(out).resolve()
     check_output_dir(out)
     with sweep_lock(out):
