@@ -682,7 +682,8 @@ def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_thread
 
         def write_outputs():
             """The tables and plots of the rows collected so far (the chips once the
-            reference chip is known); returns the rows and what was written."""
+            reference chip is known); returns the rows and the lines that say what was
+            written (or why the plots were not)."""
             ordered = [row for name in runs if name in rows for row in rows[name]]
             if not ordered:
                 return ordered, []
@@ -753,8 +754,8 @@ def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_thread
                 running = min(sum(future.key in processing for future, name in tasks.items()
                                   if name != REFERENCE), slots)
                 progress.update(done, running, failed, slots)
-        ordered, written = write_outputs()
-        for line in written:
+        ordered, lines = write_outputs()
+        for line in lines:
             print_line(line)
         if not ordered and not failures:
             raise NptwofoldError(f"no finished runs in {out}")
