@@ -6,7 +6,7 @@ Layout (documented in docs/checkpoint-format.md):
   /optimizer/<name>  SGD momentum buffer of each parameter; attrs momentum, weight_decay, nesterov
   /train             attrs epoch, step, global_step, running sums, best_accuracy, history (JSON)
   /twofold/<layer>   twofold runs only: levels, bit_planes and cells (in the run's weight
-                     encoding, attr encoding), weight, keep_mask; LFSR attrs
+                     encoding, attr encoding), weight, keep_mask, activity; LFSR attrs
   /cim               older versions only (a CIM calibration, now a file of its own,
                      `cim.calibration`): attrs activation_bits, weight_bits,
                      calibration_images; /cim/<layer> attr activation_clip and datasets
@@ -144,8 +144,9 @@ FLOAT_RUN_TRAIN_DEFAULTS = dict(epoch_reg_net=0.0, epoch_reg_bit=0.0, post_train
                                 twofold_reports=[])
 # what each /twofold/<layer> group holds (their agreement is checked by Twofold.load_h5)
 TWOFOLD_DATASETS = dict(levels="iu", bit_planes="u", weight="f", keep_mask="u")
-# cells: absent in checkpoints written before the planes followed the weight encoding
-TWOFOLD_OPTIONAL_DATASETS = dict(cells="u")
+# cells: absent in checkpoints written before the planes followed the weight encoding;
+# activity: absent before it was stored, and in runs that have not measured it yet
+TWOFOLD_OPTIONAL_DATASETS = dict(cells="u", activity="f")
 TWOFOLD_ATTRS = dict(
     bits=("int", between(2, 16)), scale=("float", at_least(0)), lfsr_width=("int", at_least(1)),
     lfsr_taps=("ints", at_least(1)), lfsr_seed=("int", at_least(1)), kept=("int", at_least(1)),

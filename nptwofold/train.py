@@ -180,6 +180,8 @@ class Trainer:
         then the outputs repaired."""
         state, config = self.state, self.config
         restore_state(self.model, self.method, content, path)
+        if self.method is not None:
+            self.method.restore_activity(content["twofold"], path)
         restore_optimizer(self.optimizer, content, path)
         state.update(content["train"])
         if not (state["epoch"] <= config.epochs and state["step"] < self.steps_per_epoch

@@ -343,10 +343,14 @@ def test_twofold_run_checkpoint_round_trip_and_mask_check(pipeline, tmp_path):
         build_model(config, load_checkpoint(tampered))
 
 
-def test_twofold_resume_is_exact(tiny_dataset, tmp_path):
-    config = TrainConfig.from_preset("quick", epochs=2, batch_size=16, eval_batch_size=10,
+@pytest.mark.parametrize("lambda_energy", [0.0, 2.0])
+def test_twofold_resume_is_exact(tiny_dataset, tmp_path, lambda_energy):
+    """Stopped inside the second epoch: with the energy regularizer, the resumed run must weigh
+    it with the activity measured at the first epoch's end, not re-measure it mid-epoch."""
+    config = TrainConfig.from_preset("quick", epochs=3, batch_size=16, eval_batch_size=10,
                                      warmup_epochs=0, lr=0.02,
-                                     twofold=dict(sparsity=0.3, lambda_net=0.2, beta_bit=3.0))
+                                     twofold=dict(sparsity=0.3, lambda_net=0.2, beta_bit=3.0,
+                                                  lambda_energy=lambda_energy))
     straight = Trainer(config, tiny_dataset, tmp_path / "a", progress=False)
     straight.run()
     half = Trainer(dataclasses.replace(config), tiny_dataset, tmp_path / "b", progress=False)
@@ -355,6 +359,27 @@ def test_twofold_resume_is_exact(tiny_dataset, tmp_path):
     resumed.run()
     want, got = state_of(straight.model), state_of(resumed.model)
     assert all(np.array_equal(want[name], got[name]) for name in want)
+
+
+def test_a_checkpoint_without_activity_resumes_by_measuring_it(tiny_dataset, tmp_path):
+    """Checkpoints written before a_i was stored still resume; a partial one is refused."""
+    config = TrainConfig.from_preset("quick", epochs=2, batch_size=16, eval_batch_size=10,
+                                     warmup_epochs=0, lr=0.02,
+                                     twofold=dict(sparsity=0.3, lambda_energy=2.0))
+    Trainer(config, tiny_dataset, tmp_path / "run", progress=False).run(max_steps=4)
+    path = tmp_path / "run/last.h5"
+    with h5py.File(path, "r+") as f:
+        stored = {name: f["twofold"][name]["activity"][()] for name in f["twofold"]}
+        del f["twofold"][next(iter(stored))]["activity"]
+    with pytest.raises(NptwofoldError, match="/activity is missing while other layers"):
+        Trainer.resume(path, tiny_dataset, tmp_path / "run", progress=False)
+    with h5py.File(path, "r+") as f:
+        for name in stored:
+            f["twofold"].get(name).pop("activity", None)
+    resumed = Trainer.resume(path, tiny_dataset, tmp_path / "run", progress=False)
+    assert resumed.method.activity is None
+    resumed.run()
+    assert resumed.state["epoch"] == 2 and resumed.method.activity is not None
 
 
 def test_bits_are_rebinarized_after_the_last_twofold_epoch(pipeline):

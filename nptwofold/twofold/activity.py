@@ -59,18 +59,43 @@ class ActivityMeasurement:
             for layer in self.layers.values():
                 layer.use_forward_op(None)
             self.model.train(training)
-        self.activity = {}
+        activity = {}
         for name, layer in self.layers.items():
             shape = layer.params["weight_bits"].shape[1:]
             per_row = in_weight_layout(driven[name] / len(images), shape)
-            self.activity[name] = np.ascontiguousarray(
+            activity[name] = np.ascontiguousarray(
                 np.broadcast_to(per_row, shape) * self.keep_mask(name))
-        two_complement_mean = level_energy_table(self.bits, "twos_complement",
-                                                 self.hardware.cell_energy_pj).mean()
-        self.energy_reference = two_complement_mean * sum(a.sum() for a in self.activity.values())
-        if not self.energy_reference > 0:
+        if not self._set_activity(activity):
             raise NptwofoldError("no input bit was 1 on the activity images; the energy "
                                  "regularizer has nothing to weigh")
+
+    def restore_activity(self, stored, path):
+        """Takes a_i from a checkpoint's /twofold group (read by `load_checkpoint`, shapes
+        checked by `load_h5`), so a run resumed inside an epoch weighs the regularizer with the
+        a_i that epoch began with, as the uninterrupted run did; re-measuring it from the
+        mid-epoch weights would not be the same. Checkpoints written before a_i was stored
+        leave it to be measured when next needed."""
+        present = [name for name, entry in stored.items() if "activity" in entry]
+        if not present:
+            return
+        if len(present) != len(self.layers):
+            missing = sorted(set(self.layers) - set(present))
+            raise NptwofoldError(f"{path}: /twofold/{missing[0]}/activity is missing while "
+                                 "other layers store theirs")
+        for name in self.layers:
+            if (stored[name]["activity"] < 0).any():
+                raise NptwofoldError(f"{path}: /twofold/{name}/activity has negative values")
+        if not self._set_activity({name: stored[name]["activity"].astype(np.float64)
+                                   for name in self.layers}):
+            raise NptwofoldError(f"{path}: /twofold/<layer>/activity is zero everywhere")
+
+    def _set_activity(self, activity):
+        """Sets a_i and the E_ref it gives; False when E_ref is not positive."""
+        self.activity = activity
+        two_complement_mean = level_energy_table(self.bits, "twos_complement",
+                                                 self.hardware.cell_energy_pj).mean()
+        self.energy_reference = two_complement_mean * sum(a.sum() for a in activity.values())
+        return self.energy_reference > 0
 
     def cell_energy_pj(self, name):
         """sum_i a_i e(q_i) of a layer: its cell energy per image (None until measured)."""

@@ -78,7 +78,8 @@ class LayerReport:
         return "\n".join(lines)
 
     def write_h5(self, group):
-        """The integer weights, exact bit planes, scale, keep-mask and LFSR parameters per layer."""
+        """The integer weights, exact bit planes, scale, keep-mask, LFSR parameters and (once
+        measured) the input activity a_i per layer."""
         b, encoding = self.bits, self.encoding
         for name in self.layers:
             levels = self.levels(name)
@@ -88,6 +89,8 @@ class LayerReport:
             sub.create_dataset("cells", data=weight_cells(levels, b, encoding))
             sub.create_dataset("weight", data=self._stored_weight(name, levels))
             sub.create_dataset("keep_mask", data=self.keep_mask(name))
+            if self.activity is not None:  # what a resume inside an epoch goes on with
+                sub.create_dataset("activity", data=self.activity[name])
             sub.attrs.update(self._stored_attrs(name))
 
     def compact_layers(self):
@@ -152,7 +155,7 @@ class LayerReport:
                 raise NptwofoldError(f"{where}/@rows, @cols are {attrs['rows']} x "
                                      f"{attrs['cols']}, the layer is "
                                      f"{layer_matrix_shape(shape)}")
-            for key in ("levels", "weight", "keep_mask"):
+            for key in ("levels", "weight", "keep_mask", "activity"):
                 if key in entry and entry[key].shape != shape:
                     raise NptwofoldError(f"{where}/{key} has shape {entry[key].shape}, the layer "
                                          f"needs {shape}")
