@@ -24,6 +24,8 @@ command that writes into a checkpoint cannot change the repository), and outputs
 `runs/` land in the temporary folder. Bash blocks run with `set -euo pipefail`, python blocks
 with this interpreter.
 """
+import csv
+import json
 import os
 import re
 import shutil
@@ -135,6 +137,39 @@ def test_readme_is_a_short_guide():
     for fragment in ("../shared", "/work/", "SPEC", "issue "):
         assert fragment not in text, f"README.md mentions {fragment!r}"
     assert "source .venv/bin/activate" in text
+
+
+# a row of the README's results table: p, method, chip, accuracy, points lost, 00 cell reads,
+# energy per image and the ratio to the reference chip
+RESULTS_ROW = re.compile(r"^\| ([\d.]+) \| ([\w -]+?) \| (.+?) \| ([\d.]+) % \| (-?[\d.]+) \| "
+                         r"([\d.]+) % \| ([\d.]+) uJ \| ([\d.]+)x \|$", re.M)
+ENCODING_NAMES = dict(twos_complement="two's complement", sign_magnitude="sign-magnitude",
+                      offset_binary="offset binary")
+
+
+def test_readme_results_table_is_the_grid_chips_table():
+    """Every row of the grid's chips.csv, and the reference chip's cim_eval report, appear in
+    the README's table with the same figures (as rounded there), and no row more."""
+    grid = REPO / "results/grid"
+    with open(grid / "chips.csv", newline="") as f:
+        rows = {(float(row["sparsity"]), row["method"]): row for row in csv.DictReader(f)}
+    reference = json.loads((grid / "reference/cim_eval.json").read_text())
+    dense = reference["accuracy"]["float"]
+    [chip] = reference["runs"]
+    rows[(0.0, "reference chip")] = dict(
+        encoding=chip["encoding"], adc_bits=chip["adc_bits"], cim_acc=chip["accuracy"],
+        acc_lost_pt=100 * (dense - chip["accuracy"]), cell_reads_00=chip["total"]["cells_00"],
+        energy_nj=chip["total"]["total_pj"] / 1e3, reference_ratio=1.0)
+    shown = RESULTS_ROW.findall(README.read_text())
+    for p, method, chip_name, accuracy, lost, zeros, energy, ratio in shown:
+        row = rows.pop((float(p), method), None)
+        assert row is not None, f"README.md results row p = {p}, {method} is not in chips.csv"
+        want = (f"{ENCODING_NAMES[row['encoding']]}, {row['adc_bits']}-bit ADC",
+                f"{100 * float(row['cim_acc']):.2f}", f"{float(row['acc_lost_pt']):.2f}",
+                f"{100 * float(row['cell_reads_00']):.1f}", f"{float(row['energy_nj']) / 1e3:.1f}",
+                f"{float(row['reference_ratio']):.1f}")
+        assert (chip_name, accuracy, lost, zeros, energy, ratio) == want, (p, method)
+    assert not rows, f"chips.csv rows missing from README.md's results table: {sorted(rows)}"
 
 
 def test_readme_test_command_is_the_ci_command():
