@@ -239,6 +239,11 @@ class PipelineConfig:
     # the fine-tune trains the kept bits again, so it needs a real learning rate
     twofold_lr: float = option(0.01, "twofold preset: peak learning rate of the twofold phase "
                                "and of the fine-tune (each a cosine, no warm-up)", above(0))
+    # the fine-tune starts from a trained model, which a restart at the twofold phase's peak
+    # first knocks back (results/grid/README.md)
+    finetune_lr: float | None = option(
+        None, "twofold preset: peak learning rate of the fine-tune (none = --twofold-lr)",
+        above(0))
     finetune_beta_bit: float | None = option(
         None, "twofold preset: Reg_Bit strength of the fine-tune (none = --beta-bit; 0 lets it "
         "recover accuracy, as BSQ fine-tunes)", at_least(0))

@@ -27,7 +27,7 @@ PIPELINE_TRAIN_FLAGS = ("data", "seed", "init", "teacher", "distill_temperature"
                         "distill_weight")
 # the flag behind a config field of a twofold-preset phase, where it is not the field's own
 PHASE_FLAGS = {("twofold", "epochs"): "twofold_epochs", ("post", "epochs"): "finetune_epochs",
-               ("twofold", "lr"): "twofold_lr", ("post", "lr"): "twofold_lr",
+               ("twofold", "lr"): "twofold_lr", ("post", "lr"): "twofold_lr/--finetune-lr",
                ("post", "beta_bit"): "beta_bit/--finetune-beta-bit"}
 
 
@@ -114,7 +114,8 @@ def phase_configs(args, out_dir):
         if name != "baseline":
             settings["twofold"] = twofold  # {} = twofold with every default
             settings["epochs"] = phase_epochs[name]
-            settings["lr"] = pipeline.twofold_lr
+            settings["lr"] = (pipeline.finetune_lr if name == "post"
+                              and pipeline.finetune_lr is not None else pipeline.twofold_lr)
         if name == "post" and pipeline.finetune_beta_bit is not None:
             settings["twofold"] = {**twofold, "beta_bit": pipeline.finetune_beta_bit}
         phases.append((out_dir / name, TrainConfig.from_preset(preset, **settings)))

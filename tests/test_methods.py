@@ -43,6 +43,14 @@ def test_a_flag_beside_a_method_overrides_only_its_own_value(tmp_path):
     assert config.twofold.energy_rounding == METHODS["energy"]["twofold"]["energy_rounding"]
 
 
+def test_finetune_lr_sets_only_the_fine_tunes_peak(tmp_path):
+    flags = ("--init", "base.h5", "--twofold-lr", "0.05")
+    phases = dict(pipeline_phases(tmp_path, *flags))
+    assert phases[tmp_path / "twofold"].lr == phases[tmp_path / "post"].lr == 0.05
+    phases = dict(pipeline_phases(tmp_path, *flags, "--finetune-lr", "0.005"))
+    assert phases[tmp_path / "twofold"].lr == 0.05 and phases[tmp_path / "post"].lr == 0.005
+
+
 def test_no_method_leaves_every_default(tmp_path):
     from nptwofold.twofold import TwofoldConfig
 
