@@ -133,11 +133,13 @@ def test_group_of_one_tile_stores_only_the_kept_rows():
         assert scattered.layers[name].crossbar.kept_rows_per_tile.max() > kept
 
 
-def save_twofold(path, encoding="twos_complement", legacy=False):
-    """A fresh twofold checkpoint made for `encoding`; with `legacy`, in the layout older
-    versions wrote (the array's facts in the twofold config, a machine's data path)."""
+def save_twofold(path, encoding="twos_complement", legacy=False, edit=lambda model: None):
+    """A fresh twofold checkpoint made for `encoding`, its model changed by `edit` first; with
+    `legacy`, in the layout older versions wrote (the array's facts in the twofold config, a
+    machine's data path)."""
     model = ResNet20(np.random.default_rng(0))
     method = twofold_of(model, 0, sparsity=0.5, weight_encoding=encoding)
+    edit(model)
     config = dataclasses.asdict(TrainConfig(twofold=dataclasses.asdict(method.config),
                                             hardware=dataclasses.asdict(method.hardware)))
     if legacy:
@@ -225,6 +227,39 @@ def test_calibration_file_is_separate_and_recalibrates_on_a_digest_mismatch(samp
     other = CimNetwork(other.model, other.method, other.hardware)
     _, notes = prepared(sample.train_images[1:5], other)  # the images the file holds now
     assert notes[0] == f"{calibration} was computed from other weights: recalibrated"
+
+
+def test_a_block_switched_off_calibrates_to_clip_0_and_reads_nothing(sample, tmp_path):
+    """Training can zero a block's first conv (the poster's method did at p = 0.7); with a
+    negative batch-norm shift its second conv then sees only 0s, and the chip reads nothing
+    there: clip 0, stored and read back, and the CIM forward still equals the fake-quant one."""
+    def switch_off(model):
+        block = getattr(model.layer2, "1")
+        block.conv1.params["weight_bits"][...] = 0.0
+        block.bn1.params["bias"][...] = -1.0
+
+    path = tmp_path / "switched_off.h5"
+    save_twofold(path, edit=switch_off)
+    network = CimNetwork.from_checkpoint(path)[0]
+    cache = CalibrationCache(default_path(path), sample.train_images[:4], log=lambda line: None)
+    cache.prepare(network)
+    cache.save(network)
+    assert cache.notes[1] == ("the inputs of layer2.1.conv2 were all 0 on the calibration "
+                              "images: clip 0, the array reads nothing there")
+    assert [name for name, layer in network.layers.items() if layer.clip == 0] == [
+        "layer2.1.conv2"]
+    trace = {}
+    logits = network.cim_logits(sample.test_images[:2], trace)
+    np.testing.assert_array_equal(logits, network.fake_quant_logits(sample.test_images[:2]))
+    inputs, y = trace["layer2.1.conv2"]
+    assert not inputs.any() and not y.any()
+    assert not network.ledger.design["layer2.1.conv2"].cell_state_counts.any()
+    assert network.ledger.design["layer2.2.conv1"].cell_state_counts.any()
+    restored = CimNetwork.from_checkpoint(path)[0]
+    cache = CalibrationCache(default_path(path), sample.train_images[:4], log=lambda line: None)
+    cache.prepare(restored)
+    assert cache.notes == [f"read from {default_path(path)}"]
+    assert restored.layers["layer2.1.conv2"].clip == 0.0
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -176,11 +176,16 @@ class CalibrationCache:
             f"ADC ranges of {network.hardware.weight_encoding} on "
             f"{network.hardware.crossbar_rows}x{network.hardware.crossbar_cols} crossbars")
         self.log(f"calibrating the {what} on {len(self.images)} training images")
+        silent = []
         if clips:
-            network.calibrate(self.images, self.batch_size)
+            calibrated = network.calibrate(self.images, self.batch_size)
+            silent = [name for name, clip in calibrated.items() if clip == 0]
         else:
             network.calibrate_adc(self.images, self.batch_size)
         self.notes.append(f"{what} calibrated now")
+        if silent:
+            self.notes.append(f"the inputs of {', '.join(silent)} were all 0 on the "
+                              "calibration images: clip 0, the array reads nothing there")
         self.changed = True
 
     def ensure_adc(self, network):
@@ -254,9 +259,9 @@ def read_calibration(path, layers):
                     raise NptwofoldError(f"{path}: /{name} is not a group")
                 clip = f[name].attrs.get("activation_clip")
                 if (not isinstance(clip, (float, np.floating)) or not np.isfinite(clip)
-                        or clip <= 0):
+                        or clip < 0):
                     raise NptwofoldError(f"{path}: /{name}/@activation_clip must be a finite "
-                                         f"float > 0 (got {clip!r})")
+                                         f"float >= 0 (got {clip!r})")
                 stored["clips"][name] = float(clip)
                 for key in f[name]:
                     stored["histograms"].setdefault(key, {})[name] = _histogram(

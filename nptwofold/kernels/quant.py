@@ -403,5 +403,8 @@ STEM_CLIP = 1.0
 
 def quantize_activations(x, clip, activation_bits):
     """Unsigned levels round(clip(x, 0, clip) / clip * (2^a - 1)) of the inputs a CIM-mapped
-    layer sees, as floats of x's dtype (rounding half to even, like the weights)."""
+    layer sees, as floats of x's dtype (rounding half to even, like the weights). A clip of 0
+    (a layer whose inputs were all 0 on the calibration images) gives all-zero levels."""
+    if clip == 0:
+        return np.zeros_like(x)
     return np.rint(np.clip(x, 0, clip) / clip * ((1 << activation_bits) - 1)).astype(x.dtype)

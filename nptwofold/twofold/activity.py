@@ -34,8 +34,7 @@ class ActivityMeasurement:
         def count(module, x):
             name = names[id(module)]
             clip = STEM_CLIP if name == first else maxima[name]
-            levels = (quantize_activations(x, clip, self.hardware.activation_bits) if clip > 0
-                      else np.zeros_like(x))
+            levels = quantize_activations(x, clip, self.hardware.activation_bits)
             ones = activation_ones(levels)
             if x.ndim == 4:  # conv: rows in the im2col order (ky, kx, ci)
                 driven[name] = driven[name] + im2col_column_sums(ones, module.stride)
