@@ -176,15 +176,15 @@ class CalibrationCache:
             f"ADC ranges of {network.hardware.weight_encoding} on "
             f"{network.hardware.crossbar_rows}x{network.hardware.crossbar_cols} crossbars")
         self.log(f"calibrating the {what} on {len(self.images)} training images")
-        silent = []
+        unread = []
         if clips:
             calibrated = network.calibrate(self.images, self.batch_size)
-            silent = [name for name, clip in calibrated.items() if clip == 0]
+            unread = [name for name, clip in calibrated.items() if clip == 0]
         else:
             network.calibrate_adc(self.images, self.batch_size)
         self.notes.append(f"{what} calibrated now")
-        if silent:
-            self.notes.append(f"the inputs of {', '.join(silent)} were all 0 on the "
+        if unread:
+            self.notes.append(f"the inputs of {', '.join(unread)} were all 0 on the "
                               "calibration images: clip 0, the array reads nothing there")
         self.changed = True
 
