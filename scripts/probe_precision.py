@@ -2,10 +2,11 @@
 layer of a trained twofold model (round q to multiples of 2^k), with no further training, and
 measure loss, accuracy and 00-cell share on the first 2,000 test images.
 
-    python scripts/probe_precision.py results/sweep/p00-bitreg-off/post/last.h5 [DATA]
+    python scripts/probe_precision.py runs/p00-bitreg-off/post/last.h5 [DATA]
 
 DATA is the full CIFAR-10 (tarball or folder); default 'cifar10' (datasets/, else download).
-The checkpoint is not committed (21 MB): `scripts/sweep.py` remakes it.
+results/README.md has the command that trains the checkpoint (a p = 0 twofold run without
+bit-level training, from the short baseline).
 
 Exploratory; its output is in results/reg-bit-probe/precision_probe.txt and results/README.md
 quotes it.
