@@ -84,6 +84,11 @@ sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
+# Preloaded by the local cluster's worker processes, which share the terminal's process group:
+# the sweep closes them itself on Ctrl-C, so they ignore it, with a Python handler rather than
+# SIG_IGN, which the trainers would inherit (they must get Ctrl-C to save their position)
+WORKER_CTRL_C = "import signal\nsignal.signal(signal.SIGINT, lambda signum, frame: None)\n"
+
 
 def parse_value(text):
     """A value given on the command line: an int, a finite float, true/false, a JSON object
@@ -570,7 +575,8 @@ def local_cluster(workers=None, run_threads=1, dashboard_address=":8787", lost_w
     dask.config.set({"distributed.scheduler.allowed-failures": lost_workers})
     return distributed.LocalCluster(
         n_workers=workers or max(1, usable_cores() // run_threads), threads_per_worker=1,
-        processes=True, memory_limit=0, dashboard_address=dashboard_address)
+        processes=True, memory_limit=0, dashboard_address=dashboard_address,
+        preload=[WORKER_CTRL_C])
 
 
 def jobqueue_cluster(kind, run_threads=1, queue=None, account=None, walltime=None,
@@ -717,8 +723,14 @@ def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_thread
         progress = Progress(0 if collect_only else len(runs), print_line, progress_every)
         done = failed = 0
         while tasks:
-            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):  # distinct before 3.11
-                distributed.wait(list(tasks), timeout=1, return_when="FIRST_COMPLETED")
+            try:
+                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):  # distinct < 3.11
+                    distributed.wait(list(tasks), timeout=1, return_when="FIRST_COMPLETED")
+            except KeyboardInterrupt:
+                # Ctrl-C reaches the trainers too, which save their position and exit: a
+                # cancelled task is not retried, so none starts again before the cluster closes
+                client.cancel(list(tasks))
+                raise
             ended = [future for future in tasks if future.status in ENDED]
             for future in ended:
                 name = tasks.pop(future)

@@ -171,6 +171,8 @@ def main(argv=None):
     except NptwofoldError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:
+        print("interrupted: the runs in progress saved their position; the same command "
+              "continues the sweep", file=sys.stderr)
         sys.exit(130)
     finally:
         for resource in reversed(opened):  # the client before its cluster

@@ -248,6 +248,39 @@ def test_the_cli_reports_a_run_failed_after_its_retries(tmp_path):
     assert log.count("# ") == 2  # tried twice: once and one retry
 
 
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_runs_and_ends_the_sweep_in_one_line(tmp_path):
+    """Ctrl-C in a terminal signals the sweep's whole process group: the trainer saves its
+    position, the sweep says so in one line and exits 130, no worker prints a traceback, and
+    the interrupted run is not started again (its log has one start)."""
+    pytest.importorskip("distributed")
+    out = tmp_path / "sweep"
+    argv = [str(REPO / "scripts/sweep.py"), "--out", str(out), "--axis", "seed", "0",
+            "--flag", "preset", "quick", "--flag", "epochs", "40", "--flag", "warmup-epochs",
+            "0", "--workers", "1", "--dashboard", ":0"]
+    # as from a terminal: SIGINT handled, whatever the shell that started the tests set
+    starter = ("import runpy, signal, sys\n"
+               "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+               f"sys.argv = {argv!r}\n"
+               "runpy.run_path(sys.argv[0], run_name='__main__')")
+    sweep = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = out / "seed-0" / TRAIN_LOG
+    deadline = time.time() + 300
+    while not (log.exists() and "epoch 1:" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(sweep.pid, signal.SIGINT)
+    output, _ = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, output
+    assert "interrupted: the runs in progress saved their position" in output
+    assert "Traceback" not in output, output
+    text = log.read_text()
+    assert text.count("train_cifar.py") == 1, text
+    assert "interrupted; position saved" in text
+    assert (out / "seed-0" / "last.h5").exists() and not (out / "seed-0" / DONE).exists()
+
+
 # --- on Dask ---
 
 def final_arrays(path):
