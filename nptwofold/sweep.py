@@ -722,50 +722,50 @@ def run_sweep(sweep, out, open_client, collect_only=False, retries=2, run_thread
                 print_line(f"{name}: not finished, left out of the table")
         progress = Progress(0 if collect_only else len(runs), print_line, progress_every)
         done = failed = 0
-        while tasks:
-            try:
+        try:
+            while tasks:
                 with contextlib.suppress(TimeoutError, asyncio.TimeoutError):  # distinct < 3.11
                     distributed.wait(list(tasks), timeout=1, return_when="FIRST_COMPLETED")
-            except KeyboardInterrupt:
-                # Ctrl-C reaches the trainers too, which save their position and exit: a
-                # cancelled task is not retried, so none starts again before the cluster closes
-                client.cancel(list(tasks))
-                raise
-            ended = [future for future in tasks if future.status in ENDED]
-            for future in ended:
-                name = tasks.pop(future)
-                folder = out / name
-                if name == REFERENCE:
-                    reference_pending = False
-                if future.status != "finished":
-                    failures[name] = _failure(future, folder)
+                ended = [future for future in tasks if future.status in ENDED]
+                for future in ended:
+                    name = tasks.pop(future)
+                    folder = out / name
                     if name == REFERENCE:
-                        print_line(f"reference chip failed: {failures[name]} (log: "
-                                   f"{folder / CIM_LOG})")
+                        reference_pending = False
+                    if future.status != "finished":
+                        failures[name] = _failure(future, folder)
+                        if name == REFERENCE:
+                            print_line(f"reference chip failed: {failures[name]} (log: "
+                                       f"{folder / CIM_LOG})")
+                        else:
+                            failed += 1
+                            print_line(f"failed {name}: {failures[name]} (logs: "
+                                       f"{folder / TRAIN_LOG}, {CIM_LOG})")
+                    elif name == REFERENCE:
+                        reference_report = future.result()
+                    elif collect_only:
+                        rows[name] = future.result()
+                        print_line(f"collected {name}")
                     else:
-                        failed += 1
-                        print_line(f"failed {name}: {failures[name]} (logs: "
-                                   f"{folder / TRAIN_LOG}, {CIM_LOG})")
-                elif name == REFERENCE:
-                    reference_report = future.result()
-                elif collect_only:
-                    rows[name] = future.result()
-                    print_line(f"collected {name}")
-                else:
-                    seconds, rows[name] = future.result()
-                    done += 1
-                    if seconds:
-                        progress.durations.append(seconds)
-                    print_line(f"trained and collected {name}")
-            if ended and tasks:
-                write_outputs()
-            if progress.total:
-                processing = {key for keys in client.processing().values() for key in keys}
-                slots = sum(client.nthreads().values())
-                # a worker may hold more tasks than it has threads, queued
-                running = min(sum(future.key in processing for future, name in tasks.items()
-                                  if name != REFERENCE), slots)
-                progress.update(done, running, failed, slots)
+                        seconds, rows[name] = future.result()
+                        done += 1
+                        if seconds:
+                            progress.durations.append(seconds)
+                        print_line(f"trained and collected {name}")
+                if ended and tasks:
+                    write_outputs()
+                if progress.total:
+                    processing = {key for keys in client.processing().values() for key in keys}
+                    slots = sum(client.nthreads().values())
+                    # a worker may hold more tasks than it has threads, queued
+                    running = min(sum(future.key in processing for future, name in tasks.items()
+                                      if name != REFERENCE), slots)
+                    progress.update(done, running, failed, slots)
+        except KeyboardInterrupt:
+            # Ctrl-C reaches the trainers too, which save their position and exit: a cancelled
+            # task is not retried, so none starts again before the cluster closes
+            client.cancel(list(tasks))
+            raise
         ordered, lines = write_outputs()
         for line in lines:
             print_line(line)
