@@ -409,6 +409,16 @@ def evaluate_reference(out, sweep, workdir, run_threads):
     OUT/reference/ and reused while the checkpoint and the flags are unchanged."""
     folder = Path(out) / REFERENCE
     folder.mkdir(exist_ok=True)
+    checkpoint, argv, key = reference_key(sweep, workdir)
+    report = cached_cim_eval(checkpoint, argv, folder, key, workdir, run_threads)
+    if len(report["runs"]) != 1:
+        raise NptwofoldError("chip: reference-flags must give one encoding and one ADC width "
+                             f"(cim_eval ran {len(report['runs'])} variants)")
+    return report
+
+
+def reference_key(sweep, workdir):
+    """(checkpoint, cim_eval flags, what its report is computed from) of the reference chip."""
     checkpoint = Path(workdir, sweep.chip["reference"])
     try:
         written = checkpoint.stat()
@@ -416,13 +426,8 @@ def evaluate_reference(out, sweep, workdir, run_threads):
         raise NptwofoldError(f"reference chip {checkpoint}: {exc.strerror}") from None
     argv = to_argv({**{key: value for key, value in sweep.cim_eval.items()
                        if key in SAME_IMAGES}, **sweep.chip.get("reference_flags", {})})
-    report = cached_cim_eval(checkpoint, argv, folder, dict(
-        cim_eval=argv, checkpoint=str(checkpoint), size=written.st_size,
-        modified_ns=written.st_mtime_ns), workdir, run_threads)
-    if len(report["runs"]) != 1:
-        raise NptwofoldError("chip: reference-flags must give one encoding and one ADC width "
-                             f"(cim_eval ran {len(report['runs'])} variants)")
-    return report
+    return checkpoint, argv, dict(cim_eval=argv, checkpoint=str(checkpoint),
+                                  size=written.st_size, modified_ns=written.st_mtime_ns)
 
 
 def cached_cim_eval(checkpoint, argv, folder, key, workdir, run_threads):

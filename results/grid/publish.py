@@ -79,13 +79,7 @@ def restore():
         write_json(target / sweeps.CIM_KEY, dict(cim_eval=cim_argv, trained=trained))
         print(f"restored {name}")
     copy((sweeps.CIM_LOG, sweeps.CIM_REPORT), GRID / sweeps.REFERENCE, OUT / sweeps.REFERENCE)
-    checkpoint = REPO / sweep.chip["reference"]
-    written = checkpoint.stat()
-    argv = sweeps.to_argv({**{key: value for key, value in sweep.cim_eval.items()
-                              if key in sweeps.SAME_IMAGES}, **sweep.chip["reference_flags"]})
-    write_json(OUT / sweeps.REFERENCE / sweeps.CIM_KEY, dict(
-        cim_eval=argv, checkpoint=str(checkpoint), size=written.st_size,
-        modified_ns=written.st_mtime_ns))
+    write_json(OUT / sweeps.REFERENCE / sweeps.CIM_KEY, sweeps.reference_key(sweep, REPO)[2])
 
 
 def readme_row(p, method, encoding, adc_bits, accuracy, lost, reads_00, energy_nj, ratio):
