@@ -399,8 +399,7 @@ def evaluate_run(run_dir, point, cim_argv, workdir, run_threads):
     run_dir = Path(run_dir)
     final = final_folder(run_dir)
     report = cached_cim_eval(final / "last.h5", cim_argv, run_dir,
-                             dict(cim_eval=cim_argv, trained=_read_json(run_dir / DONE)),
-                             workdir, run_threads)
+                             run_key(cim_argv, _read_json(run_dir / DONE)), workdir, run_threads)
     return run_rows(run_dir, point, final, report)
 
 
@@ -415,6 +414,11 @@ def evaluate_reference(out, sweep, workdir, run_threads):
         raise NptwofoldError("chip: reference-flags must give one encoding and one ADC width "
                              f"(cim_eval ran {len(report['runs'])} variants)")
     return report
+
+
+def run_key(cim_argv, trained):
+    """What a run's CIM report is computed from: the cim_eval flags and the run's DONE record."""
+    return dict(cim_eval=cim_argv, trained=trained)
 
 
 def reference_key(sweep, workdir):

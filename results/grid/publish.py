@@ -43,6 +43,13 @@ def copy(names, source, target):
         shutil.copy(source / name, target / name)
 
 
+def copy_run(source, target):
+    """A run's logs, phase summaries and chip report, from one run folder to another."""
+    copy(RUN_FILES, source, target)
+    for phase in PHASES:
+        copy(PHASE_FILES, source / phase, target / phase)
+
+
 def export(runs):
     for name in runs:
         source, target = OUT / name, GRID / name
@@ -50,9 +57,7 @@ def export(runs):
             sys.exit(f"error: {source} is not trained and collected yet")
         subprocess.run([sys.executable, str(REPO / "scripts/export_model.py"),
                         str(source / "post/last.h5"), str(target / "model.h5")], check=True)
-        copy(RUN_FILES, source, target)
-        for phase in PHASES:
-            copy(PHASE_FILES, source / phase, target / phase)
+        copy_run(source, target)
     copy([*TABLES, *(p.name for p in OUT.glob("*.png"))], OUT, GRID)
     copy((sweeps.CIM_LOG, sweeps.CIM_REPORT), OUT / sweeps.REFERENCE, GRID / sweeps.REFERENCE)
 
@@ -66,9 +71,7 @@ def restore():
         source, target = GRID / name, OUT / name
         if not (source / "model.h5").exists():
             continue
-        copy(RUN_FILES, source, target)
-        for phase in PHASES:
-            copy(PHASE_FILES, source / phase, target / phase)
+        copy_run(source, target)
         shutil.copy(source / "model.h5", target / "post/last.h5")
         _, method, _ = load_model(source / "model.h5")
         epochs = json.loads((source / "post/summary.json").read_text())["epochs_done"]
@@ -76,7 +79,7 @@ def restore():
                    [dict(epoch=epochs, layers=method.layer_report())])
         trained = dict(argv=argv, finished="restored from results/grid", host="", last_seconds=0)
         write_json(target / sweeps.DONE, trained)
-        write_json(target / sweeps.CIM_KEY, dict(cim_eval=cim_argv, trained=trained))
+        write_json(target / sweeps.CIM_KEY, sweeps.run_key(cim_argv, trained))
         print(f"restored {name}")
     copy((sweeps.CIM_LOG, sweeps.CIM_REPORT), GRID / sweeps.REFERENCE, OUT / sweeps.REFERENCE)
     write_json(OUT / sweeps.REFERENCE / sweeps.CIM_KEY, sweeps.reference_key(sweep, REPO)[2])
