@@ -114,4 +114,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from nptwofold.errors import run_script
+    run_script(main, "interrupted: nothing saved (the fine-tuning writes its checkpoint "
+               "when it ends)")

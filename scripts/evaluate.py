@@ -46,4 +46,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from nptwofold.errors import run_script
+    run_script(main)

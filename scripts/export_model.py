@@ -39,4 +39,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from nptwofold.errors import run_script
+    run_script(main)

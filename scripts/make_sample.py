@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nptwofold.options import ScriptParser  # noqa: E402  (checks the dependencies first)
 import numpy as np  # noqa: E402
 from nptwofold.data import NUM_CLASSES, SAMPLE_ARCHIVE, load_cifar10  # noqa: E402
-from nptwofold.errors import NptwofoldError  # noqa: E402
+from nptwofold.errors import NptwofoldError, run_script  # noqa: E402
 from nptwofold.files import atomic_write, check_output_file  # noqa: E402
 
 TRAIN_PER_CLASS = 150
@@ -58,4 +58,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -300,4 +300,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from nptwofold.errors import run_script
+    run_script(main, "interrupted: the points measured so far are in robustness.json under "
+               "--out; the same command continues the study")

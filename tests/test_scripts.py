@@ -174,6 +174,28 @@ def test_every_flag_has_help_with_its_default_and_version_works(script):
     assert run(REPO / "scripts" / script, "--version").stdout.startswith("nptwofold ")
 
 
+SCRIPTS_WITH_MAIN = sorted(p.name for p in (REPO / "scripts").glob("*.py")
+                           if "\ndef main(" in p.read_text())
+
+
+@pytest.mark.parametrize("script", SCRIPTS_WITH_MAIN)
+def test_ctrl_c_ends_every_script_in_one_line_with_status_130(script):
+    """A real SIGINT, raised as the script reads its flags (as if typed then), with Python's
+    terminal handler in place whatever the shell that started the tests set."""
+    starter = ("import runpy, signal, sys\n"
+               f"sys.path.insert(0, {str(REPO)!r})\n"
+               "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+               "from nptwofold.options import ScriptParser\n"
+               "ScriptParser.parse_args = lambda *a, **k: signal.raise_signal(signal.SIGINT)\n"
+               f"sys.argv = [{str(REPO / 'scripts' / script)!r}]\n"
+               "runpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", starter], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 130, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted"), result.stderr
+
+
 def test_script_parser_shows_defaults_and_refuses_a_flag_without_help():
     from nptwofold.options import ScriptParser
 

@@ -4,6 +4,10 @@ realised; a finite ADC on a varied chip against a row-by-row reference; read noi
 of the thread count and of the batches; bad device settings refused in one line."""
 import dataclasses
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -278,6 +282,34 @@ def test_robustness_script_writes_a_point_per_knob_and_value(tmp_path):
         failed = run(REPO / "scripts/robustness.py", checkpoint, "--data", "sample", flag,
                      *values, "--out", out, check=False)
         assert_one_line_error(failed, message)
+
+
+def test_ctrl_c_during_a_point_keeps_the_points_before_it_and_says_so(tmp_path):
+    checkpoint = tmp_path / "float.h5"
+    save_checkpoint(checkpoint, ResNet20(np.random.default_rng(3)),
+                    config=dataclasses.asdict(TrainConfig(data="sample")))
+    out = tmp_path / "study"
+    argv = [str(REPO / "scripts/robustness.py"), str(checkpoint), "--data", "sample", "--images",
+            "100", "--calib-images", "3", "--chips", "20", "--sigmas", "0", "0.1",
+            "--stuck-rates", "0", "--adc-bits", "5", "--out", str(out), "--no-progress"]
+    # as from a terminal: SIGINT handled, whatever the shell that started the tests set
+    starter = ("import runpy, signal, sys\n"
+               "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+               f"sys.argv = {argv!r}\n"
+               "runpy.run_path(sys.argv[0], run_name='__main__')")
+    study = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "robustness.json").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    first = json.loads((out / "robustness.json").read_text())  # sigma 0, written atomically
+    study.send_signal(signal.SIGINT)
+    _, stderr = study.communicate(timeout=120)
+    assert study.returncode == 130, stderr
+    assert stderr.strip() == ("interrupted: the points measured so far are in robustness.json "
+                              "under --out; the same command continues the study")
+    assert [row["value"] for row in first] == [0]
+    assert json.loads((out / "robustness.json").read_text()) == first
 
 
 def test_a_robustness_study_resumes_and_refuses_other_settings(tmp_path):
