@@ -1,5 +1,5 @@
-"""Code the tests share: the repository root, running a script as a user would, the one-line
-error every bad input must end in, and a copy of a model's arrays. Test modules import from
+"""Code the tests share: the repository root, running a script as a user would (or from a
+terminal, for Ctrl-C), the one-line error every bad input must end in, and a copy of a model's arrays. Test modules import from
 here, never from each other."""
 import subprocess
 import sys
@@ -15,6 +15,20 @@ def run(*args, check=True):
     if check and result.returncode:
         raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def as_from_a_terminal(argv, before=""):
+    """The command line that runs script argv[0] with arguments argv[1:] and Python's own
+    Ctrl-C handler, as a terminal would start it (a shell that runs the tests in the background
+    may have made its children ignore SIGINT); `before` is code run first, after the
+    repository is on the import path."""
+    code = ("import runpy, signal, sys\n"
+            f"sys.path.insert(0, {str(REPO)!r})\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            f"{before}\n"
+            f"sys.argv = {list(map(str, argv))!r}\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return [sys.executable, "-c", code]
 
 
 def assert_one_line_error(result, fragment):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, assert_one_line_error, run
+from helpers import REPO, as_from_a_terminal, assert_one_line_error, run
 
 
 @pytest.fixture(scope="module")
@@ -180,17 +180,11 @@ SCRIPTS_WITH_MAIN = sorted(p.name for p in (REPO / "scripts").glob("*.py")
 
 @pytest.mark.parametrize("script", SCRIPTS_WITH_MAIN)
 def test_ctrl_c_ends_every_script_in_one_line_with_status_130(script):
-    """A real SIGINT, raised as the script reads its flags (as if typed then), with Python's
-    terminal handler in place whatever the shell that started the tests set."""
-    starter = ("import runpy, signal, sys\n"
-               f"sys.path.insert(0, {str(REPO)!r})\n"
-               "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-               "from nptwofold.options import ScriptParser\n"
-               "ScriptParser.parse_args = lambda *a, **k: signal.raise_signal(signal.SIGINT)\n"
-               f"sys.argv = [{str(REPO / 'scripts' / script)!r}]\n"
-               "runpy.run_path(sys.argv[0], run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", starter], capture_output=True, text=True,
-                            timeout=120)
+    """A real SIGINT, raised as the script reads its flags (as if typed then)."""
+    patch = ("from nptwofold.options import ScriptParser\n"
+             "ScriptParser.parse_args = lambda *a, **k: signal.raise_signal(signal.SIGINT)")
+    result = subprocess.run(as_from_a_terminal([REPO / "scripts" / script], patch),
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 130, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("interrupted"), result.stderr

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import REPO, assert_one_line_error, run
+from helpers import REPO, as_from_a_terminal, assert_one_line_error, run
 from nptwofold import sweep as sweep_module
 from nptwofold.errors import NptwofoldError
 from nptwofold.sweep import (CLUSTERS, DONE, MANIFEST, ORPHAN_GUARD, TRAIN_LOG, Sweep,
@@ -256,15 +256,10 @@ def test_ctrl_c_saves_the_runs_and_ends_the_sweep_in_one_line(tmp_path):
     the interrupted run is not started again (its log has one start)."""
     pytest.importorskip("distributed")
     out = tmp_path / "sweep"
-    argv = [str(REPO / "scripts/sweep.py"), "--out", str(out), "--axis", "seed", "0",
+    argv = [REPO / "scripts/sweep.py", "--out", out, "--axis", "seed", "0",
             "--flag", "preset", "quick", "--flag", "epochs", "40", "--flag", "warmup-epochs",
             "0", "--workers", "1", "--dashboard", ":0"]
-    # as from a terminal: SIGINT handled, whatever the shell that started the tests set
-    starter = ("import runpy, signal, sys\n"
-               "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-               f"sys.argv = {argv!r}\n"
-               "runpy.run_path(sys.argv[0], run_name='__main__')")
-    sweep = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE,
+    sweep = subprocess.Popen(as_from_a_terminal(argv), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     log = out / "seed-0" / TRAIN_LOG
     deadline = time.time() + 300

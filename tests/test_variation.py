@@ -24,7 +24,7 @@ from nptwofold.kernels.lfsr import lfsr_keep_mask_for_kept, weight_mask
 from nptwofold.kernels.quant import ENCODINGS
 from nptwofold.model import ResNet20
 
-from helpers import REPO, assert_one_line_error, run, twofold_of
+from helpers import REPO, as_from_a_terminal, assert_one_line_error, run, twofold_of
 
 Z = 5.0  # standard errors allowed between a sample statistic and the model's value
 
@@ -289,15 +289,10 @@ def test_ctrl_c_during_a_point_keeps_the_points_before_it_and_says_so(tmp_path):
     save_checkpoint(checkpoint, ResNet20(np.random.default_rng(3)),
                     config=dataclasses.asdict(TrainConfig(data="sample")))
     out = tmp_path / "study"
-    argv = [str(REPO / "scripts/robustness.py"), str(checkpoint), "--data", "sample", "--images",
+    argv = [REPO / "scripts/robustness.py", checkpoint, "--data", "sample", "--images",
             "100", "--calib-images", "3", "--chips", "20", "--sigmas", "0", "0.1",
-            "--stuck-rates", "0", "--adc-bits", "5", "--out", str(out), "--no-progress"]
-    # as from a terminal: SIGINT handled, whatever the shell that started the tests set
-    starter = ("import runpy, signal, sys\n"
-               "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-               f"sys.argv = {argv!r}\n"
-               "runpy.run_path(sys.argv[0], run_name='__main__')")
-    study = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE,
+            "--stuck-rates", "0", "--adc-bits", "5", "--out", out, "--no-progress"]
+    study = subprocess.Popen(as_from_a_terminal(argv), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (out / "robustness.json").exists() and time.time() < deadline:
