@@ -16,7 +16,10 @@ each needs. Chip i of every point is drawn from the seed (S, i); the nominal poi
 stuck-at rate 0) is run once, since every chip of the ideal device is the same. Each checkpoint's calibration file (CKPT.cim.h5) is
 read or written as by cim_eval.py. Writes DIR/robustness.csv, DIR/robustness.json (after every
 point) and, with matplotlib, DIR/robustness.png: the mean accuracy with its standard deviation
-over the chips as error bars.
+over the chips as error bars, against each knob and against the expected weight error. That
+error (`cim.variation.relative_weight_error`) is the RMS error of the weights a chip reads
+over their RMS, computed from the cells' states and the device model (read noise and the ADC
+aside): it says how far each point's chips are from the network's weights before any image.
 
 A study resumes and grows: a point already in DIR/robustness.json with the same settings (the
 model's weights, the array, the images and the chips, by digest) is not run again, and the
@@ -155,6 +158,7 @@ def study(args, rows, record):
     from nptwofold.cim.calibration import images_digest, weights_digest
     from nptwofold.cim.network import CimNetwork
     from nptwofold.cim.tools import calibration_cache, dataset_of, open_checkpoint, options_of
+    from nptwofold.cim.variation import relative_weight_error
     from nptwofold.errors import NptwofoldError
 
     def series_point(row):
@@ -182,13 +186,18 @@ def study(args, rows, record):
         digests = (weights_digest(network), images_digest(images), images_digest(cache.images))
         for variant_network, variant_points in zip(networks, points):
             encoding = variant_network.hardware.weight_encoding
+            crossbars = [layer.crossbar for layer in variant_network.layers.values()]
             nominal = None
             for knob, value, device in variant_points:
                 chips = 1 if value == 0 else args.chips
                 settings = settings_digest(*digests, device, chips, args.chip_seed)
+                weight_error = relative_weight_error(crossbars, device)
                 point = (str(path), encoding, device.adc_bits, knob, value)
                 earlier = [row for row in rows if series_point(row) == point]
                 if earlier and earlier[0]["settings"] == settings:
+                    if "weight_error" not in earlier[0]:  # a row of a study before it was kept
+                        earlier[0]["weight_error"] = weight_error
+                        record()
                     tqdm.write(format_row(earlier[0]) + "  (earlier run)")
                     nominal = earlier[0] if value == 0 else nominal
                     continue
@@ -217,7 +226,7 @@ def study(args, rows, record):
                            if len(results) > 1 else 0.0,
                            accuracy_worst=min(accuracies),
                            seconds_per_chip=float(np.mean([s for _, s in results])),
-                           settings=settings)
+                           weight_error=weight_error, settings=settings)
                 rows.append(row)
                 record()
                 if value == 0:
@@ -230,35 +239,44 @@ def format_row(row):
             f"{row['knob']:<7}"
             f"{row['value']:>7.3f}{row['chips']:>6}{row['accuracy_mean']:>9.4f}"
             f"{row['accuracy_sd']:>8.4f}{row['accuracy_worst']:>8.4f}"
-            f"{row['seconds_per_chip']:>9.1f}")
+            f"{row['weight_error']:>8.3f}{row['seconds_per_chip']:>9.1f}")
 
 
 HEADER = (f"{'checkpoint':<24}{'encoding':<17}{'adc':>4}  {'knob':<7}{'value':>7}{'chips':>6}"
-          f"{'accuracy':>9}{'sd':>8}{'worst':>8}{'s/chip':>9}")
+          f"{'accuracy':>9}{'sd':>8}{'worst':>8}{'w.error':>8}{'s/chip':>9}")
 
 
 def plot(rows, path):
-    """Mean accuracy (error bars: sd over chips) against sigma and against the stuck-at rate,
-    one line per checkpoint and encoding."""
+    """Mean accuracy (error bars: sd over chips) against sigma, against the stuck-at rate and
+    against the expected weight error of both, one line per checkpoint and encoding."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from nptwofold.files import atomic_write
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for axis, knob, xlabel in ((axes[0], "sigma", "conductance spread, lognormal sigma (%)"),
-                               (axes[1], "stuck", "stuck-at cells (%)")):
-        for key in dict.fromkeys((row["checkpoint"], row["encoding"], row["adc_bits"])
-                                 for row in rows):
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+    for key in dict.fromkeys((row["checkpoint"], row["encoding"], row["adc_bits"])
+                             for row in rows):
+        label = (f"{Path(key[0]).name}, {key[1]}, "
+                 f"{f'{key[2]}-bit ADC' if key[2] else 'ideal ADC'}")
+        lines = []
+        for axis, knob in zip(axes, ("sigma", "stuck")):
             series = [row for row in rows if (row["checkpoint"], row["encoding"],
                                               row["adc_bits"]) == key and row["knob"] == knob]
-            axis.errorbar([100 * row["value"] for row in series],
-                          [100 * row["accuracy_mean"] for row in series],
-                          [100 * row["accuracy_sd"] for row in series], marker="o", capsize=3,
-                          label=f"{Path(key[0]).name}, {key[1]}, "
-                          f"{f'{key[2]}-bit ADC' if key[2] else 'ideal ADC'}")
+            lines.append(axis.errorbar([100 * row["value"] for row in series],
+                                       [100 * row["accuracy_mean"] for row in series],
+                                       [100 * row["accuracy_sd"] for row in series], marker="o",
+                                       capsize=3, label=label)[0])
+            errored = [row for row in series if row["value"] > 0]
+            axes[2].plot([100 * row["weight_error"] for row in errored],
+                         [100 * row["accuracy_mean"] for row in errored],
+                         "o" if knob == "sigma" else "x", color=lines[-1].get_color())
+    for axis, xlabel in zip(axes, ("conductance spread, lognormal sigma (%)", "stuck-at cells (%)",
+                                   "expected RMS weight error / RMS weight (%); o spread, "
+                                   "x stuck")):
         axis.set(xlabel=xlabel, ylabel="test accuracy (%)")
+    axes[2].set_xscale("log")
     axes[0].legend(fontsize=7)
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))

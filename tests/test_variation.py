@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from nptwofold.checkpoint import save_checkpoint
-from nptwofold.cim import adc as cim_adc, mapping
+from nptwofold.cim import adc as cim_adc, mapping, variation
 from nptwofold.cim.network import CimNetwork
 from nptwofold.cim.variation import Chip, ChipCrossbar
 from nptwofold.config import TrainConfig
@@ -152,6 +152,47 @@ def test_partial_sums_have_the_models_mean_and_variance():
     assert np.any(np.abs(sample_variance - chip_variance) > bound)
 
 
+def read_weights(chip, g_off):
+    """(C, R) the weights a chip's column reads hold, loop by loop: per output channel and row,
+    sum over its columns (and its tile's reference column) of coefficient x (G - G_off)."""
+    crossbar = chip.crossbar
+    weights = np.zeros((crossbar.n_outputs, crossbar.n_rows))
+    for output in range(crossbar.n_outputs):
+        tile = output // crossbar.outputs_per_tile
+        for column in range(crossbar.n_columns):
+            if crossbar.output_of[column] == output or (
+                    crossbar.output_of[column] == -1 and crossbar.column_tile[column] == tile):
+                for row in range(crossbar.n_rows):
+                    if crossbar.stored[tile, row]:
+                        weights[output, row] += crossbar.coefficient[column] * (
+                            chip.conductance[column, row] - g_off)
+    return weights
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("hardware", [
+    HardwareConfig(cell_conductance=[0.05, 1.1, 2.3, 3.2], conductance_sigma=[0.4, 0.1, 0.15, 0.2],
+                   stuck_low_rate=0.02, stuck_high_rate=0.03),
+    HardwareConfig(cell_conductance=[0.05, 1.4, 2.1, 3.05]),  # a systematic error only
+    HardwareConfig(stuck_high_rate=0.3)], ids=["spread", "levels", "stuck"])
+def test_the_expected_weight_error_is_what_the_chips_read(encoding, hardware):
+    """relative_weight_error^2 x sum q^2 is the mean over chips of the summed squared error of
+    the weights they read, within Z standard errors of that mean."""
+    rng = np.random.default_rng(11)
+    levels, keep = random_layer(rng, 24, 5, 8, 14, 2)
+    crossbar = mapping.map_layer(levels, 8, 10, 11, encoding, keep)
+    stored = (levels * keep).T
+    g_off = hardware.cell_conductance[0]
+    errors = np.array([((read_weights(ChipCrossbar(crossbar, hardware, (chip, 0)), g_off)
+                         - stored) ** 2).sum() for chip in range(600)])
+    expected = variation.relative_weight_error([crossbar], hardware) ** 2 * (stored ** 2).sum()
+    assert abs(errors.mean() - expected) <= max(Z * errors.std(ddof=1) / np.sqrt(errors.size),
+                                                1e-9 * expected)
+    assert variation.relative_weight_error([crossbar], HardwareConfig()) == 0
+    np.testing.assert_array_equal(
+        read_weights(ChipCrossbar(crossbar, HardwareConfig(), (0, 0)), 0.0), stored)
+
+
 def test_stuck_at_rates_are_realised_within_binomial_bounds():
     rng = np.random.default_rng(2)
     # magnitude cells 01 and 10 only (85 = 01010101, 102 = 01100110), idle columns 00
@@ -274,6 +315,7 @@ def test_robustness_script_writes_a_point_per_knob_and_value(tmp_path):
         for knob, values in (("sigma", (0, 0.2)), ("stuck", (0, 0.05))) for value in values]
     for row in rows:
         assert row["images"] == 3 and row["accuracy_worst"] <= row["accuracy_mean"]
+        assert (row["weight_error"] > 0) == (row["value"] > 0)
     assert (out / "robustness.csv").read_text().count("\n") == len(rows) + 1
     for flag, values, message in (("--sigmas", ("-0.1",), "conductance_sigma must be >= 0"),
                                   ("--stuck-rates", ("1.5",), "stuck_low_rate + "
@@ -328,6 +370,11 @@ def test_a_robustness_study_resumes_and_refuses_other_settings(tmp_path):
         return {key: value for key, value in row.items() if key != "seconds_per_chip"}
     assert list(map(without_time, again)) == list(map(without_time, full))
     assert run(*study).stdout.count("(earlier run)") == len(full)
+    # a study written before the weight error was kept gets it, the same as a new one's
+    (out / "robustness.json").write_text(json.dumps(
+        [{key: value for key, value in row.items() if key != "weight_error"} for row in again]))
+    assert run(*study).stdout.count("(earlier run)") == len(full)
+    assert json.loads((out / "robustness.json").read_text()) == again
     other = run(*study[:5], 4, *study[6:], check=False)  # --images 4
     assert_one_line_error(other, "float.h5, twos_complement, sigma 0 with other settings")
     (out / "robustness.json").write_text("{}")

@@ -89,6 +89,56 @@ def describe_device(hardware):
     return "; device: " + ", ".join(parts)
 
 
+def cell_error_moments(hardware):
+    """((4,), (4,)) per written state s: the mean and variance over chips of a cell's error,
+    (G - G_off) - s, what the column reads of it less its ideal value (read noise aside). The
+    cell is stuck low, stuck high or holds s, then G = G_state L with E[L] = 1 and
+    Var[L] = exp(sigma^2) - 1."""
+    nominal = np.asarray(hardware.cell_conductance, np.float64)
+    spread = np.expm1(state_sigmas(hardware) ** 2)
+    low, high = hardware.stuck_low_rate, hardware.stuck_high_rate
+    held = np.arange(N_CELL_STATES)
+    mean, second = np.zeros(N_CELL_STATES), np.zeros(N_CELL_STATES)
+    for chance, state in ((low, np.zeros_like(held)), (high, np.full_like(held, MAX_CELL_STATE)),
+                          (1 - low - high, held)):
+        offset = nominal[state] - nominal[0] - held
+        mean += chance * offset
+        second += chance * (offset ** 2 + nominal[state] ** 2 * spread[state])
+    return mean, second - mean ** 2
+
+
+def per_weight(crossbar, per_cell):
+    """(C, R): per output channel and matrix row, the sum over that weight's cells of a (K, R)
+    per-cell value; a tile's shared reference column (offset binary) counts for every channel
+    of the tile."""
+    totals = np.zeros((crossbar.n_outputs, crossbar.n_rows))
+    own = crossbar.output_of >= 0
+    np.add.at(totals, crossbar.output_of[own], per_cell[own])
+    tile_of_output = np.arange(crossbar.n_outputs) // crossbar.outputs_per_tile
+    for column in np.flatnonzero(~own):
+        totals[tile_of_output == crossbar.column_tile[column]] += per_cell[column]
+    return totals
+
+
+def relative_weight_error(crossbars, hardware):
+    """The RMS error of the weights (integer levels) that a chip of `hardware` reads from these
+    crossbars over the RMS of the weights, expected over chips, all layers pooled: sqrt(sum
+    E[e^2]) / sqrt(sum q^2). A weight's error is the sum of its cells' errors times their
+    columns' coefficients c, independent between cells, so E[e^2] = (sum c m)^2 + sum c^2 v
+    with (m, v) the cell's `cell_error_moments`. Read noise and the ADC are left out."""
+    cell_mean, cell_variance = cell_error_moments(hardware)
+    squared_error = squared_level = 0.0
+    for crossbar in crossbars:
+        exists = crossbar.stored[crossbar.column_tile]
+        coefficient = crossbar.coefficient[:, None].astype(np.float64)
+        mean = per_weight(crossbar, np.where(exists, coefficient * cell_mean[crossbar.cells], 0))
+        variance = per_weight(crossbar, np.where(
+            exists, coefficient ** 2 * cell_variance[crossbar.cells], 0))
+        squared_error += float((mean ** 2 + variance).sum())
+        squared_level += float((per_weight(crossbar, coefficient * crossbar.cells) ** 2).sum())
+    return np.sqrt(squared_error / squared_level) if squared_level else 0.0
+
+
 class ChipCrossbar:
     """One layer's crossbars on one chip: the states its cells hold (stuck ones forced) and
     their drawn conductances, and the bit-serial array output computed with them.
