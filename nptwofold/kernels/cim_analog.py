@@ -21,7 +21,19 @@ import numpy as np
 def sum_driven_rows(out, matrix, driven, n_driven):
     """out[:] = the sum of matrix[driven[d]] over d < n_driven, added in that order."""
     out[:] = 0
-    for d in range(n_driven):
+    d = 0
+    # eight rows per pass: out is loaded and stored once per eight adds instead of once per
+    # add, and each element still adds its rows one by one in order, so the sums are the same
+    while d + 8 <= n_driven:
+        r0, r1, r2, r3 = (matrix[driven[d]], matrix[driven[d + 1]], matrix[driven[d + 2]],
+                          matrix[driven[d + 3]])
+        r4, r5, r6, r7 = (matrix[driven[d + 4]], matrix[driven[d + 5]], matrix[driven[d + 6]],
+                          matrix[driven[d + 7]])
+        for k in range(out.size):
+            out[k] = ((((((((out[k] + r0[k]) + r1[k]) + r2[k]) + r3[k]) + r4[k]) + r5[k])
+                       + r6[k]) + r7[k])
+        d += 8
+    for d in range(d, n_driven):
         row = matrix[driven[d]]
         for k in range(out.size):
             out[k] += row[k]
@@ -31,7 +43,9 @@ def sum_driven_rows(out, matrix, driven, n_driven):
 def analog_kernel(activation_bits):
     """The reading kernel for `activation_bits`-bit inputs, compiled once per width."""
 
-    @numba.njit(cache=True, nogil=True)
+    # error_model="numpy": Python's ZeroDivisionError check on the ADC's float division would
+    # keep LLVM from vectorizing the reading loop (the steps are never 0)
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
     def read_analog(x, rows, excess, squared, noise, read_noise, columns, step, top, codes):
         """codes[p, columns[k]] += sum_j 2^j code(S[p, j, k]) for integer inputs x (P, R):
         S = sum of excess[i, k] over the rows i whose input x[p, rows[i]] has bit j, and, if
@@ -41,11 +55,12 @@ def analog_kernel(activation_bits):
         n_positions, n_rows, n_columns = x.shape[0], rows.size, columns.size
         noisy = noise.shape[0] > 0
         column_step = step[columns]
-        column_top = top[columns]
+        column_top = top[columns].astype(np.float64)
         inputs = np.empty(n_rows, np.int64)
         driven = np.empty(n_rows, np.int64)
         sums = np.empty((activation_bits, n_columns), np.float32)
         variances = np.empty((activation_bits, n_columns), np.float32)
+        totals = np.empty(n_columns)
         for p in range(n_positions):
             for i in range(n_rows):
                 inputs[i] = x[p, rows[i]]
@@ -63,11 +78,14 @@ def analog_kernel(activation_bits):
                     for k in range(n_columns):
                         bit_sums[k] = np.float32(bit_sums[k] + read_noise * np.sqrt(
                             np.float64(bit_variances[k])) * noise[p, j, k])
+            totals[:] = 0  # sum_j 2^j code_j, exact in float64 (below 2^53)
+            for j in range(activation_bits):
+                bit_sums = sums[j]
+                significance = np.float64(1 << j)
+                for k in range(n_columns):
+                    code = np.rint(np.float64(bit_sums[k]) / column_step[k])
+                    totals[k] += min(max(code, 0.0), column_top[k]) * significance
             for k in range(n_columns):
-                total = np.int64(0)
-                for j in range(activation_bits):
-                    total += min(max(np.int64(np.rint(np.float64(sums[j, k]) / column_step[k])),
-                                     0), column_top[k]) << j
-                codes[p, columns[k]] += total
+                codes[p, columns[k]] += totals[k]
 
     return read_analog
