@@ -4,8 +4,8 @@
 Per output position and input bit, a crossbar group's partial sums are the sum of the rows of
 its (rows, columns) conductance matrix that the bit drives: a vector add per driven row (about
 a fifth of the rows per bit in a trained network), listed without a branch. The ADC then reads
-every bit's sums column by column in one loop, compiled per activation width (LLVM unrolls the
-bits and vectorizes over the columns, as in the packed kernel of the ideal array).
+each bit's sums in a loop over the columns, which LLVM vectorizes, compiled per activation
+width.
 
 code(S) = min(max(rint(S / step), 0), top), the arithmetic of `cim_bitserial.adc_code` (which
 never meets a negative sum); S is the sum of the driven cells' conductances less the
