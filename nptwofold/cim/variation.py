@@ -136,7 +136,7 @@ def relative_weight_error(crossbars, hardware):
             exists, coefficient ** 2 * cell_variance[crossbar.cells], 0))
         squared_error += float((mean ** 2 + variance).sum())
         squared_level += float((per_weight(crossbar, coefficient * crossbar.cells) ** 2).sum())
-    return np.sqrt(squared_error / squared_level) if squared_level else 0.0
+    return float(np.sqrt(squared_error / squared_level)) if squared_level else 0.0
 
 
 class ChipCrossbar:
