@@ -261,18 +261,17 @@ def plot(rows, path):
                              for row in rows):
         label = (f"{Path(key[0]).name}, {key[1]}, "
                  f"{f'{key[2]}-bit ADC' if key[2] else 'ideal ADC'}")
-        lines = []
         for axis, knob in zip(axes, ("sigma", "stuck")):
             series = [row for row in rows if (row["checkpoint"], row["encoding"],
                                               row["adc_bits"]) == key and row["knob"] == knob]
-            lines.append(axis.errorbar([100 * row["value"] for row in series],
-                                       [100 * row["accuracy_mean"] for row in series],
-                                       [100 * row["accuracy_sd"] for row in series], marker="o",
-                                       capsize=3, label=label)[0])
+            line = axis.errorbar([100 * row["value"] for row in series],
+                                 [100 * row["accuracy_mean"] for row in series],
+                                 [100 * row["accuracy_sd"] for row in series], marker="o",
+                                 capsize=3, label=label)[0]
             errored = [row for row in series if row["value"] > 0]
             axes[2].plot([100 * row["weight_error"] for row in errored],
                          [100 * row["accuracy_mean"] for row in errored],
-                         "o" if knob == "sigma" else "x", color=lines[-1].get_color())
+                         "o" if knob == "sigma" else "x", color=line.get_color())
     for axis, xlabel in zip(axes, ("conductance spread, lognormal sigma (%)", "stuck-at cells (%)",
                                    "expected RMS weight error / RMS weight (%); o spread, "
                                    "x stuck")):
