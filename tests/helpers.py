@@ -1,6 +1,6 @@
 """Code the tests share: the repository root, running a script as a user would (or from a
-terminal, for Ctrl-C), the one-line error every bad input must end in, and a copy of a model's arrays. Test modules import from
-here, never from each other."""
+terminal, for Ctrl-C), the one-line error every bad input must end in, and a copy of a model's
+arrays. Test modules import from here, never from each other."""
 import subprocess
 import sys
 from pathlib import Path
