@@ -15,7 +15,8 @@ puts each encoding on its own chip, e.g. `twos_complement=8 sign_magnitude=5`: t
 each needs. Chip i of every point is drawn from the seed (S, i); the nominal point (sigma 0,
 stuck-at rate 0) is run once, since every chip of the ideal device is the same. Each
 checkpoint's calibration file (CKPT.cim.h5) is read or written as by cim_eval.py. Writes
-DIR/robustness.csv, DIR/robustness.json (after every point) and, with matplotlib, DIR/robustness.png: the mean accuracy with its standard deviation
+DIR/robustness.csv, DIR/robustness.json (after every point) and, with matplotlib,
+DIR/robustness.png: the mean accuracy with its standard deviation
 over the chips as error bars, against each knob and against the expected weight error. That
 error (`cim.variation.relative_weight_error`) is the RMS error of the weights a chip reads
 over their RMS, computed from the cells' states and the device model (read noise and the ADC
