@@ -278,9 +278,9 @@ def plot(rows, path):
                                    "x stuck")):
         axis.set(xlabel=xlabel, ylabel="test accuracy (%)")
     axes[2].set_xscale("log")
-    for set_formatter in (axes[2].xaxis.set_major_formatter,
-                          axes[2].xaxis.set_minor_formatter):
-        set_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axes[2].xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    # labels on every minor tick overlap once the errors span two decades
+    axes[2].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].legend(fontsize=7)
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
